@@ -1,0 +1,58 @@
+//! Every way a request can fail at the front, and the one place that turns a
+//! failure into a status code. Messages are short and never leak internals.
+
+use bytes::Bytes;
+use http::{Response, StatusCode, header};
+
+use crate::body::ReplyBody;
+
+/// Why the front answers instead of the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontError {
+    /// Body larger than `max_body`.
+    BodyTooLarge,
+    /// The request body could not be read (client went away, bad framing).
+    BadBody,
+    /// A request target thr cannot forward (authority-form, `*`).
+    BadTarget,
+    /// Redis could not take the job.
+    BrokerDown,
+    /// No reply within `reply_timeout`.
+    ReplyTimeout,
+    /// The front is stopping and will not get the reply.
+    ShuttingDown,
+    /// A reply that cannot be turned into a response.
+    BadReply,
+}
+
+impl FrontError {
+    /// Status and short reason for the client.
+    pub fn status(&self) -> (StatusCode, &'static str) {
+        match self {
+            FrontError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
+            FrontError::BadBody => (StatusCode::BAD_REQUEST, "could not read the request body"),
+            FrontError::BadTarget => (StatusCode::BAD_REQUEST, "unsupported request target"),
+            FrontError::BrokerDown => (StatusCode::SERVICE_UNAVAILABLE, "queue unavailable, try again"),
+            FrontError::ReplyTimeout => (StatusCode::GATEWAY_TIMEOUT, "no reply in time"),
+            FrontError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down"),
+            FrontError::BadReply => (StatusCode::BAD_GATEWAY, "invalid reply from backend"),
+        }
+    }
+
+    /// The response the client gets.
+    pub fn into_response(self) -> Response<ReplyBody> {
+        let (status, reason) = self.status();
+        let mut response = Response::new(ReplyBody::sized(Bytes::from(format!("{reason}\n"))));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

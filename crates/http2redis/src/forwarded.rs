@@ -1,0 +1,124 @@
+//! Proxy headers on the way in: hop-by-hop fields removed (RFC 9110
+//! §7.6.1), X-Forwarded-For/-Proto/-Host added, X-Request-Id kept or created.
+
+use std::net::IpAddr;
+
+use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use thr_core::headers::strip_hop_by_hop;
+
+/// `X-Forwarded-For`.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`.
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`.
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-supplied request id kept; longer ones are replaced.
+const MAX_REQUEST_ID: usize = 200;
+
+/// Rewrites `headers` for the backend and returns the request id to log.
+///
+/// `authority` is the request URI's authority (HTTP/2 carries the host
+/// there, not in a Host field); `peer` is the TCP peer, absent on unix
+/// sockets; `job_id` becomes the request id when the client sent none.
+pub fn prepare(
+    headers: &mut HeaderMap,
+    authority: Option<&str>,
+    peer: Option<IpAddr>,
+    job_id: &str,
+) -> String {
+    strip_hop_by_hop(headers);
+
+    if !headers.contains_key(HOST)
+        && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok())
+    {
+        headers.insert(HOST, value);
+    }
+
+    if let Some(ip) = peer {
+        // Several X-Forwarded-For fields are one list; append our hop to it.
+        let previous: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        let mut list = previous.join(&b", "[..]);
+        if !list.is_empty() {
+            list.extend_from_slice(b", ");
+        }
+        list.extend_from_slice(ip.to_string().as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&list) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(host) = headers.get(HOST).cloned()
+    {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+
+    let given = headers
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+        .map(str::to_string);
+    match given {
+        Some(id) => id,
+        None => {
+            let value = HeaderValue::from_str(job_id).expect("job ids are hex");
+            headers.insert(X_REQUEST_ID.clone(), value);
+            job_id.to_string()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn adds_forwarding_headers() {
+        let mut h = map(&[("host", "app.example"), ("connection", "close"), ("x-a", "1")]);
+        let id = prepare(&mut h, None, Some("10.1.2.3".parse().unwrap()), "abc");
+        assert_eq!(id, "abc");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "app.example");
+        assert_eq!(h["x-request-id"], "abc");
+        assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn appends_to_existing_forwarded_for_and_keeps_request_id() {
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("x-request-id", "client-id-7"),
+        ]);
+        let id = prepare(&mut h, Some("h2.example"), Some("::1".parse().unwrap()), "abc");
+        assert_eq!(id, "client-id-7");
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
+        assert_eq!(h["host"], "h2.example");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn unix_peers_add_no_forwarded_for() {
+        let mut h = map(&[]);
+        prepare(&mut h, None, None, "abc");
+        assert!(!h.contains_key("x-forwarded-for"));
+    }
+}

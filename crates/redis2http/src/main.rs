@@ -1,0 +1,36 @@
+//! `redis2http`: the worker daemon. Parses flags, loads the configuration,
+//! starts logging and hands over to [`redis2http::run`].
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use thr_daemon::CommonArgs;
+
+/// thr's worker: claims queued requests from Redis in priority order,
+/// forwards them to the queue's backend and pushes the replies back.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if cli.common.check {
+        return cli.common.check();
+    }
+    let config = match cli.common.load() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    thr_daemon::init_tracing(cli.common.log_format);
+    match redis2http::run(config, thr_daemon::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("redis2http: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

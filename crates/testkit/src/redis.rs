@@ -1,0 +1,159 @@
+//! A private `redis-server` for one test (or one test binary).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A running `redis-server` on 127.0.0.1 and a free port, and on a unix
+/// socket in its own directory; killed (and its directory removed) on drop.
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// The `redis-server` binary: `$THR_REDIS_SERVER`, else from `PATH`.
+pub fn redis_server_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("THR_REDIS_SERVER") {
+        return PathBuf::from(path);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"]) {
+        let candidate = Path::new(dir).join("redis-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("redis-server not found: install it (apt-get install redis-server) or set THR_REDIS_SERVER");
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl RedisServer {
+    /// Starts a server and waits until it answers PING.
+    pub fn start() -> RedisServer {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("thr-redis-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("redis test directory");
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                dir: dir.clone(),
+                child: None,
+            };
+            if server.spawn() {
+                return server;
+            }
+            // Lost a race for the port: try another one.
+            server.child = None;
+            std::mem::forget(server);
+        }
+        panic!("redis-server did not start after 5 attempts");
+    }
+
+    fn spawn(&mut self) -> bool {
+        let mut child = Command::new(redis_server_binary())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--unixsocket", &self.socket_path().display().to_string()])
+            .args(["--unixsocketperm", "700"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .args(["--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if self.ping() {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut buf = [0u8; 7];
+        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis+unix:///…/redis.sock`.
+    pub fn unix_url(&self) -> String {
+        format!("redis+unix://{}", self.socket_path().display())
+    }
+
+    /// The TCP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn socket_path(&self) -> PathBuf {
+        self.dir.join("redis.sock")
+    }
+
+    /// A client for direct inspection.
+    pub fn client(&self) -> ::redis::Client {
+        ::redis::Client::open(self.url()).expect("redis client")
+    }
+
+    /// A synchronous connection for direct inspection.
+    pub fn conn(&self) -> ::redis::Connection {
+        self.client().get_connection().expect("redis connection")
+    }
+
+    /// Kills the server (SIGKILL): its data is gone, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again, empty, on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let started = Instant::now();
+        // The port may linger briefly; keep trying.
+        while !self.spawn() {
+            assert!(started.elapsed() < Duration::from_secs(15), "redis-server did not restart");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

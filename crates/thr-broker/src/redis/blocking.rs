@@ -1,0 +1,134 @@
+//! Blocking loops' dedicated connections: a worker's doorbell (BLPOP) and a
+//! front's reply stream (BRPOP then a batched RPOP).
+//!
+//! Each owns its connection, made lazily and dropped after any error so the
+//! next call reconnects. Its response timeout is the blocking time plus a
+//! margin: long enough that redis-rs never abandons a pop Redis has already
+//! performed, short enough to notice a dead server.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client};
+
+use crate::{BrokerError, Doorbell, ReplyStream};
+
+/// Most replies taken in one round trip.
+const REPLY_BATCH: usize = 256;
+
+struct BlockingConn {
+    client: Client,
+    conn: Option<MultiplexedConnection>,
+    connect_timeout: Duration,
+}
+
+impl BlockingConn {
+    async fn get(&mut self, block: Duration) -> Result<MultiplexedConnection, BrokerError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            // Outlive the longest block this loop asks for (see module docs).
+            .set_response_timeout(Some(block * 2 + self.connect_timeout + Duration::from_secs(5)));
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn seconds(block: Duration) -> f64 {
+        // Redis takes fractional seconds; 0 would mean "forever".
+        block.as_secs_f64().max(0.01)
+    }
+}
+
+/// A worker's wait for new jobs on one queue.
+pub struct RedisDoorbell {
+    inner: BlockingConn,
+    key: String,
+}
+
+impl RedisDoorbell {
+    pub(crate) fn new(client: Client, key: String, connect_timeout: Duration) -> RedisDoorbell {
+        RedisDoorbell {
+            inner: BlockingConn {
+                client,
+                conn: None,
+                connect_timeout,
+            },
+            key,
+        }
+    }
+}
+
+impl Doorbell for RedisDoorbell {
+    async fn wait(&mut self, max: Duration) -> Result<bool, BrokerError> {
+        let mut conn = self.inner.get(max).await?;
+        let popped: redis::RedisResult<Option<(String, String)>> = redis::cmd("BLPOP")
+            .arg(&self.key)
+            .arg(BlockingConn::seconds(max))
+            .query_async(&mut conn)
+            .await;
+        match popped {
+            Ok(p) => Ok(p.is_some()),
+            Err(e) => {
+                self.inner.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// A front's stream of replies.
+pub struct RedisReplies {
+    inner: BlockingConn,
+    key: String,
+}
+
+impl RedisReplies {
+    pub(crate) fn new(client: Client, key: String, connect_timeout: Duration) -> RedisReplies {
+        RedisReplies {
+            inner: BlockingConn {
+                client,
+                conn: None,
+                connect_timeout,
+            },
+            key,
+        }
+    }
+
+    async fn pop(&mut self, max: Duration) -> Result<Vec<Bytes>, BrokerError> {
+        let mut conn = self.inner.get(max).await?;
+        // Under load replies are already there: take a batch without blocking.
+        let batch: Option<Vec<Vec<u8>>> = redis::cmd("RPOP")
+            .arg(&self.key)
+            .arg(REPLY_BATCH)
+            .query_async(&mut conn)
+            .await?;
+        if let Some(batch) = batch.filter(|b| !b.is_empty()) {
+            return Ok(batch.into_iter().map(Bytes::from).collect());
+        }
+        let one: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
+            .arg(&self.key)
+            .arg(BlockingConn::seconds(max))
+            .query_async(&mut conn)
+            .await?;
+        Ok(one.map(|(_, v)| vec![Bytes::from(v)]).unwrap_or_default())
+    }
+}
+
+impl ReplyStream for RedisReplies {
+    async fn next_batch(&mut self, max: Duration) -> Result<Vec<Bytes>, BrokerError> {
+        match self.pop(max).await {
+            Ok(batch) => Ok(batch),
+            Err(e) => {
+                self.inner.conn = None;
+                Err(e.into())
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The Redis broker.
+//!
+//! Connections follow DESIGN.md decision 2: non-blocking commands share one
+//! multiplexed [`ConnectionManager`] (it pipelines concurrent callers for free
+//! and reconnects by itself), while every blocking loop (a worker's doorbell,
+//! a front's reply stream) owns a dedicated connection whose response timeout
+//! outlives its blocking time. redis-rs would otherwise abandon a BLPOP after
+//! 500 ms while Redis still pops the item, losing it.
+//!
+//! Every non-blocking call is bounded by `command_timeout`, so that a front
+//! learns quickly that Redis is down and answers 503 instead of hanging.
+
+mod blocking;
+mod scripts;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::io::tcp::TcpSettings;
+use redis::{Client, IntoConnectionInfo};
+use thr_core::keys::{self, QueueKeys};
+
+use crate::{Broker, BrokerError, Claimed, NewJob};
+pub use blocking::{RedisDoorbell, RedisReplies};
+use scripts::Scripts;
+
+/// How long a reply list lives without being read: long enough for any
+/// waiting client, short enough that a dead front's replies go away.
+const REPLY_TTL: Duration = Duration::from_secs(120);
+
+/// A [`Broker`] on a Redis server.
+#[derive(Clone)]
+pub struct RedisBroker {
+    client: Client,
+    manager: ConnectionManager,
+    command_timeout: Duration,
+    scripts: &'static Scripts,
+    display_url: String,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("url", &self.display_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hides a password in a Redis URL, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***{}", &url[..scheme_end], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl RedisBroker {
+    /// A broker for `url`; no connection is made until the first command, so
+    /// a daemon starts (and answers 503) while Redis is down.
+    pub fn new(url: &str, command_timeout: Duration) -> Result<RedisBroker, BrokerError> {
+        let display_url = redact_url(url);
+        let info = url
+            .into_connection_info()
+            .map_err(|e| BrokerError::Failed(format!("invalid Redis URL {display_url}: {e}")))?
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        let client = Client::open(info)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(command_timeout))
+            .set_response_timeout(Some(command_timeout))
+            // Fail fast while Redis is down; the next command tries again.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(RedisBroker {
+            client,
+            manager,
+            command_timeout,
+            scripts: Scripts::get(),
+            display_url,
+        })
+    }
+
+    /// The URL, password hidden.
+    pub fn display_url(&self) -> &str {
+        &self.display_url
+    }
+
+    /// Runs `f` on the shared connection, bounded by the command timeout.
+    async fn run<T, F>(&self, f: impl FnOnce(ConnectionManager) -> F) -> Result<T, BrokerError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.command_timeout, f(self.manager.clone())).await {
+            Ok(result) => result.map_err(BrokerError::from),
+            Err(_) => Err(BrokerError::Unavailable(format!(
+                "no answer from {} within {:?}",
+                self.display_url, self.command_timeout
+            ))),
+        }
+    }
+}
+
+impl Broker for RedisBroker {
+    type Doorbell = RedisDoorbell;
+    type Replies = RedisReplies;
+
+    async fn enqueue(&self, job: NewJob<'_>) -> Result<(), BrokerError> {
+        let k = QueueKeys::new(job.queue);
+        let timeout_ms = job.timeout.as_millis() as u64;
+        self.run(|mut conn| async move {
+            let _seq: u64 = self
+                .scripts
+                .enqueue
+                .key(&k.pending)
+                .key(&k.seq)
+                .key(&k.jobs)
+                .key(&k.deadlines)
+                .key(&k.wake)
+                .arg(job.id)
+                .arg(job.priority)
+                .arg(job.frame.as_ref())
+                .arg(timeout_ms)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn cancel(&self, queue: &str, id: &str) -> Result<bool, BrokerError> {
+        let k = QueueKeys::new(queue);
+        self.run(|mut conn| async move {
+            let removed: i64 = self
+                .scripts
+                .cancel
+                .key(&k.pending)
+                .key(&k.jobs)
+                .key(&k.deadlines)
+                .arg(id)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(removed == 1)
+        })
+        .await
+    }
+
+    async fn claim(&self, queue: &str, lease: Duration) -> Result<Option<Claimed>, BrokerError> {
+        let k = QueueKeys::new(queue);
+        let lease_ms = lease.as_millis() as u64;
+        let claimed: Option<(String, Vec<u8>, u64)> = self
+            .run(|mut conn| async move {
+                self.scripts
+                    .claim
+                    .key(&k.pending)
+                    .key(&k.jobs)
+                    .key(&k.deadlines)
+                    .key(&k.leases)
+                    .arg(lease_ms)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(claimed.map(|(id, frame, remaining_ms)| Claimed {
+            id,
+            frame: Bytes::from(frame),
+            remaining: Duration::from_millis(remaining_ms),
+        }))
+    }
+
+    async fn reply(&self, queue: &str, front: &str, id: &str, frame: Bytes) -> Result<(), BrokerError> {
+        let k = QueueKeys::new(queue);
+        let replies = keys::replies(front);
+        self.run(|mut conn| async move {
+            // Reply first, then release: a worker dying in between leaves a
+            // lease to expire, never a client without its answer.
+            redis::pipe()
+                .lpush(&replies, frame.as_ref())
+                .ignore()
+                .expire(&replies, REPLY_TTL.as_secs() as i64)
+                .ignore()
+                .zrem(&k.leases, id)
+                .ignore()
+                .hdel(&k.jobs, id)
+                .ignore()
+                .zrem(&k.deadlines, id)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, queue: &str, id: &str, frame: Bytes, reason: &str) -> Result<(), BrokerError> {
+        let k = QueueKeys::new(queue);
+        self.run(|mut conn| async move {
+            redis::pipe()
+                .atomic()
+                .hset(&k.dead, id, frame.as_ref())
+                .ignore()
+                .hset(&k.dead_reasons, id, reason)
+                .ignore()
+                .zrem(&k.leases, id)
+                .ignore()
+                .hdel(&k.jobs, id)
+                .ignore()
+                .zrem(&k.deadlines, id)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    fn doorbell(&self, queue: &str) -> RedisDoorbell {
+        RedisDoorbell::new(self.client.clone(), QueueKeys::new(queue).wake, self.command_timeout)
+    }
+
+    fn replies(&self, front: &str) -> RedisReplies {
+        RedisReplies::new(self.client.clone(), keys::replies(front), self.command_timeout)
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        self.run(|mut conn| async move {
+            let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(redact_url("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact_url("rediss://u:p@h"), "rediss://***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

@@ -1,0 +1,357 @@
+//! Raw configuration → validated [`Config`], collecting every error.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use super::error::{ConfigError, ConfigErrors};
+use super::locate::{Locator, Seg, render};
+use super::raw::{RawConfig, Str};
+use super::units::{parse_duration, parse_size};
+use super::{
+    Backend, BackendAddress, Config, FrontSettings, ListenAddr, QueueConfig, RedisSettings,
+    WorkerSettings,
+};
+
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+const DEFAULT_MAX_BODY: u64 = 10 << 20;
+const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
+const DEFAULT_MAX_HEADERS: i64 = 100;
+const DEFAULT_MAX_INFLIGHT: usize = 16;
+
+/// Collects errors while compiling, each tied to a key path and a position.
+struct Checker<'t> {
+    origin: &'t str,
+    locator: Locator<'t>,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &[Seg], span: Option<std::ops::Range<usize>>, message: String) {
+        let span = span.or_else(|| self.locator.span(path));
+        let (line, column) = span
+            .map(|s| self.locator.line_col(s.start))
+            .map_or((None, None), |(l, c)| (Some(l), Some(c)));
+        self.errors.push(ConfigError {
+            origin: self.origin.to_string(),
+            line,
+            column,
+            key: render(path),
+            message,
+        });
+    }
+
+    /// Parses an optional spanned value with `parse`, or returns `default`.
+    fn value<T, R>(
+        &mut self,
+        path: &[Seg],
+        raw: &Option<Spanned<R>>,
+        default: T,
+        parse: impl FnOnce(&R) -> Result<T, String>,
+    ) -> T {
+        match raw {
+            None => default,
+            Some(v) => match parse(v.get_ref()) {
+                Ok(t) => t,
+                Err(message) => {
+                    self.error(path, Some(v.span()), message);
+                    default
+                }
+            },
+        }
+    }
+}
+
+fn key(parts: &[&str]) -> Vec<Seg> {
+    parts.iter().map(|p| Seg::Key(p.to_string())).collect()
+}
+
+fn size_value(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+        toml::Value::String(s) => parse_size(s),
+        other => Err(format!(
+            "expected a size such as \"10MiB\" or a number of bytes, found {other}"
+        )),
+    }
+}
+
+fn duration(s: &String) -> Result<Duration, String> {
+    parse_duration(s)
+}
+
+fn positive_duration(s: &String) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be longer than zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses `listen`: `host:port` or `unix:/path`.
+pub fn parse_listen(s: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("`unix:` needs a socket path, e.g. \"unix:/run/thr.sock\"".into());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    s.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        format!("`{s}` is not an address; write \"127.0.0.1:8080\", \"[::1]:8080\" or \"unix:/path/thr.sock\"")
+    })
+}
+
+/// Parses a backend: `http://host:port[/prefix]` or `unix:/path/app.sock`.
+pub fn parse_backend(s: &str) -> Result<Backend, String> {
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("`unix:` needs a socket path, e.g. \"unix:/run/app.sock\"".into());
+        }
+        return Ok(Backend {
+            address: BackendAddress::Unix(PathBuf::from(path)),
+            base_path: String::new(),
+            display: s.to_string(),
+        });
+    }
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL; write \"http://127.0.0.1:9000\""))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err("https backends are not supported; thr speaks plain HTTP to backends on a private network".into());
+        }
+        _ => return Err(format!("`{s}` must start with http:// (or be unix:/path)")),
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{s}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err("credentials in the backend URL are not supported".into());
+    }
+    if uri.query().is_some() {
+        return Err("a backend URL cannot have a query string".into());
+    }
+    let authority = match authority.port_u16() {
+        Some(_) => authority.as_str().to_string(),
+        None => format!("{}:80", authority.host()),
+    };
+    let base_path = uri.path().trim_end_matches('/').to_string();
+    Ok(Backend {
+        address: BackendAddress::Http { authority },
+        base_path,
+        display: s.to_string(),
+    })
+}
+
+fn redis_url(s: &String) -> Result<String, String> {
+    const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
+    if SCHEMES.iter().any(|p| s.starts_with(p)) {
+        Ok(s.clone())
+    } else {
+        Err("must start with redis://, rediss://, redis+unix:// or unix://".into())
+    }
+}
+
+fn queue_name(s: &String) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(s.clone())
+    } else {
+        Err(format!(
+            "`{s}` is not a valid queue name: use 1 to 64 letters, digits, `_`, `-` or `.`"
+        ))
+    }
+}
+
+/// Compiles the raw file; `text` and `origin` are used to place errors.
+pub fn compile(
+    raw: RawConfig,
+    earlier: Vec<ConfigError>,
+    text: &str,
+    origin: &str,
+) -> Result<Config, ConfigErrors> {
+    let mut c = Checker {
+        origin,
+        locator: Locator::new(text),
+        errors: earlier,
+    };
+
+    let redis = RedisSettings {
+        url: c.value(
+            &key(&["redis", "url"]),
+            &raw.redis.url,
+            DEFAULT_REDIS_URL.to_string(),
+            redis_url,
+        ),
+        command_timeout: c.value(
+            &key(&["redis", "command_timeout"]),
+            &raw.redis.command_timeout,
+            Duration::from_millis(750),
+            positive_duration,
+        ),
+    };
+
+    let f = &raw.http2redis;
+    let front = FrontSettings {
+        listen: c.value(
+            &key(&["http2redis", "listen"]),
+            &f.listen,
+            parse_listen(DEFAULT_LISTEN).expect("default listen address parses"),
+            |s: &String| parse_listen(s),
+        ),
+        reply_timeout: c.value(
+            &key(&["http2redis", "reply_timeout"]),
+            &f.reply_timeout,
+            Duration::from_secs(30),
+            positive_duration,
+        ),
+        max_body: c.value(
+            &key(&["http2redis", "max_body"]),
+            &f.max_body,
+            DEFAULT_MAX_BODY as usize,
+            |v| size_value(v).map(|n| n as usize),
+        ),
+        max_header_bytes: c.value(
+            &key(&["http2redis", "max_header_size"]),
+            &f.max_header_size,
+            DEFAULT_MAX_HEADER_BYTES as usize,
+            |v| {
+                let n = size_value(v)?;
+                if n < 8192 {
+                    return Err("must be at least 8KiB".into());
+                }
+                Ok(n as usize)
+            },
+        ),
+        max_headers: c.value(
+            &key(&["http2redis", "max_headers"]),
+            &f.max_headers,
+            DEFAULT_MAX_HEADERS as usize,
+            |n| match *n {
+                1..=10_000 => Ok(*n as usize),
+                _ => Err("must be between 1 and 10000".into()),
+            },
+        ),
+        header_read_timeout: c.value(
+            &key(&["http2redis", "header_read_timeout"]),
+            &f.header_read_timeout,
+            Duration::from_secs(10),
+            positive_duration,
+        ),
+        shutdown_grace: c.value(
+            &key(&["http2redis", "shutdown_grace"]),
+            &f.shutdown_grace,
+            Duration::from_secs(30),
+            duration,
+        ),
+    };
+
+    let worker = WorkerSettings {
+        shutdown_grace: c.value(
+            &key(&["redis2http", "shutdown_grace"]),
+            &raw.redis2http.shutdown_grace,
+            Duration::from_secs(30),
+            duration,
+        ),
+    };
+
+    let mut queues = Vec::new();
+    let mut seen = HashSet::new();
+    if raw.queues.is_empty() {
+        c.error(
+            &[],
+            None,
+            "no [[queues]]: define at least one queue with a `name` and a `backend`".into(),
+        );
+    }
+    for (i, q) in raw.queues.iter().enumerate() {
+        let at = |k: &str| vec![Seg::Key("queues".into()), Seg::Index(i), Seg::Key(k.into())];
+        let table_span = Some(q.span());
+        let q = q.get_ref();
+        let name = required(&mut c, &at("name"), &q.name, table_span.clone(), queue_name);
+        if let Some(name) = &name
+            && !seen.insert(name.clone())
+        {
+            let span = q.name.as_ref().map(|n| n.span());
+            c.error(&at("name"), span, format!("queue `{name}` is defined twice"));
+        }
+        let backend = required(&mut c, &at("backend"), &q.backend, table_span, |s: &String| {
+            parse_backend(s)
+        });
+        let max_inflight = c.value(
+            &at("max_inflight"),
+            &q.max_inflight,
+            NonZeroUsize::new(DEFAULT_MAX_INFLIGHT),
+            |n| match *n {
+                1..=100_000 => Ok(NonZeroUsize::new(*n as usize)),
+                _ => Err("must be between 1 and 100000".into()),
+            },
+        );
+        let backend_timeout = c.value(
+            &at("backend_timeout"),
+            &q.backend_timeout,
+            Duration::from_secs(60),
+            positive_duration,
+        );
+        let lease = c.value(
+            &at("lease"),
+            &q.lease,
+            Duration::from_secs(30),
+            positive_duration,
+        );
+        if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
+            queues.push(QueueConfig {
+                name,
+                backend,
+                max_inflight,
+                backend_timeout,
+                lease,
+            });
+        }
+    }
+
+    if c.errors.is_empty() {
+        Ok(Config {
+            origin: origin.to_string(),
+            redis,
+            front,
+            worker,
+            queues,
+        })
+    } else {
+        c.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(c.errors))
+    }
+}
+
+fn required<T>(
+    c: &mut Checker<'_>,
+    path: &[Seg],
+    raw: &Option<Str>,
+    table_span: Option<std::ops::Range<usize>>,
+    parse: impl FnOnce(&String) -> Result<T, String>,
+) -> Option<T> {
+    match raw {
+        None => {
+            c.error(path, table_span, "is required".into());
+            None
+        }
+        Some(v) => match parse(v.get_ref()) {
+            Ok(t) => Some(t),
+            Err(message) => {
+                c.error(path, Some(v.span()), message);
+                None
+            }
+        },
+    }
+}

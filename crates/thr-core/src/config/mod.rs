@@ -1,0 +1,163 @@
+//! Operators' configuration: one TOML file read by every thr process.
+//!
+//! Loading happens in two steps, so that an operator sees every mistake at
+//! once: [`raw`] deserializes the file permissively (every value keeps its
+//! position in the file, unknown keys are collected instead of aborting), then
+//! [`compile`] turns it into a [`Config`] whose types cannot hold invalid
+//! states (durations, socket addresses, non-zero limits). Every problem found
+//! on the way becomes a [`ConfigError`] naming the file, line and key.
+
+mod compile;
+mod error;
+mod locate;
+mod raw;
+mod units;
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use units::{parse_duration, parse_size};
+
+/// A validated configuration: what both daemons and the CLI run on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where the configuration was read from (for messages and reloads).
+    pub origin: String,
+    /// How to reach Redis.
+    pub redis: RedisSettings,
+    /// The front daemon's settings (`[http2redis]`).
+    pub front: FrontSettings,
+    /// The worker daemon's settings (`[redis2http]`).
+    pub worker: WorkerSettings,
+    /// The queues, in file order; the first one is the default queue.
+    pub queues: Vec<QueueConfig>,
+}
+
+/// `[redis]`: the shared engine every process talks to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://`, `redis+unix://` or `unix://` URL.
+    pub url: String,
+    /// Upper bound for one non-blocking Redis command. A front answers 503
+    /// when Redis does not answer within it, so it bounds how long a client
+    /// waits to learn that Redis is down.
+    pub command_timeout: Duration,
+}
+
+/// `[http2redis]`: the front that accepts clients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrontSettings {
+    /// Where clients connect.
+    pub listen: ListenAddr,
+    /// How long a client waits for its reply before getting a 504 (and its
+    /// job being cancelled).
+    pub reply_timeout: Duration,
+    /// Largest request body accepted; larger ones get a 413.
+    pub max_body: usize,
+    /// Largest request head (request line and headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields accepted in one request.
+    pub max_headers: usize,
+    /// A client must send its whole request head within this time.
+    pub header_read_timeout: Duration,
+    /// How long a stopping front keeps answering the requests it holds.
+    pub shutdown_grace: Duration,
+}
+
+/// `[redis2http]`: the workers that feed the backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSettings {
+    /// How long a stopping worker lets its running requests finish.
+    pub shutdown_grace: Duration,
+}
+
+/// One `[[queues]]` entry: a backend and the pace it can take.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueConfig {
+    /// Queue name: `[A-Za-z0-9_.-]`, at most 64 bytes (it is part of Redis keys).
+    pub name: String,
+    /// Where the worker sends this queue's requests. Fixed per queue: a
+    /// request's Host header never chooses it.
+    pub backend: Backend,
+    /// Requests of this queue running at once, per worker process.
+    pub max_inflight: NonZeroUsize,
+    /// A backend call running longer than this is answered with a 504.
+    pub backend_timeout: Duration,
+    /// How long a claimed job may run before another worker may take it back.
+    pub lease: Duration,
+}
+
+/// Where a daemon listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address such as `127.0.0.1:8080`.
+    Tcp(SocketAddr),
+    /// A unix socket, written `unix:/path/thr.sock`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// A queue's backend: a plain-HTTP origin, or a unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// How to connect.
+    pub address: BackendAddress,
+    /// Path prefix prepended to every request target (`""` when none).
+    pub base_path: String,
+    /// The backend as the operator wrote it, for logs.
+    pub display: String,
+}
+
+/// How a worker connects to a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddress {
+    /// `http://host:port`: the authority to connect to.
+    Http {
+        /// `host:port` as written (port defaults to 80).
+        authority: String,
+    },
+    /// `unix:/path/app.sock`.
+    Unix(PathBuf),
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|err| {
+            ConfigErrors::single(ConfigError::whole_file(&origin, format!("cannot read: {err}")))
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    /// Validates `text`; `origin` names it in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
+        let (raw, unknown_keys) = raw::read(text, origin)?;
+        compile::compile(raw, unknown_keys, text, origin)
+    }
+
+    /// The queue called `name`.
+    pub fn queue(&self, name: &str) -> Option<&QueueConfig> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The queue requests go to when no rule picks one: the first `[[queues]]`.
+    pub fn default_queue(&self) -> &QueueConfig {
+        // compile() refuses a configuration without queues.
+        &self.queues[0]
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,131 @@
+use super::*;
+
+const ISSUE_EXAMPLE: &str = r#"
+[redis]
+url = "redis://127.0.0.1:6379"
+
+[http2redis]
+listen = "127.0.0.1:8080"
+reply_timeout = "30s"
+
+[[queues]]
+name = "default"
+backend = "http://127.0.0.1:9000"
+max_inflight = 64
+"#;
+
+#[test]
+fn issue_example_parses_verbatim() {
+    let c = Config::parse(ISSUE_EXAMPLE, "thr.toml").unwrap();
+    assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
+    assert_eq!(c.front.listen, ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
+    assert_eq!(c.front.reply_timeout, Duration::from_secs(30));
+    assert_eq!(c.front.max_body, 10 << 20);
+    let q = c.default_queue();
+    assert_eq!(q.name, "default");
+    assert_eq!(q.max_inflight.get(), 64);
+    assert_eq!(q.backend_timeout, Duration::from_secs(60));
+    assert_eq!(
+        q.backend.address,
+        BackendAddress::Http {
+            authority: "127.0.0.1:9000".into()
+        }
+    );
+}
+
+#[test]
+fn every_error_is_reported_with_line_and_key() {
+    let text = r#"
+[redis]
+url = "http://nope"
+
+[http2redis]
+listen = "127.0.0.1:8080"
+reply_timout = "30s"
+max_body = "ten"
+
+[[queues]]
+name = "default"
+bakend = "http://127.0.0.1:9000"
+max_inflight = 0
+"#;
+    let errs = Config::parse(text, "bad.toml").unwrap_err();
+    let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let joined = lines.join("\n");
+    assert!(joined.contains("bad.toml:3:7: `redis.url`"), "{joined}");
+    assert!(joined.contains("bad.toml:7:1: `http2redis.reply_timout`: unknown key"), "{joined}");
+    assert!(joined.contains("bad.toml:8:12: `http2redis.max_body`"), "{joined}");
+    assert!(joined.contains("bad.toml:12:1: `queues[0].bakend`: unknown key"), "{joined}");
+    assert!(joined.contains("bad.toml:13:16: `queues[0].max_inflight`"), "{joined}");
+    // queues[0].backend is missing too: the error points at the queue's table.
+    assert!(joined.contains("`queues[0].backend`: is required"), "{joined}");
+}
+
+#[test]
+fn unknown_keys_are_all_reported_without_other_errors() {
+    let text = "[redis]\nurl = \"redis://x\"\nfoo = 1\n[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\nbar = 2\n";
+    let errs = Config::parse(text, "f.toml").unwrap_err();
+    let keys: Vec<&str> = errs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, ["redis.foo", "queues[0].bar"]);
+    assert_eq!(errs.0[0].line, Some(3));
+    assert_eq!(errs.0[1].line, Some(7));
+}
+
+#[test]
+fn type_errors_name_the_key() {
+    let text = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\nmax_inflight = \"many\"\n";
+    let errs = Config::parse(text, "f.toml").unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].key, "queues[0].max_inflight");
+    assert_eq!(errs.0[0].line, Some(4));
+}
+
+#[test]
+fn syntax_errors_have_a_line() {
+    let errs = Config::parse("[redis\nurl = 1\n", "f.toml").unwrap_err();
+    assert_eq!(errs.0[0].line, Some(1), "{errs}");
+}
+
+#[test]
+fn no_queue_is_an_error() {
+    let errs = Config::parse("", "f.toml").unwrap_err();
+    assert!(errs.to_string().contains("no [[queues]]"));
+}
+
+#[test]
+fn duplicate_and_invalid_queue_names() {
+    let text = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\n[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\n[[queues]]\nname = \"a}:b{\"\nbackend = \"http://h:1\"\n";
+    let errs = Config::parse(text, "f.toml").unwrap_err();
+    let joined = errs.to_string();
+    assert!(joined.contains("f.toml:5:8: `queues[1].name`: queue `a` is defined twice"), "{joined}");
+    assert!(joined.contains("`queues[2].name`: `a}:b{` is not a valid queue name"), "{joined}");
+}
+
+#[test]
+fn unix_sockets_everywhere() {
+    let text = r#"
+[redis]
+url = "redis+unix:///run/redis.sock"
+[http2redis]
+listen = "unix:/run/thr.sock"
+[[queues]]
+name = "legacy"
+backend = "unix:/run/app.sock"
+"#;
+    let c = Config::parse(text, "f.toml").unwrap();
+    assert_eq!(c.front.listen, ListenAddr::Unix("/run/thr.sock".into()));
+    assert_eq!(c.queues[0].backend.address, BackendAddress::Unix("/run/app.sock".into()));
+    assert_eq!(c.redis.url, "redis+unix:///run/redis.sock");
+}
+
+#[test]
+fn backend_urls() {
+    use compile::parse_backend;
+    let b = parse_backend("http://app.internal/base/").unwrap();
+    assert_eq!(b.address, BackendAddress::Http { authority: "app.internal:80".into() });
+    assert_eq!(b.base_path, "/base");
+    assert!(parse_backend("https://x").is_err());
+    assert!(parse_backend("ftp://x").is_err());
+    assert!(parse_backend("http://u:p@x").is_err());
+    assert!(parse_backend("unix:").is_err());
+}

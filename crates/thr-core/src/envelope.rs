@@ -1,0 +1,302 @@
+//! The wire format of jobs and replies travelling through Redis
+//! (DESIGN.md decision 9).
+//!
+//! One Redis string holds one frame: a 3-byte magic `THR`, a kind byte (`Q`
+//! for a request, `R` for a reply), a version byte, the length of the metadata
+//! (u32, big endian), the metadata as JSON, then the body as raw bytes. Bodies
+//! are never base64'd; header values, which HTTP allows to hold any byte but
+//! controls, are written as JSON strings with one char per byte (Latin-1), so
+//! they survive byte for byte and stay readable when ASCII. A frame of another
+//! version is refused with a clear error instead of being misread.
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+const MAGIC: &[u8; 3] = b"THR";
+const KIND_JOB: u8 = b'Q';
+const KIND_REPLY: u8 = b'R';
+const HEADER_LEN: usize = 3 + 1 + 1 + 4;
+
+/// Version of the frame layout and its metadata; bump on incompatible change.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Header fields in order, repeated names kept; values are raw bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeaderList(#[serde(with = "latin1_pairs")] pub Vec<(String, Vec<u8>)>);
+
+impl HeaderList {
+    /// Copies an `http::HeaderMap`, keeping the map's order and repeats.
+    pub fn from_map(map: &http::HeaderMap) -> HeaderList {
+        HeaderList(
+            map.iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    /// Builds an `http::HeaderMap`, skipping fields that are not valid HTTP
+    /// (they cannot come from a parsed request, only from a hand-edited job).
+    pub fn to_map(&self) -> http::HeaderMap {
+        let mut map = http::HeaderMap::with_capacity(self.0.len());
+        for (name, value) in &self.0 {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+
+    /// First value of `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// What a front knows about a request it puts on a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobMeta {
+    /// Unique job id, chosen by the front; replies are routed by it.
+    pub id: String,
+    /// X-Request-Id as received, or the job id: what logs on every side show.
+    pub request_id: String,
+    /// Queue the job was put on.
+    pub queue: String,
+    /// 1 (most urgent) … 99.
+    pub priority: u8,
+    /// Id of the front waiting for the reply (its reply list).
+    pub front: String,
+    /// Request method, as received.
+    pub method: String,
+    /// Request target in origin form (path and raw query), byte for byte.
+    pub target: String,
+    /// Request headers, hop-by-hop removed, X-Forwarded-* added.
+    pub headers: HeaderList,
+    /// How long the client waits in all (ms); the deadline lives in Redis.
+    pub timeout_ms: u64,
+}
+
+/// A request taken off a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// Its metadata.
+    pub meta: JobMeta,
+    /// Its body, raw.
+    pub body: Bytes,
+}
+
+/// What a worker learned from the backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyMeta {
+    /// The job answered.
+    pub id: String,
+    /// Response status code.
+    pub status: u16,
+    /// Response headers, hop-by-hop removed.
+    pub headers: HeaderList,
+    /// Id of the worker that ran the job (for logs).
+    pub worker: String,
+    /// Time spent at the backend, ms.
+    pub backend_ms: u64,
+    /// The backend sent its body without a length (chunked); the front
+    /// frames it the same way.
+    #[serde(default)]
+    pub chunked: bool,
+}
+
+/// A reply on its way back to a front.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Its metadata.
+    pub meta: ReplyMeta,
+    /// Its body, raw.
+    pub body: Bytes,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Too short to hold a frame header.
+    #[error("frame truncated ({0} bytes)")]
+    Truncated(usize),
+    /// Not a thr frame at all.
+    #[error("not a thr frame (bad magic)")]
+    BadMagic,
+    /// A request where a reply was expected, or the reverse.
+    #[error("frame kind {found:?} where {expected:?} was expected")]
+    WrongKind {
+        /// Kind byte expected.
+        expected: char,
+        /// Kind byte found.
+        found: char,
+    },
+    /// Written by a thr of another wire version.
+    #[error("frame of wire version {0}, this thr reads version {WIRE_VERSION}")]
+    Version(u8),
+    /// The metadata is not what this version expects.
+    #[error("bad metadata: {0}")]
+    Meta(#[from] serde_json::Error),
+}
+
+fn encode<M: Serialize>(kind: u8, meta: &M, body: &[u8]) -> Bytes {
+    let meta = serde_json::to_vec(meta).expect("envelope metadata always serializes");
+    let mut out = BytesMut::with_capacity(HEADER_LEN + meta.len() + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[kind, WIRE_VERSION]);
+    out.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(body);
+    out.freeze()
+}
+
+fn decode<M: for<'de> Deserialize<'de>>(kind: u8, frame: Bytes) -> Result<(M, Bytes), DecodeError> {
+    if frame.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated(frame.len()));
+    }
+    if &frame[..3] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if frame[3] != kind {
+        return Err(DecodeError::WrongKind {
+            expected: kind as char,
+            found: frame[3] as char,
+        });
+    }
+    if frame[4] != WIRE_VERSION {
+        return Err(DecodeError::Version(frame[4]));
+    }
+    let meta_len = u32::from_be_bytes(frame[5..9].try_into().expect("4 bytes")) as usize;
+    let meta_end = HEADER_LEN
+        .checked_add(meta_len)
+        .filter(|end| *end <= frame.len())
+        .ok_or(DecodeError::Truncated(frame.len()))?;
+    let meta = serde_json::from_slice(&frame[HEADER_LEN..meta_end])?;
+    Ok((meta, frame.slice(meta_end..)))
+}
+
+impl Job {
+    /// Encodes a job frame.
+    pub fn encode(meta: &JobMeta, body: &[u8]) -> Bytes {
+        encode(KIND_JOB, meta, body)
+    }
+
+    /// Decodes a job frame; the body shares `frame`'s memory.
+    pub fn decode(frame: Bytes) -> Result<Job, DecodeError> {
+        let (meta, body) = decode(KIND_JOB, frame)?;
+        Ok(Job { meta, body })
+    }
+}
+
+impl Reply {
+    /// Encodes a reply frame.
+    pub fn encode(meta: &ReplyMeta, body: &[u8]) -> Bytes {
+        encode(KIND_REPLY, meta, body)
+    }
+
+    /// Decodes a reply frame; the body shares `frame`'s memory.
+    pub fn decode(frame: Bytes) -> Result<Reply, DecodeError> {
+        let (meta, body) = decode(KIND_REPLY, frame)?;
+        Ok(Reply { meta, body })
+    }
+}
+
+/// Header values as Latin-1 JSON strings: one char per byte, so any byte
+/// sequence round-trips and ASCII stays as it is.
+mod latin1_pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(pairs: &[(String, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        let as_text: Vec<(&str, String)> = pairs
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.iter().map(|&b| b as char).collect()))
+            .collect();
+        as_text.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
+        let as_text: Vec<(String, String)> = Vec::deserialize(d)?;
+        as_text
+            .into_iter()
+            .map(|(n, v)| {
+                let bytes = v
+                    .chars()
+                    .map(|c| u8::try_from(u32::from(c)))
+                    .collect::<Result<Vec<u8>, _>>()
+                    .map_err(|_| serde::de::Error::custom("header value has a char above U+00FF"))?;
+                Ok((n, bytes))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn meta(headers: Vec<(String, Vec<u8>)>) -> JobMeta {
+        JobMeta {
+            id: "j1".into(),
+            request_id: "r1".into(),
+            queue: "default".into(),
+            priority: 50,
+            front: "f1".into(),
+            method: "POST".into(),
+            target: "/a%2Fb?x=1&x=2&y=&z+w".into(),
+            headers: HeaderList(headers),
+            timeout_ms: 30_000,
+        }
+    }
+
+    #[test]
+    fn job_round_trip_keeps_bytes() {
+        let m = meta(vec![
+            ("set-cookie".into(), b"a=1".to_vec()),
+            ("set-cookie".into(), b"b=2".to_vec()),
+            ("x-bin".into(), vec![0x80, 0xff, b'a']),
+        ]);
+        let body: Vec<u8> = (0..=255u8).collect();
+        let frame = Job::encode(&m, &body);
+        let job = Job::decode(frame).unwrap();
+        assert_eq!(job.meta, m);
+        assert_eq!(&job.body[..], &body[..]);
+    }
+
+    #[test]
+    fn refuses_other_versions_and_kinds() {
+        let frame = Job::encode(&meta(vec![]), b"x");
+        let mut v2 = frame.to_vec();
+        v2[4] = 2;
+        assert!(matches!(Job::decode(v2.into()), Err(DecodeError::Version(2))));
+        assert!(matches!(Reply::decode(frame), Err(DecodeError::WrongKind { .. })));
+        assert!(matches!(Job::decode(Bytes::from_static(b"THRQ")), Err(DecodeError::Truncated(4))));
+        assert!(matches!(Job::decode(Bytes::from_static(b"garbage-garbage")), Err(DecodeError::BadMagic)));
+        let mut short = Job::encode(&meta(vec![]), b"").to_vec();
+        short.truncate(20);
+        assert!(Job::decode(short.into()).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Job::decode(Bytes::from(bytes.clone()));
+            let mut framed = b"THRQ\x01".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = Job::decode(Bytes::from(framed));
+        }
+
+        #[test]
+        fn any_header_bytes_round_trip(values in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..8), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let headers = values.into_iter().enumerate().map(|(i, v)| (format!("h{i}"), v)).collect();
+            let m = meta(headers);
+            let job = Job::decode(Job::encode(&m, &body)).unwrap();
+            prop_assert_eq!(job.meta, m);
+            prop_assert_eq!(&job.body[..], &body[..]);
+        }
+    }
+}

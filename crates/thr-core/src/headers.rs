@@ -1,0 +1,62 @@
+//! Header rules of a transparent proxy (RFC 9110 §7.6.1): which fields are
+//! hop-by-hop and must not be forwarded in either direction.
+
+use http::HeaderMap;
+use http::header::{CONNECTION, HeaderName};
+
+/// Fields that describe one connection, never the message.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+/// `upgrade` is hop-by-hop too, listed apart because thr does not tunnel.
+pub const UPGRADE: &str = "upgrade";
+
+/// Removes hop-by-hop fields, including those the Connection field names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP.iter().chain(std::iter::once(&UPGRADE)) {
+        headers.remove(*name);
+    }
+}
+
+/// True for a field that must not cross thr.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    name.eq_ignore_ascii_case(UPGRADE) || HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_named_fields() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, X-Secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+        assert!(is_hop_by_hop("TE"));
+        assert!(!is_hop_by_hop("content-length"));
+    }
+}

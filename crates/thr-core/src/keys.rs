@@ -1,0 +1,67 @@
+//! The Redis key scheme (DESIGN.md decision 8).
+//!
+//! Every key of one queue carries the hash tag `{q:NAME}` and every key of one
+//! front carries `{f:ID}`, so that a queue's scripts touch a single Redis
+//! Cluster slot. Queue names are restricted by the configuration to
+//! `[A-Za-z0-9_.-]`; front ids are generated. Nothing taken from a request is
+//! ever spliced into a key name.
+
+/// Prefix of every key thr writes.
+pub const PREFIX: &str = "thr";
+
+/// The keys of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    /// Sorted set: job id → priority score, the jobs waiting to be claimed.
+    pub pending: String,
+    /// Counter giving each job its place within its priority.
+    pub seq: String,
+    /// Hash: job id → encoded request envelope.
+    pub jobs: String,
+    /// Sorted set: job id → client deadline (ms, Redis clock).
+    pub deadlines: String,
+    /// Sorted set: job id → lease deadline (ms, Redis clock), the claimed jobs.
+    pub leases: String,
+    /// List used as a doorbell: one token per enqueued job wakes one worker.
+    pub wake: String,
+    /// Hash: job id → encoded job that could not be run (poison, …).
+    pub dead: String,
+    /// Hash: job id → why it is in `dead`.
+    pub dead_reasons: String,
+}
+
+impl QueueKeys {
+    /// Keys of queue `name`.
+    pub fn new(name: &str) -> QueueKeys {
+        let k = |suffix: &str| format!("{PREFIX}:{{q:{name}}}:{suffix}");
+        QueueKeys {
+            pending: k("pending"),
+            seq: k("seq"),
+            jobs: k("jobs"),
+            deadlines: k("deadlines"),
+            leases: k("leases"),
+            wake: k("wake"),
+            dead: k("dead"),
+            dead_reasons: k("dead:reasons"),
+        }
+    }
+}
+
+/// The list a front pops its replies from.
+pub fn replies(front_id: &str) -> String {
+    format!("{PREFIX}:{{f:{front_id}}}:replies")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_keys_share_one_hash_tag() {
+        let k = QueueKeys::new("default");
+        for key in [&k.pending, &k.seq, &k.jobs, &k.deadlines, &k.leases, &k.wake, &k.dead, &k.dead_reasons] {
+            assert!(key.starts_with("thr:{q:default}:"), "{key}");
+        }
+        assert_eq!(replies("ab12"), "thr:{f:ab12}:replies");
+    }
+}

@@ -1,0 +1,102 @@
+//! Start-up plumbing shared by `http2redis` and `redis2http`: the common
+//! flags, loading the configuration with command-line overrides, logging,
+//! and turning SIGTERM / Ctrl-C into a shutdown future.
+//!
+//! Keeping it here keeps both `main.rs` files thin (parse, load, log, run).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use thr_core::config::Config;
+
+/// Flags every thr daemon takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Configuration file.
+    #[arg(long, short = 'c', env = "THR_CONFIG", default_value = "config/thr.toml")]
+    pub config: PathBuf,
+    /// Redis URL, overriding `[redis].url`.
+    #[arg(long, env = "THR_REDIS_URL")]
+    pub redis: Option<String>,
+    /// Validate the configuration, print every error, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Log format.
+    #[arg(long, value_enum, env = "THR_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl CommonArgs {
+    /// Loads the configuration and applies the command-line overrides.
+    /// On error, prints every problem and returns the exit code to use.
+    pub fn load(&self) -> Result<Config, ExitCode> {
+        match Config::load(&self.config) {
+            Ok(mut config) => {
+                if let Some(url) = &self.redis {
+                    config.redis.url = url.clone();
+                }
+                Ok(config)
+            }
+            Err(errors) => {
+                eprint!("{errors}");
+                Err(ExitCode::from(2))
+            }
+        }
+    }
+
+    /// For `--check`: prints a verdict and the exit code.
+    pub fn check(&self) -> ExitCode {
+        match self.load() {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} queue{})",
+                    config.origin,
+                    config.queues.len(),
+                    if config.queues.len() == 1 { "" } else { "s" }
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        }
+    }
+}
+
+/// Starts logging to stderr; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Resolves when the process is asked to stop (SIGTERM, SIGINT).
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests of thr over a real `redis-server` (one per test, on a
+//! free port) and real HTTP backends. One binary, one module per theme.
+
+mod support;
+
+mod broker;
+mod config;
+mod limits;
+mod resilience;
+mod routing;
+mod transparency;

@@ -1,0 +1,140 @@
+//! Helpers shared by the end-to-end tests: an HTTP client that reports
+//! exactly what came back, and a one-call setup of Redis + backend + thr.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+pub use testkit::daemons::{config_text, parse_config};
+pub use testkit::{RedisServer, SlowBackend, Thr};
+
+/// What a client saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+}
+
+impl Seen {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// A request to replay against several servers.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub method: &'static str,
+    pub target: String,
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Req {
+    pub fn new(method: &'static str, target: impl Into<String>) -> Req {
+        Req {
+            method,
+            target: target.into(),
+            headers: vec![("host", b"app.example".to_vec())],
+            body: Vec::new(),
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<Vec<u8>>) -> Req {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Req {
+        self.body = body.into();
+        self
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(64)
+        .build_http()
+}
+
+/// Sends `req` to `base` (`http://host:port`) and reads the whole answer.
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, base: &str, req: &Req) -> Seen {
+    let mut builder = Request::builder()
+        .method(Method::from_bytes(req.method.as_bytes()).unwrap())
+        .uri(format!("{base}{}", req.target));
+    for (name, value) in &req.headers {
+        builder = builder.header(*name, value.as_slice());
+    }
+    let request = builder.body(Full::new(Bytes::from(req.body.clone()))).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .expect("answer within 30 s")
+        .expect("request sent");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Seen {
+        status: parts.status.as_u16(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        body,
+    }
+}
+
+/// GET `target` on `base`.
+pub async fn get(base: &str, target: &str) -> Seen {
+    send(&client(), base, &Req::new("GET", target)).await
+}
+
+/// Redis, a backend and thr with `workers` in-process workers.
+pub struct Stack {
+    pub redis: RedisServer,
+    pub backend: SlowBackend,
+    pub thr: Thr,
+}
+
+impl Stack {
+    /// Everything with default settings and `extra` TOML appended.
+    pub async fn start(backend: SlowBackend, workers: usize, extra: &str) -> Stack {
+        Stack::start_with(backend, workers, |text| text + extra).await
+    }
+
+    /// Everything, with the configuration text passed through `edit`.
+    pub async fn start_with(
+        backend: SlowBackend,
+        workers: usize,
+        edit: impl FnOnce(String) -> String,
+    ) -> Stack {
+        testkit::init_logs();
+        let redis = RedisServer::start();
+        let text = edit(config_text(&redis.url(), &backend.url(), ""));
+        let thr = Thr::start(parse_config(&text), workers).await;
+        Stack { redis, backend, thr }
+    }
+
+    pub fn url(&self) -> String {
+        self.thr.url()
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `limit`.
+pub async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what}: not true after {limit:?}");
+}

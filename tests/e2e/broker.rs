@@ -1,1 +1,212 @@
-//! broker
+//! The Redis broker on its own: ordering, cancellation, deadlines, blocking
+//! pops that outlive redis-rs's default response timeout, restarts.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use thr_broker::{Broker, Doorbell, NewJob, RedisBroker, ReplyStream};
+
+use crate::support::RedisServer;
+
+fn broker(redis: &RedisServer) -> RedisBroker {
+    RedisBroker::new(&redis.url(), Duration::from_millis(750)).unwrap()
+}
+
+fn job<'a>(id: &'a str, priority: u8) -> NewJob<'a> {
+    NewJob {
+        queue: "q",
+        id,
+        priority,
+        frame: Bytes::from(format!("frame-{id}")),
+        timeout: Duration::from_secs(30),
+    }
+}
+
+async fn claim_all(b: &RedisBroker) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(c) = b.claim("q", Duration::from_secs(30)).await.unwrap() {
+        assert_eq!(c.frame, Bytes::from(format!("frame-{}", c.id)));
+        ids.push(c.id);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn claims_by_priority_then_arrival() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    for (id, p) in [
+        ("a", 50),
+        ("b", 80),
+        ("c", 1),
+        ("d", 50),
+        ("e", 99),
+        ("f", 1),
+        ("g", 50),
+    ] {
+        b.enqueue(job(id, p)).await.unwrap();
+    }
+    assert_eq!(claim_all(&b).await, ["c", "f", "a", "d", "g", "b", "e"]);
+    let mut conn = redis.conn();
+    let leased: usize = redis::cmd("ZCARD")
+        .arg("thr:{q:q}:leases")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(leased, 7, "every claimed job holds a lease");
+}
+
+#[tokio::test]
+async fn cancel_withdraws_waiting_jobs_only() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    b.enqueue(job("x", 50)).await.unwrap();
+    b.enqueue(job("y", 50)).await.unwrap();
+    assert!(b.cancel("q", "y").await.unwrap());
+    let claimed = b
+        .claim("q", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, "x");
+    assert!(
+        !b.cancel("q", "x").await.unwrap(),
+        "a running job cannot be withdrawn"
+    );
+    assert!(
+        b.claim("q", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn jobs_past_their_clients_deadline_are_never_claimed() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    b.enqueue(NewJob {
+        timeout: Duration::from_millis(100),
+        ..job("stale", 1)
+    })
+    .await
+    .unwrap();
+    b.enqueue(job("fresh", 50)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let claimed = b
+        .claim("q", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.id, "fresh");
+    assert!(
+        claimed.remaining > Duration::from_secs(25) && claimed.remaining <= Duration::from_secs(30)
+    );
+    let mut conn = redis.conn();
+    let jobs: usize = redis::cmd("HLEN")
+        .arg("thr:{q:q}:jobs")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(jobs, 1, "the stale job's payload is gone");
+}
+
+#[tokio::test]
+async fn blocking_pops_longer_than_500ms_still_deliver() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let mut replies = b.replies("front1");
+    let mut doorbell = b.doorbell("q");
+    let pusher = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            b.enqueue(job("j2", 50)).await.unwrap();
+        })
+    };
+    let started = std::time::Instant::now();
+    let batch = replies.next_batch(Duration::from_secs(3)).await.unwrap();
+    assert_eq!(batch, vec![Bytes::from_static(b"reply-1")]);
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let rang = doorbell.wait(Duration::from_secs(3)).await.unwrap();
+    assert!(rang, "the doorbell rang after a wait of about 900 ms");
+    pusher.await.unwrap();
+    // Nothing was left behind in Redis by a timed-out client-side read.
+    let mut conn = redis.conn();
+    let left: usize = redis::cmd("LLEN")
+        .arg("thr:{f:front1}:replies")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn replies_come_in_batches() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    for i in 0..300 {
+        b.reply("q", "f", &format!("j{i}"), Bytes::from(format!("r{i}")))
+            .await
+            .unwrap();
+    }
+    let mut replies = b.replies("f");
+    let mut got = Vec::new();
+    let mut calls = 0;
+    while got.len() < 300 {
+        got.extend(replies.next_batch(Duration::from_secs(1)).await.unwrap());
+        calls += 1;
+    }
+    assert!(calls <= 3, "{calls} round trips for 300 replies");
+    assert_eq!(
+        got[0],
+        Bytes::from_static(b"r0"),
+        "first pushed, first popped"
+    );
+}
+
+#[tokio::test]
+async fn scripts_survive_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    let b = broker(&redis);
+    b.enqueue(job("before", 50)).await.unwrap();
+    redis.restart();
+    // The first command may meet the dead connection; the next reconnects
+    // and re-sends the script (NOSCRIPT fallback).
+    let mut ok = false;
+    for _ in 0..20 {
+        if b.enqueue(job("after", 50)).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "enqueue works again after the restart");
+    assert_eq!(claim_all(&b).await, ["after"]);
+}
+
+#[tokio::test]
+async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
+    use crate::support::*;
+    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    let b = broker(&stack.redis);
+    b.enqueue(NewJob {
+        queue: "default",
+        id: "poison",
+        priority: 1,
+        frame: Bytes::from_static(b"THRQ\x09not a job"),
+        timeout: Duration::from_secs(30),
+    })
+    .await
+    .unwrap();
+    assert_eq!(get(&stack.url(), "/fine").await.status, 200);
+    let mut conn = stack.redis.conn();
+    let why: Option<String> = redis::cmd("HGET")
+        .arg("thr:{q:default}:dead:reasons")
+        .arg("poison")
+        .query(&mut conn)
+        .unwrap();
+    assert!(why.unwrap().contains("wire version 9"));
+    stack.thr.stop().await;
+}

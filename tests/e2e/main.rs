@@ -5,7 +5,6 @@ mod support;
 
 mod broker;
 mod config;
-mod limits;
 mod resilience;
 mod routing;
 mod transparency;

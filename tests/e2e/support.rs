@@ -73,7 +73,9 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, base: &str, req: 
     for (name, value) in &req.headers {
         builder = builder.header(*name, value.as_slice());
     }
-    let request = builder.body(Full::new(Bytes::from(req.body.clone()))).unwrap();
+    let request = builder
+        .body(Full::new(Bytes::from(req.body.clone())))
+        .unwrap();
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
         .expect("answer within 30 s")
@@ -119,22 +121,14 @@ impl Stack {
         let redis = RedisServer::start();
         let text = edit(config_text(&redis.url(), &backend.url(), ""));
         let thr = Thr::start(parse_config(&text), workers).await;
-        Stack { redis, backend, thr }
+        Stack {
+            redis,
+            backend,
+            thr,
+        }
     }
 
     pub fn url(&self) -> String {
         self.thr.url()
     }
-}
-
-/// Waits until `check` holds, polling; panics with `what` after `limit`.
-pub async fn eventually(limit: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let started = std::time::Instant::now();
-    while started.elapsed() < limit {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what}: not true after {limit:?}");
 }

@@ -47,9 +47,13 @@ fn table() -> Vec<Req> {
         Req::new("POST", "/form")
             .header("content-type", "application/x-www-form-urlencoded")
             .body("a=1&b=%20two&c="),
-        Req::new("POST", "/upload").header("content-type", "application/octet-stream").body(pattern(1 << 20)),
+        Req::new("POST", "/upload")
+            .header("content-type", "application/octet-stream")
+            .body(pattern(1 << 20)),
         Req::new("PUT", "/put").body(pattern(65_536)),
-        Req::new("PATCH", "/patch?status=202").header("content-type", "application/json").body(r#"{"a":[1,2]}"#),
+        Req::new("PATCH", "/patch?status=202")
+            .header("content-type", "application/json")
+            .body(r#"{"a":[1,2]}"#),
         Req::new("POST", "/empty"),
         Req::new("PURGE", "/cache/key"),
         Req::new("PROPFIND", "/dav/").body("<propfind/>"),
@@ -78,7 +82,12 @@ fn comparable(r: &Recorded, req: &Req) -> Vec<(String, Vec<u8>)> {
         .headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
-        .flat_map(|(_, v)| String::from_utf8_lossy(v).split(',').map(|t| t.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|(_, v)| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .collect();
     r.headers
         .iter()
@@ -109,7 +118,10 @@ async fn round_trip_table_is_byte_identical() {
         let what = format!("{} {}", req.method, &req.target[..req.target.len().min(60)]);
 
         assert_eq!(through.status, straight.status, "{what}: status");
-        assert_eq!(through.headers, straight.headers, "{what}: response headers");
+        assert_eq!(
+            through.headers, straight.headers,
+            "{what}: response headers"
+        );
         assert_eq!(through.body, straight.body, "{what}: response body");
 
         assert_eq!(got_direct.len(), 1, "{what}");
@@ -118,12 +130,34 @@ async fn round_trip_table_is_byte_identical() {
         assert_eq!(t.method, d.method, "{what}: method");
         assert_eq!(t.target, d.target, "{what}: target byte for byte");
         assert_eq!(t.body, d.body, "{what}: request body");
-        assert_eq!(comparable(t, req), comparable(d, req), "{what}: request headers");
-        assert_eq!(t.header("x-forwarded-for").as_deref(), Some("127.0.0.1"), "{what}");
-        assert_eq!(t.header("x-forwarded-host").as_deref(), Some("app.example"), "{what}");
-        assert_eq!(t.header("x-forwarded-proto").as_deref(), Some("http"), "{what}");
-        assert!(t.header("x-request-id").is_some_and(|v| !v.is_empty()), "{what}");
-        assert!(t.header("x-hop-secret").is_none() && t.header("te").is_none(), "{what}: hop-by-hop dropped");
+        assert_eq!(
+            comparable(t, req),
+            comparable(d, req),
+            "{what}: request headers"
+        );
+        assert_eq!(
+            t.header("x-forwarded-for").as_deref(),
+            Some("127.0.0.1"),
+            "{what}"
+        );
+        assert_eq!(
+            t.header("x-forwarded-host").as_deref(),
+            Some("app.example"),
+            "{what}"
+        );
+        assert_eq!(
+            t.header("x-forwarded-proto").as_deref(),
+            Some("http"),
+            "{what}"
+        );
+        assert!(
+            t.header("x-request-id").is_some_and(|v| !v.is_empty()),
+            "{what}"
+        );
+        assert!(
+            t.header("x-hop-secret").is_none() && t.header("te").is_none(),
+            "{what}: hop-by-hop dropped"
+        );
     }
     stack.thr.stop().await;
 }
@@ -138,7 +172,10 @@ async fn repeated_response_headers_keep_their_order_and_count() {
         .filter(|(n, _)| n == "set-cookie")
         .map(|(_, v)| v.as_slice())
         .collect();
-    assert_eq!(cookies, [&b"c0=v0; Path=/"[..], b"c1=v1; Path=/", b"c2=v2; Path=/"]);
+    assert_eq!(
+        cookies,
+        [&b"c0=v0; Path=/"[..], b"c1=v1; Path=/", b"c2=v2; Path=/"]
+    );
     stack.thr.stop().await;
 }
 
@@ -146,7 +183,12 @@ async fn repeated_response_headers_keep_their_order_and_count() {
 async fn request_id_is_propagated_or_created() {
     let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
     let client = client();
-    send(&client, &stack.url(), &Req::new("GET", "/a").header("x-request-id", "trace-42")).await;
+    send(
+        &client,
+        &stack.url(),
+        &Req::new("GET", "/a").header("x-request-id", "trace-42"),
+    )
+    .await;
     send(&client, &stack.url(), &Req::new("GET", "/b")).await;
     let got = stack.backend.requests();
     assert_eq!(got[0].header("x-request-id").as_deref(), Some("trace-42"));
@@ -184,7 +226,10 @@ async fn unix_sockets_for_listener_backend_and_redis() {
     testkit::init_logs();
     let dir = std::env::temp_dir().join(format!("thr-unix-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let backend = SlowBackend::builder().unix(dir.join("app.sock")).start().await;
+    let backend = SlowBackend::builder()
+        .unix(dir.join("app.sock"))
+        .start()
+        .await;
     let redis = RedisServer::start();
     let text = format!(
         "[redis]\nurl = \"{}\"\n[http2redis]\nlisten = \"unix:{}\"\n[[queues]]\nname = \"legacy\"\nbackend = \"{}\"\n",
@@ -194,10 +239,13 @@ async fn unix_sockets_for_listener_backend_and_redis() {
     );
     let thr = Thr::start(parse_config(&text), 1).await;
 
-    let stream = tokio::net::UnixStream::connect(dir.join("thr.sock")).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+    let stream = tokio::net::UnixStream::connect(dir.join("thr.sock"))
         .await
         .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let req = http::Request::builder()
         .uri("/over/unix?x=1")
@@ -213,6 +261,9 @@ async fn unix_sockets_for_listener_backend_and_redis() {
     assert_eq!(&body[..], b"hello");
     assert_eq!(backend.requests()[0].target, "/over/unix?x=1");
     thr.stop().await;
-    assert!(!dir.join("thr.sock").exists(), "socket file removed on shutdown");
+    assert!(
+        !dir.join("thr.sock").exists(),
+        "socket file removed on shutdown"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,7 +32,10 @@ impl FrontError {
             FrontError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
             FrontError::BadBody => (StatusCode::BAD_REQUEST, "could not read the request body"),
             FrontError::BadTarget => (StatusCode::BAD_REQUEST, "unsupported request target"),
-            FrontError::BrokerDown => (StatusCode::SERVICE_UNAVAILABLE, "queue unavailable, try again"),
+            FrontError::BrokerDown => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue unavailable, try again",
+            ),
             FrontError::ReplyTimeout => (StatusCode::GATEWAY_TIMEOUT, "no reply in time"),
             FrontError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down"),
             FrontError::BadReply => (StatusCode::BAD_GATEWAY, "invalid reply from backend"),

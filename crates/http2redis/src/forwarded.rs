@@ -84,14 +84,21 @@ mod tests {
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
-            h.append(HeaderName::from_bytes(n.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
 
     #[test]
     fn adds_forwarding_headers() {
-        let mut h = map(&[("host", "app.example"), ("connection", "close"), ("x-a", "1")]);
+        let mut h = map(&[
+            ("host", "app.example"),
+            ("connection", "close"),
+            ("x-a", "1"),
+        ]);
         let id = prepare(&mut h, None, Some("10.1.2.3".parse().unwrap()), "abc");
         assert_eq!(id, "abc");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
@@ -108,7 +115,12 @@ mod tests {
             ("x-forwarded-for", "2.2.2.2"),
             ("x-request-id", "client-id-7"),
         ]);
-        let id = prepare(&mut h, Some("h2.example"), Some("::1".parse().unwrap()), "abc");
+        let id = prepare(
+            &mut h,
+            Some("h2.example"),
+            Some("::1".parse().unwrap()),
+            "abc",
+        );
         assert_eq!(id, "client-id-7");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(h["host"], "h2.example");

@@ -150,7 +150,11 @@ impl<B: Broker> Front<B> {
 
         let queue = config.default_queue();
         let queue_name = Some(queue.name.clone());
-        let peer = parts.extensions.get::<Peer>().and_then(|p| p.0).map(|a| a.ip());
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .and_then(|p| p.0)
+            .map(|a| a.ip());
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
         let request_id = forwarded::prepare(&mut parts.headers, authority.as_deref(), peer, job_id);
         let span = tracing::info_span!("job", request_id = %request_id, job = %job_id);

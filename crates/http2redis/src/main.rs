@@ -29,7 +29,10 @@ async fn main() -> ExitCode {
     let listener = match http2redis::Listener::bind(&config.front.listen).await {
         Ok(listener) => listener,
         Err(err) => {
-            eprintln!("http2redis: cannot listen on {}: {err}", config.front.listen);
+            eprintln!(
+                "http2redis: cannot listen on {}: {err}",
+                config.front.listen
+            );
             return ExitCode::from(1);
         }
     };

@@ -59,7 +59,11 @@ impl ReplyRouter {
 /// Pops replies until `stop` turns true. Each pop is allowed to finish (a
 /// popped reply must not be dropped half-way), so stopping takes up to
 /// `block` seconds.
-pub async fn run_loop<R: ReplyStream>(mut stream: R, router: ReplyRouter, mut stop: watch::Receiver<bool>) {
+pub async fn run_loop<R: ReplyStream>(
+    mut stream: R,
+    router: ReplyRouter,
+    mut stop: watch::Receiver<bool>,
+) {
     const BLOCK: Duration = Duration::from_secs(1);
     let mut backoff = Duration::from_millis(50);
     while !*stop.borrow_and_update() {

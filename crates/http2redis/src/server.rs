@@ -35,7 +35,9 @@ impl Listener {
         match addr {
             ListenAddr::Tcp(addr) => Ok(Listener::Tcp(TcpListener::bind(addr).await?)),
             ListenAddr::Unix(path) => {
-                if std::fs::metadata(path).is_ok() && std::os::unix::net::UnixStream::connect(path).is_err() {
+                if std::fs::metadata(path).is_ok()
+                    && std::os::unix::net::UnixStream::connect(path).is_err()
+                {
                     std::fs::remove_file(path)?;
                 }
                 Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
@@ -146,7 +148,10 @@ pub async fn serve<B: Broker>(
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
-    tracing::info!(waiting = front.router().len(), "stopped accepting; draining");
+    tracing::info!(
+        waiting = front.router().len(),
+        "stopped accepting; draining"
+    );
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(settings.shutdown_grace) => {

@@ -111,7 +111,8 @@ impl Forwarder {
     }
 
     fn request(&self, job: &Job) -> Result<Request<Full<Bytes>>, &'static str> {
-        let method = Method::from_bytes(job.meta.method.as_bytes()).map_err(|_| "invalid method")?;
+        let method =
+            Method::from_bytes(job.meta.method.as_bytes()).map_err(|_| "invalid method")?;
         let uri = format!("{}{}", self.prefix, job.meta.target);
         let mut req = Request::builder()
             .method(method)

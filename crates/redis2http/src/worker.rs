@@ -129,7 +129,10 @@ impl<B: Broker> QueueRunner<B> {
         if busy > 0 {
             tracing::info!(queue = %name, running = busy, "waiting for running requests");
         }
-        if tokio::time::timeout(grace, running.acquire_many(slots as u32)).await.is_err() {
+        if tokio::time::timeout(grace, running.acquire_many(slots as u32))
+            .await
+            .is_err()
+        {
             tracing::warn!(queue = %name, "shutdown grace elapsed with requests still running");
         }
     }
@@ -141,13 +144,18 @@ impl<B: Broker> QueueRunner<B> {
             Err(err) => {
                 tracing::error!(queue = %queue, job = %claimed.id, %err, "undecodable job set aside");
                 let reason = format!("undecodable: {err}");
-                if let Err(err) = self.broker.dead_letter(queue, &claimed.id, claimed.frame, &reason).await {
+                if let Err(err) = self
+                    .broker
+                    .dead_letter(queue, &claimed.id, claimed.frame, &reason)
+                    .await
+                {
                     tracing::warn!(queue = %queue, job = %claimed.id, %err, "could not set the job aside");
                 }
                 return;
             }
         };
-        let span = tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
+        let span =
+            tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
         async {
             let timeout = self.queue.backend_timeout.min(claimed.remaining);
             let outcome = self.forwarder.forward(&job, timeout).await;
@@ -170,7 +178,11 @@ impl<B: Broker> QueueRunner<B> {
             };
             let frame = Reply::encode(&meta, &outcome.body);
             for attempt in 1..=REPLY_ATTEMPTS {
-                match self.broker.reply(queue, &job.meta.front, &job.meta.id, frame.clone()).await {
+                match self
+                    .broker
+                    .reply(queue, &job.meta.front, &job.meta.id, frame.clone())
+                    .await
+                {
                     Ok(()) => return,
                     Err(err) if attempt < REPLY_ATTEMPTS => {
                         tracing::warn!(%err, attempt, "could not push the reply, retrying");

@@ -135,7 +135,9 @@ impl BackendBuilder {
                 (None, task)
             }
             None => {
-                let bind = self.listen.unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
+                let bind = self
+                    .listen
+                    .unwrap_or_else(|| "127.0.0.1:0".parse().expect("addr"));
                 let listener = TcpListener::bind(bind).await.expect("bind backend");
                 let addr = listener.local_addr().expect("backend address");
                 let state = state.clone();
@@ -252,14 +254,25 @@ pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 256) as u8).collect()
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<State>,
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let _slot = state.slots.acquire().await.expect("semaphore open");
     let now_active = state.active.fetch_add(1, Ordering::SeqCst) + 1;
     state.peak.fetch_max(now_active, Ordering::SeqCst);
     let started = Instant::now();
-    let target = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let index = if !state.record {
         usize::MAX
     } else {
@@ -278,7 +291,9 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         });
         recorded.len() - 1
     };
-    let delay = query_param(&target, "delay").map(Duration::from_millis).unwrap_or(state.delay);
+    let delay = query_param(&target, "delay")
+        .map(Duration::from_millis)
+        .unwrap_or(state.delay);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -297,7 +312,10 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
     let mut builder = Response::builder()
         .status(status)
         .header("x-echo-method", parts.method.as_str())
-        .header("x-echo-target", HeaderValue::from_str(&target).unwrap_or(HeaderValue::from_static("?")))
+        .header(
+            "x-echo-target",
+            HeaderValue::from_str(&target).unwrap_or(HeaderValue::from_static("?")),
+        )
         .header("content-type", "application/octet-stream");
     for i in 0..query_param(&target, "cookies").unwrap_or(0) {
         builder = builder.header("set-cookie", format!("c{i}=v{i}; Path=/"));
@@ -316,4 +334,3 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
     };
     Ok(response.expect("valid response"))
 }
-

@@ -8,12 +8,14 @@ use std::sync::OnceLock;
 
 /// The directory holding this profile's binaries (`target/debug`).
 fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary lives in target/<profile>/deps")
-        .to_path_buf()
+    let exe = std::env::current_exe().expect("executable path");
+    // Tests live in target/<profile>/deps/, binaries in target/<profile>/.
+    let dir = exe.parent().expect("executable directory");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Path to binary `name`, building the daemons first (once per process).
@@ -24,7 +26,16 @@ pub fn binary(name: &str) -> PathBuf {
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "http2redis", "-p", "redis2http", "-p", "slowapp"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "http2redis",
+            "-p",
+            "redis2http",
+            "-p",
+            "slowapp",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -45,12 +56,28 @@ pub struct Process {
 impl Process {
     /// Starts binary `name` with `args`; its logs go to the test's stderr.
     pub fn spawn(name: &str, args: &[&str]) -> Process {
-        let child = Command::new(binary(name))
+        Process::spawn_path(&binary(name), args)
+    }
+
+    /// Starts the program at `path` with `args`.
+    pub fn spawn_path(path: &std::path::Path, args: &[&str]) -> Process {
+        let child = Command::new(path)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", path.display()));
+        Process {
+            child,
+            name: path.display().to_string(),
+        }
+    }
+
+    /// Takes charge of a child started some other way (killed on drop).
+    pub fn adopt(child: Child, name: &str) -> Process {
         Process {
             child,
             name: name.to_string(),
@@ -68,7 +95,12 @@ impl Process {
             .args([format!("-{signal}"), self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -{signal} {} ({}) failed", self.pid(), self.name);
+        assert!(
+            status.success(),
+            "kill -{signal} {} ({}) failed",
+            self.pid(),
+            self.name
+        );
     }
 
     /// Waits for it to exit and returns its exit code.

@@ -47,7 +47,6 @@ pub struct Running {
     task: JoinHandle<RunResult>,
 }
 
-
 impl Running {
     /// Asks the daemon to stop and waits for it (at most 30 s).
     pub async fn stop(mut self) {

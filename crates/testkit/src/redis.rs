@@ -21,13 +21,19 @@ pub fn redis_server_binary() -> PathBuf {
     if let Ok(path) = std::env::var("THR_REDIS_SERVER") {
         return PathBuf::from(path);
     }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/sbin", "/usr/local/bin"]) {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/local/bin",
+    ]) {
         let candidate = Path::new(dir).join("redis-server");
         if candidate.is_file() {
             return candidate;
         }
     }
-    panic!("redis-server not found: install it (apt-get install redis-server) or set THR_REDIS_SERVER");
+    panic!(
+        "redis-server not found: install it (apt-get install redis-server) or set THR_REDIS_SERVER"
+    );
 }
 
 /// A port that was free a moment ago.
@@ -145,7 +151,10 @@ impl RedisServer {
         let started = Instant::now();
         // The port may linger briefly; keep trying.
         while !self.spawn() {
-            assert!(started.elapsed() < Duration::from_secs(15), "redis-server did not restart");
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "redis-server did not restart"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -1,1 +1,276 @@
-fn main(){}
+//! `thr-bench`: drives the same load straight at a backend, through thr and
+//! (when installed) through HAProxy with a queue, in one run, and prints
+//! requests/s, p50 and p99 for each with their ratios to the direct baseline.
+//!
+//! Every part is a real process on this machine: `redis-server` on a free
+//! port, the demo backend `slowapp`, `redis2http`, `http2redis`, `haproxy`.
+//! The load generator is in this process (keep-alive connections, one
+//! request at a time each). Two scenarios:
+//!
+//! - `overhead`: a backend with plenty of workers and no delay, so the
+//!   figures are the cost of the router itself;
+//! - `legacy`: a backend of 4 workers taking 20 ms each, the situation thr
+//!   is for; thr and HAProxy both hold the excess in a queue.
+//!
+//! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use testkit::RedisServer;
+use testkit::bins::{Process, binary};
+use testkit::redis::free_port;
+
+/// Benchmark thr against the backend alone and HAProxy.
+#[derive(Debug, Parser)]
+#[command(about)]
+struct Cli {
+    /// Measuring time per target.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent client connections.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Scenarios to run: overhead, legacy.
+    #[arg(long, value_delimiter = ',', default_value = "overhead,legacy")]
+    scenarios: Vec<String>,
+    /// Log level of the thr daemons during the run (RUST_LOG).
+    #[arg(long, default_value = "warn")]
+    log: String,
+}
+
+struct Scenario {
+    name: &'static str,
+    workers: usize,
+    delay: &'static str,
+    max_inflight: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    errors: usize,
+}
+
+async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build_http();
+    let url: Arc<str> = Arc::from(url);
+    // Warm up connections and caches, unmeasured.
+    let warm = Instant::now() + Duration::from_millis(500);
+    let stop_at = warm + duration;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut errors = 0usize;
+                let mut n = 0u64;
+                loop {
+                    let start = Instant::now();
+                    if start >= stop_at {
+                        break;
+                    }
+                    let uri: http::Uri = format!("{url}/bench/{i}/{n}?x=1").parse().expect("uri");
+                    n += 1;
+                    let ok = match client.get(uri).await {
+                        Ok(resp) => {
+                            let ok = resp.status().is_success();
+                            ok && resp.into_body().collect().await.is_ok()
+                        }
+                        Err(_) => false,
+                    };
+                    if start >= warm {
+                        if ok {
+                            latencies.push(start.elapsed());
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("load task");
+        all.extend(l);
+        errors += e;
+    }
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    Figures {
+        rps: all.len() as f64 / duration.as_secs_f64(),
+        p50: pct(0.50),
+        p99: pct(0.99),
+        errors,
+    }
+}
+
+async fn wait_http(url: &str) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Ok(uri) = format!("{url}/ready").parse::<http::Uri>()
+            && let Ok(Ok(resp)) =
+                tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await
+            && resp.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} did not come up");
+}
+
+fn haproxy() -> Option<PathBuf> {
+    [
+        "/usr/sbin/haproxy",
+        "/usr/bin/haproxy",
+        "/usr/local/sbin/haproxy",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
+}
+
+fn print_row(name: &str, f: &Figures, base: &Figures) {
+    println!(
+        "  {name:<10} {:>9.0} req/s {:>9.2} ms p50 {:>9.2} ms p99 {:>6} errors   x{:.2} rps, x{:.2} p50 vs direct",
+        f.rps,
+        f.p50.as_secs_f64() * 1e3,
+        f.p99.as_secs_f64() * 1e3,
+        f.errors,
+        f.rps / base.rps.max(1e-9),
+        f.p50.as_secs_f64() / base.p50.as_secs_f64().max(1e-9),
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let dir = std::env::temp_dir().join(format!("thr-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    let scenarios = [
+        Scenario {
+            name: "overhead",
+            workers: 256,
+            delay: "0ms",
+            max_inflight: 64,
+        },
+        Scenario {
+            name: "legacy",
+            workers: 4,
+            delay: "20ms",
+            max_inflight: 4,
+        },
+    ];
+    println!(
+        "thr-bench: {} connections, {:?} per target, daemons logging at `{}`",
+        cli.concurrency, cli.duration, cli.log
+    );
+    for s in scenarios
+        .iter()
+        .filter(|s| cli.scenarios.iter().any(|n| n == s.name))
+    {
+        let redis = RedisServer::start();
+        let backend_port = free_port();
+        let front_port = free_port();
+        let _backend = Process::spawn(
+            "slowapp",
+            &[
+                "--listen",
+                &format!("127.0.0.1:{backend_port}"),
+                "--workers",
+                &s.workers.to_string(),
+                "--delay",
+                s.delay,
+            ],
+        );
+        let config = dir.join(format!("{}.toml", s.name));
+        std::fs::write(
+            &config,
+            format!(
+                "[redis]\nurl = \"{}\"\n[http2redis]\nlisten = \"127.0.0.1:{front_port}\"\nreply_timeout = \"60s\"\n[[queues]]\nname = \"default\"\nbackend = \"http://127.0.0.1:{backend_port}\"\nmax_inflight = {}\n",
+                redis.url(),
+                s.max_inflight
+            ),
+        )
+        .expect("write config");
+        let config = config.display().to_string();
+        let daemon = |name: &str| {
+            let mut cmd = std::process::Command::new(binary(name));
+            cmd.args(["--config", &config])
+                .env("RUST_LOG", &cli.log)
+                .stderr(std::process::Stdio::null());
+            Process::adopt(cmd.spawn().expect("spawn daemon"), name)
+        };
+        let worker = daemon("redis2http");
+        let front = daemon("http2redis");
+
+        let direct_url = format!("http://127.0.0.1:{backend_port}");
+        let thr_url = format!("http://127.0.0.1:{front_port}");
+        wait_http(&direct_url).await;
+        wait_http(&thr_url).await;
+
+        let mut haproxy_proc = None;
+        let mut haproxy_url = None;
+        if let Some(bin) = haproxy() {
+            let port = free_port();
+            let cfg = dir.join(format!("haproxy-{}.cfg", s.name));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout queue 60s\n  option http-keep-alive\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server app 127.0.0.1:{backend_port} maxconn {}\n",
+                    s.max_inflight
+                ),
+            )
+            .expect("haproxy config");
+            haproxy_proc = Some(Process::spawn_path(
+                &bin,
+                &["-db", "-f", &cfg.display().to_string()],
+            ));
+            let url = format!("http://127.0.0.1:{port}");
+            wait_http(&url).await;
+            haproxy_url = Some(url);
+        }
+
+        println!(
+            "\nscenario `{}`: backend {} workers, {} per request; thr max_inflight {}",
+            s.name, s.workers, s.delay, s.max_inflight
+        );
+        let direct = drive(&direct_url, cli.concurrency, cli.duration).await;
+        print_row("direct", &direct, &direct);
+        let through = drive(&thr_url, cli.concurrency, cli.duration).await;
+        print_row("thr", &through, &direct);
+        if let Some(url) = &haproxy_url {
+            let h = drive(url, cli.concurrency, cli.duration).await;
+            print_row("haproxy", &h, &direct);
+            println!(
+                "  thr / haproxy: x{:.2} rps, x{:.2} p50",
+                through.rps / h.rps.max(1e-9),
+                through.p50.as_secs_f64() / h.p50.as_secs_f64().max(1e-9)
+            );
+        } else {
+            println!("  haproxy: not installed (apt-get install haproxy) — skipped");
+        }
+        drop((front, worker, haproxy_proc));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

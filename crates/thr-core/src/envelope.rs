@@ -218,7 +218,9 @@ mod latin1_pairs {
         as_text.serialize(s)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, Vec<u8>)>, D::Error> {
         let as_text: Vec<(String, String)> = Vec::deserialize(d)?;
         as_text
             .into_iter()
@@ -227,7 +229,9 @@ mod latin1_pairs {
                     .chars()
                     .map(|c| u8::try_from(u32::from(c)))
                     .collect::<Result<Vec<u8>, _>>()
-                    .map_err(|_| serde::de::Error::custom("header value has a char above U+00FF"))?;
+                    .map_err(|_| {
+                        serde::de::Error::custom("header value has a char above U+00FF")
+                    })?;
                 Ok((n, bytes))
             })
             .collect()
@@ -272,10 +276,22 @@ mod tests {
         let frame = Job::encode(&meta(vec![]), b"x");
         let mut v2 = frame.to_vec();
         v2[4] = 2;
-        assert!(matches!(Job::decode(v2.into()), Err(DecodeError::Version(2))));
-        assert!(matches!(Reply::decode(frame), Err(DecodeError::WrongKind { .. })));
-        assert!(matches!(Job::decode(Bytes::from_static(b"THRQ")), Err(DecodeError::Truncated(4))));
-        assert!(matches!(Job::decode(Bytes::from_static(b"garbage-garbage")), Err(DecodeError::BadMagic)));
+        assert!(matches!(
+            Job::decode(v2.into()),
+            Err(DecodeError::Version(2))
+        ));
+        assert!(matches!(
+            Reply::decode(frame),
+            Err(DecodeError::WrongKind { .. })
+        ));
+        assert!(matches!(
+            Job::decode(Bytes::from_static(b"THRQ")),
+            Err(DecodeError::Truncated(4))
+        ));
+        assert!(matches!(
+            Job::decode(Bytes::from_static(b"garbage-garbage")),
+            Err(DecodeError::BadMagic)
+        ));
         let mut short = Job::encode(&meta(vec![]), b"").to_vec();
         short.truncate(20);
         assert!(Job::decode(short.into()).is_err());

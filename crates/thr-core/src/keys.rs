@@ -59,7 +59,16 @@ mod tests {
     #[test]
     fn queue_keys_share_one_hash_tag() {
         let k = QueueKeys::new("default");
-        for key in [&k.pending, &k.seq, &k.jobs, &k.deadlines, &k.leases, &k.wake, &k.dead, &k.dead_reasons] {
+        for key in [
+            &k.pending,
+            &k.seq,
+            &k.jobs,
+            &k.deadlines,
+            &k.leases,
+            &k.wake,
+            &k.dead,
+            &k.dead_reasons,
+        ] {
             assert!(key.starts_with("thr:{q:default}:"), "{key}");
         }
         assert_eq!(replies("ab12"), "thr:{f:ab12}:replies");

@@ -14,7 +14,12 @@ use thr_core::config::Config;
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// Configuration file.
-    #[arg(long, short = 'c', env = "THR_CONFIG", default_value = "config/thr.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        env = "THR_CONFIG",
+        default_value = "config/thr.toml"
+    )]
     pub config: PathBuf,
     /// Redis URL, overriding `[redis].url`.
     #[arg(long, env = "THR_REDIS_URL")]

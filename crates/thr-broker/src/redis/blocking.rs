@@ -31,7 +31,9 @@ impl BlockingConn {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             // Outlive the longest block this loop asks for (see module docs).
-            .set_response_timeout(Some(block * 2 + self.connect_timeout + Duration::from_secs(5)));
+            .set_response_timeout(Some(
+                block * 2 + self.connect_timeout + Duration::from_secs(5),
+            ));
         let conn = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -127,7 +129,7 @@ impl ReplyStream for RedisReplies {
             Ok(batch) => Ok(batch),
             Err(e) => {
                 self.inner.conn = None;
-                Err(e.into())
+                Err(e)
             }
         }
     }

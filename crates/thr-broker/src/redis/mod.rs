@@ -170,7 +170,13 @@ impl Broker for RedisBroker {
         }))
     }
 
-    async fn reply(&self, queue: &str, front: &str, id: &str, frame: Bytes) -> Result<(), BrokerError> {
+    async fn reply(
+        &self,
+        queue: &str,
+        front: &str,
+        id: &str,
+        frame: Bytes,
+    ) -> Result<(), BrokerError> {
         let k = QueueKeys::new(queue);
         let replies = keys::replies(front);
         self.run(|mut conn| async move {
@@ -193,7 +199,13 @@ impl Broker for RedisBroker {
         .await
     }
 
-    async fn dead_letter(&self, queue: &str, id: &str, frame: Bytes, reason: &str) -> Result<(), BrokerError> {
+    async fn dead_letter(
+        &self,
+        queue: &str,
+        id: &str,
+        frame: Bytes,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
         let k = QueueKeys::new(queue);
         self.run(|mut conn| async move {
             redis::pipe()
@@ -215,11 +227,19 @@ impl Broker for RedisBroker {
     }
 
     fn doorbell(&self, queue: &str) -> RedisDoorbell {
-        RedisDoorbell::new(self.client.clone(), QueueKeys::new(queue).wake, self.command_timeout)
+        RedisDoorbell::new(
+            self.client.clone(),
+            QueueKeys::new(queue).wake,
+            self.command_timeout,
+        )
     }
 
     fn replies(&self, front: &str) -> RedisReplies {
-        RedisReplies::new(self.client.clone(), keys::replies(front), self.command_timeout)
+        RedisReplies::new(
+            self.client.clone(),
+            keys::replies(front),
+            self.command_timeout,
+        )
     }
 
     async fn ping(&self) -> Result<(), BrokerError> {
@@ -237,7 +257,10 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(redact_url("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(
+            redact_url("redis://:s3cret@h:6379/0"),
+            "redis://***@h:6379/0"
+        );
         assert_eq!(redact_url("rediss://u:p@h"), "rediss://***@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
     }

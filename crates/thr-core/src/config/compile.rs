@@ -81,11 +81,11 @@ fn size_value(v: &toml::Value) -> Result<u64, String> {
     }
 }
 
-fn duration(s: &String) -> Result<Duration, String> {
+fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-fn positive_duration(s: &String) -> Result<Duration, String> {
+fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
@@ -149,10 +149,10 @@ pub fn parse_backend(s: &str) -> Result<Backend, String> {
     })
 }
 
-fn redis_url(s: &String) -> Result<String, String> {
+fn redis_url(s: &str) -> Result<String, String> {
     const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
     if SCHEMES.iter().any(|p| s.starts_with(p)) {
-        Ok(s.clone())
+        Ok(s.to_string())
     } else {
         Err("must start with redis://, rediss://, redis+unix:// or unix://".into())
     }
@@ -161,8 +161,7 @@ fn redis_url(s: &String) -> Result<String, String> {
 fn queue_name(s: &String) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     if ok {
         Ok(s.clone())
@@ -191,13 +190,13 @@ pub fn compile(
             &key(&["redis", "url"]),
             &raw.redis.url,
             DEFAULT_REDIS_URL.to_string(),
-            redis_url,
+            |s| redis_url(s),
         ),
         command_timeout: c.value(
             &key(&["redis", "command_timeout"]),
             &raw.redis.command_timeout,
             Duration::from_millis(750),
-            positive_duration,
+            |s| positive_duration(s),
         ),
     };
 
@@ -213,7 +212,7 @@ pub fn compile(
             &key(&["http2redis", "reply_timeout"]),
             &f.reply_timeout,
             Duration::from_secs(30),
-            positive_duration,
+            |s| positive_duration(s),
         ),
         max_body: c.value(
             &key(&["http2redis", "max_body"]),
@@ -246,13 +245,13 @@ pub fn compile(
             &key(&["http2redis", "header_read_timeout"]),
             &f.header_read_timeout,
             Duration::from_secs(10),
-            positive_duration,
+            |s| positive_duration(s),
         ),
         shutdown_grace: c.value(
             &key(&["http2redis", "shutdown_grace"]),
             &f.shutdown_grace,
             Duration::from_secs(30),
-            duration,
+            |s| duration(s),
         ),
     };
 
@@ -261,7 +260,7 @@ pub fn compile(
             &key(&["redis2http", "shutdown_grace"]),
             &raw.redis2http.shutdown_grace,
             Duration::from_secs(30),
-            duration,
+            |s| duration(s),
         ),
     };
 
@@ -283,11 +282,19 @@ pub fn compile(
             && !seen.insert(name.clone())
         {
             let span = q.name.as_ref().map(|n| n.span());
-            c.error(&at("name"), span, format!("queue `{name}` is defined twice"));
+            c.error(
+                &at("name"),
+                span,
+                format!("queue `{name}` is defined twice"),
+            );
         }
-        let backend = required(&mut c, &at("backend"), &q.backend, table_span, |s: &String| {
-            parse_backend(s)
-        });
+        let backend = required(
+            &mut c,
+            &at("backend"),
+            &q.backend,
+            table_span,
+            |s: &String| parse_backend(s),
+        );
         let max_inflight = c.value(
             &at("max_inflight"),
             &q.max_inflight,
@@ -301,14 +308,11 @@ pub fn compile(
             &at("backend_timeout"),
             &q.backend_timeout,
             Duration::from_secs(60),
-            positive_duration,
+            |s| positive_duration(s),
         );
-        let lease = c.value(
-            &at("lease"),
-            &q.lease,
-            Duration::from_secs(30),
-            positive_duration,
-        );
+        let lease = c.value(&at("lease"), &q.lease, Duration::from_secs(30), |s| {
+            positive_duration(s)
+        });
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,

@@ -89,12 +89,17 @@ impl<'t> Locator<'t> {
     pub fn path_at(&self, offset: usize) -> Vec<Seg> {
         fn search(value: &DeValue<'_>, offset: usize, path: &mut Vec<Seg>) -> bool {
             let inside = |s: Range<usize>| s.start <= offset && offset <= s.end;
-            let children: Vec<(Seg, Option<Range<usize>>, &Spanned<DeValue<'_>>)> = match value {
+            type Child<'a, 'i> = (Seg, Option<Range<usize>>, &'a Spanned<DeValue<'i>>);
+            let children: Vec<Child<'_, '_>> = match value {
                 DeValue::Table(t) => t
                     .iter()
                     .map(|(k, v)| (Seg::Key(k.get_ref().to_string()), Some(k.span()), v))
                     .collect(),
-                DeValue::Array(a) => a.iter().enumerate().map(|(i, v)| (Seg::Index(i), None, v)).collect(),
+                DeValue::Array(a) => a
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (Seg::Index(i), None, v))
+                    .collect(),
                 _ => return false,
             };
             for (seg, key_span, child) in children {

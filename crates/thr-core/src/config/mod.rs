@@ -136,7 +136,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|err| {
-            ConfigErrors::single(ConfigError::whole_file(&origin, format!("cannot read: {err}")))
+            ConfigErrors::single(ConfigError::whole_file(
+                &origin,
+                format!("cannot read: {err}"),
+            ))
         })?;
         Config::parse(&text, &origin)
     }

@@ -18,7 +18,10 @@ max_inflight = 64
 fn issue_example_parses_verbatim() {
     let c = Config::parse(ISSUE_EXAMPLE, "thr.toml").unwrap();
     assert_eq!(c.redis.url, "redis://127.0.0.1:6379");
-    assert_eq!(c.front.listen, ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap()));
+    assert_eq!(
+        c.front.listen,
+        ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap())
+    );
     assert_eq!(c.front.reply_timeout, Duration::from_secs(30));
     assert_eq!(c.front.max_body, 10 << 20);
     let q = c.default_queue();
@@ -53,12 +56,27 @@ max_inflight = 0
     let lines: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
     let joined = lines.join("\n");
     assert!(joined.contains("bad.toml:3:7: `redis.url`"), "{joined}");
-    assert!(joined.contains("bad.toml:7:1: `http2redis.reply_timout`: unknown key"), "{joined}");
-    assert!(joined.contains("bad.toml:8:12: `http2redis.max_body`"), "{joined}");
-    assert!(joined.contains("bad.toml:12:1: `queues[0].bakend`: unknown key"), "{joined}");
-    assert!(joined.contains("bad.toml:13:16: `queues[0].max_inflight`"), "{joined}");
+    assert!(
+        joined.contains("bad.toml:7:1: `http2redis.reply_timout`: unknown key"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("bad.toml:8:12: `http2redis.max_body`"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("bad.toml:12:1: `queues[0].bakend`: unknown key"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("bad.toml:13:16: `queues[0].max_inflight`"),
+        "{joined}"
+    );
     // queues[0].backend is missing too: the error points at the queue's table.
-    assert!(joined.contains("`queues[0].backend`: is required"), "{joined}");
+    assert!(
+        joined.contains("`queues[0].backend`: is required"),
+        "{joined}"
+    );
 }
 
 #[test]
@@ -97,8 +115,14 @@ fn duplicate_and_invalid_queue_names() {
     let text = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\n[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\n[[queues]]\nname = \"a}:b{\"\nbackend = \"http://h:1\"\n";
     let errs = Config::parse(text, "f.toml").unwrap_err();
     let joined = errs.to_string();
-    assert!(joined.contains("f.toml:5:8: `queues[1].name`: queue `a` is defined twice"), "{joined}");
-    assert!(joined.contains("`queues[2].name`: `a}:b{` is not a valid queue name"), "{joined}");
+    assert!(
+        joined.contains("f.toml:5:8: `queues[1].name`: queue `a` is defined twice"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("`queues[2].name`: `a}:b{` is not a valid queue name"),
+        "{joined}"
+    );
 }
 
 #[test]
@@ -114,7 +138,10 @@ backend = "unix:/run/app.sock"
 "#;
     let c = Config::parse(text, "f.toml").unwrap();
     assert_eq!(c.front.listen, ListenAddr::Unix("/run/thr.sock".into()));
-    assert_eq!(c.queues[0].backend.address, BackendAddress::Unix("/run/app.sock".into()));
+    assert_eq!(
+        c.queues[0].backend.address,
+        BackendAddress::Unix("/run/app.sock".into())
+    );
     assert_eq!(c.redis.url, "redis+unix:///run/redis.sock");
 }
 
@@ -122,7 +149,12 @@ backend = "unix:/run/app.sock"
 fn backend_urls() {
     use compile::parse_backend;
     let b = parse_backend("http://app.internal/base/").unwrap();
-    assert_eq!(b.address, BackendAddress::Http { authority: "app.internal:80".into() });
+    assert_eq!(
+        b.address,
+        BackendAddress::Http {
+            authority: "app.internal:80".into()
+        }
+    );
     assert_eq!(b.base_path, "/base");
     assert!(parse_backend("https://x").is_err());
     assert!(parse_backend("ftp://x").is_err());

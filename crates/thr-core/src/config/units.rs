@@ -17,7 +17,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let bad = || format!("`{text}` is not a size; write e.g. \"10MiB\", \"512KiB\" or a number of bytes");
+    let bad =
+        || format!("`{text}` is not a size; write e.g. \"10MiB\", \"512KiB\" or a number of bytes");
     let value: u64 = digits.parse().map_err(|_| bad())?;
     let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,

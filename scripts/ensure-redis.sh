@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs redis-server with apt-get when it is missing (Debian/Ubuntu).
+set -euo pipefail
+if command -v redis-server >/dev/null 2>&1; then
+  exit 0
+fi
+echo "redis-server not found: installing it with apt-get" >&2
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+# Debian starts a system redis on 6379; thr's scripts and tests never use it.
+command -v redis-server >/dev/null

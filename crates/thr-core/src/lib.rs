@@ -12,3 +12,4 @@ pub mod envelope;
 pub mod headers;
 pub mod keys;
 pub mod priority;
+pub mod rules;

@@ -6,6 +6,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use toml::Spanned;
 
 use super::error::{ConfigError, ConfigErrors};
@@ -25,14 +26,19 @@ const DEFAULT_MAX_HEADERS: i64 = 100;
 const DEFAULT_MAX_INFLIGHT: usize = 16;
 
 /// Collects errors while compiling, each tied to a key path and a position.
-struct Checker<'t> {
+pub(super) struct Checker<'t> {
     origin: &'t str,
     locator: Locator<'t>,
     errors: Vec<ConfigError>,
 }
 
 impl Checker<'_> {
-    fn error(&mut self, path: &[Seg], span: Option<std::ops::Range<usize>>, message: String) {
+    pub(super) fn error(
+        &mut self,
+        path: &[Seg],
+        span: Option<std::ops::Range<usize>>,
+        message: String,
+    ) {
         let span = span.or_else(|| self.locator.span(path));
         let (line, column) = span
             .map(|s| self.locator.line_col(s.start))
@@ -44,6 +50,11 @@ impl Checker<'_> {
             key: render(path),
             message,
         });
+    }
+
+    /// 1-based line of a byte offset.
+    pub(super) fn line_of(&self, offset: usize) -> Option<usize> {
+        Some(self.locator.line_col(offset).0)
     }
 
     /// Parses an optional spanned value with `parse`, or returns `default`.
@@ -67,7 +78,7 @@ impl Checker<'_> {
     }
 }
 
-fn key(parts: &[&str]) -> Vec<Seg> {
+pub(super) fn key(parts: &[&str]) -> Vec<Seg> {
     parts.iter().map(|p| Seg::Key(p.to_string())).collect()
 }
 
@@ -81,11 +92,11 @@ fn size_value(v: &toml::Value) -> Result<u64, String> {
     }
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(super) fn duration(s: &str) -> Result<Duration, String> {
     parse_duration(s)
 }
 
-fn positive_duration(s: &str) -> Result<Duration, String> {
+pub(super) fn positive_duration(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
     if d.is_zero() {
         return Err("must be longer than zero".into());
@@ -253,6 +264,22 @@ pub fn compile(
             Duration::from_secs(30),
             |s| duration(s),
         ),
+        trusted_proxies: c.value(
+            &key(&["http2redis", "trusted_proxies"]),
+            &f.trusted_proxies,
+            Vec::new(),
+            |list| {
+                list.iter()
+                    .map(|s| {
+                        s.parse::<IpNet>()
+                            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                            .map_err(|_| {
+                                format!("`{s}` is not an address or range such as \"10.0.0.0/8\"")
+                            })
+                    })
+                    .collect()
+            },
+        ),
     };
 
     let worker = WorkerSettings {
@@ -324,6 +351,8 @@ pub fn compile(
         }
     }
 
+    let rules = super::rules::compile_rules(&mut c, &raw.rules, &queues);
+
     if c.errors.is_empty() {
         Ok(Config {
             origin: origin.to_string(),
@@ -331,6 +360,7 @@ pub fn compile(
             front,
             worker,
             queues,
+            rules,
         })
     } else {
         c.errors.sort_by_key(|e| (e.line, e.column));

@@ -11,6 +11,7 @@ mod compile;
 mod error;
 mod locate;
 mod raw;
+mod rules;
 mod units;
 
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use units::{parse_duration, parse_size};
 
 /// A validated configuration: what both daemons and the CLI run on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Where the configuration was read from (for messages and reloads).
     pub origin: String,
@@ -34,6 +35,8 @@ pub struct Config {
     pub worker: WorkerSettings,
     /// The queues, in file order; the first one is the default queue.
     pub queues: Vec<QueueConfig>,
+    /// The rules, in file order.
+    pub rules: Vec<crate::rules::Rule>,
 }
 
 /// `[redis]`: the shared engine every process talks to.
@@ -65,6 +68,8 @@ pub struct FrontSettings {
     pub header_read_timeout: Duration,
     /// How long a stopping front keeps answering the requests it holds.
     pub shutdown_grace: Duration,
+    /// Peers whose X-Real-IP / X-Forwarded-For are believed (for `real_ip`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[redis2http]`: the workers that feed the backends.

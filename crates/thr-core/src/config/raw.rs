@@ -22,6 +22,65 @@ pub struct RawConfig {
     pub redis2http: RawWorker,
     #[serde(default)]
     pub queues: Vec<Spanned<RawQueue>>,
+    #[serde(default)]
+    pub rules: Vec<Spanned<RawRule>>,
+}
+
+/// One `[[rules]]` entry. Patterns stay TOML values until compiled; errors
+/// are placed by key path.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRule {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub when: RawWhen,
+    #[serde(default)]
+    pub then: RawThen,
+    pub stop: Option<bool>,
+}
+
+/// A rule's `when`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawWhen {
+    pub path: Option<toml::Value>,
+    pub method: Option<toml::Value>,
+    pub host: Option<toml::Value>,
+    pub remote_ip: Option<toml::Value>,
+    pub real_ip: Option<toml::Value>,
+    pub header: Option<toml::Table>,
+    pub query: Option<toml::Table>,
+}
+
+/// A rule's `then`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawThen {
+    pub queue: Option<String>,
+    pub priority: Option<i64>,
+    pub bypass: Option<bool>,
+    pub status: Option<i64>,
+    pub body: Option<String>,
+    pub headers: Option<toml::Table>,
+    pub set_headers: Option<toml::Table>,
+    pub add_headers: Option<toml::Table>,
+    pub remove_headers: Option<Vec<String>>,
+    pub path: Option<toml::Value>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub set_query: Option<toml::Table>,
+    pub remove_query: Option<Vec<String>>,
+    pub set_response_headers: Option<toml::Table>,
+    pub remove_response_headers: Option<Vec<String>>,
+    pub default_body: Option<String>,
+    pub auth: Option<RawAuth>,
+}
+
+/// `then.auth`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawAuth {
+    pub url: Option<String>,
+    pub forward_headers: Option<Vec<String>>,
+    pub copy_headers: Option<Vec<String>>,
+    pub cache: Option<String>,
+    pub timeout: Option<String>,
 }
 
 /// `[redis]`.
@@ -41,6 +100,7 @@ pub struct RawFront {
     pub max_headers: Option<Spanned<i64>>,
     pub header_read_timeout: Option<Str>,
     pub shutdown_grace: Option<Str>,
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
 }
 
 /// `[redis2http]`.

@@ -17,6 +17,8 @@ pub enum FrontError {
     BadTarget,
     /// Redis could not take the job.
     BrokerDown,
+    /// The auth service named by a rule could not give a verdict.
+    AuthUnavailable,
     /// No reply within `reply_timeout`.
     ReplyTimeout,
     /// The front is stopping and will not get the reply.
@@ -35,6 +37,10 @@ impl FrontError {
             FrontError::BrokerDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue unavailable, try again",
+            ),
+            FrontError::AuthUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authentication unavailable, try again",
             ),
             FrontError::ReplyTimeout => (StatusCode::GATEWAY_TIMEOUT, "no reply in time"),
             FrontError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down"),

@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
 use thr_core::headers::strip_hop_by_hop;
 
 /// `X-Forwarded-For`.
@@ -14,6 +15,37 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `X-Real-IP`.
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The client's address for `real_ip` criteria and quotas: when the peer is
+/// a trusted proxy, its X-Real-IP, else the first X-Forwarded-For hop; else
+/// the peer itself. Headers from untrusted peers are ignored (anyone can
+/// write them). A unix-socket peer (`None`) is a local process, typically
+/// a proxy in front of thr, and is trusted.
+pub fn real_ip(headers: &HeaderMap, peer: Option<IpAddr>, trusted: &[IpNet]) -> Option<IpAddr> {
+    let trusted_peer = peer.is_none_or(|ip| trusted.iter().any(|net| net.contains(&ip)));
+    if trusted_peer {
+        let told = headers
+            .get(&X_REAL_IP)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .or_else(|| {
+                let first = headers
+                    .get(&X_FORWARDED_FOR)?
+                    .to_str()
+                    .ok()?
+                    .split(',')
+                    .next()?;
+                first.trim().parse().ok()
+            });
+        if told.is_some() {
+            return told;
+        }
+    }
+    peer
+}
 
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 200;
@@ -125,6 +157,34 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(h["host"], "h2.example");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn real_ip_believes_only_trusted_peers() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let h = map(&[("x-forwarded-for", "203.0.113.9, 10.0.0.2")]);
+        let proxy = Some("10.0.0.2".parse().unwrap());
+        let stranger = Some("198.51.100.1".parse().unwrap());
+        assert_eq!(
+            real_ip(&h, proxy, &trusted),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        assert_eq!(real_ip(&h, stranger, &trusted), stranger);
+        let h = map(&[
+            ("x-real-ip", "203.0.113.5"),
+            ("x-forwarded-for", "203.0.113.9"),
+        ]);
+        assert_eq!(
+            real_ip(&h, proxy, &trusted),
+            Some("203.0.113.5".parse().unwrap())
+        );
+        assert_eq!(real_ip(&map(&[]), proxy, &trusted), proxy);
+        assert_eq!(
+            real_ip(&map(&[("x-real-ip", "garbage")]), proxy, &trusted),
+            proxy
+        );
+        // A unix-socket peer is local: trusted.
+        assert_eq!(real_ip(&h, None, &[]), Some("203.0.113.5".parse().unwrap()));
     }
 
     #[test]

@@ -1,29 +1,35 @@
 //! The request handler: one client request in, one response out.
 //!
-//! The request is read whole (bounded by `max_body`), becomes a job envelope
-//! and goes on its queue; the handler then waits on its reply channel until
-//! the reply timeout. If the client is answered any other way — timeout,
+//! The request is read whole (bounded by `max_body`), goes through the
+//! rules (which may answer it, rewrite it, send it to an auth service, pick
+//! its queue and priority, or let it bypass the queue), becomes a job
+//! envelope and goes on its queue; the handler then waits on its reply
+//! channel until the reply timeout. If the client is answered any other way — timeout,
 //! Redis error — or goes away (hyper drops the handler's future), a guard
 //! withdraws the job from Redis, so the backend never works for nobody.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use thr_backend::Forwarder;
 use thr_broker::{Broker, NewJob};
-use thr_core::config::Config;
-use thr_core::envelope::{HeaderList, Job, JobMeta, Reply};
-use thr_core::priority;
+use thr_core::config::{Config, QueueConfig};
+use thr_core::envelope::{HeaderList, Job, JobMeta, Reply, ReplyMeta};
+use thr_core::rules::{self, Answer, Decision, RuleRequest};
 use tracing::Instrument;
 
+use crate::auth::{AuthClient, Verdict};
 use crate::body::ReplyBody;
 use crate::error::FrontError;
 use crate::forwarded;
@@ -47,10 +53,21 @@ impl<B> Clone for Front<B> {
 }
 
 struct Inner<B> {
-    config: Arc<Config>,
+    /// Swapped whole on reload; each request keeps the snapshot it began with.
+    config: ArcSwap<Config>,
     broker: B,
     id: String,
     router: ReplyRouter,
+    auth: AuthClient,
+    /// Clients for `bypass` rules, per queue (rebuilt when its backend changes).
+    bypass: Mutex<HashMap<String, Arc<(QueueConfig, Forwarder)>>>,
+}
+
+/// How a request ends, for the summary log line.
+struct Done {
+    response: Response<ReplyBody>,
+    queue: Option<String>,
+    priority: Option<u8>,
 }
 
 impl<B: Broker> Front<B> {
@@ -58,10 +75,12 @@ impl<B: Broker> Front<B> {
     pub fn new(config: Arc<Config>, broker: B) -> Front<B> {
         Front {
             inner: Arc::new(Inner {
-                config,
+                config: ArcSwap::new(config),
                 broker,
                 id: uuid::Uuid::new_v4().simple().to_string(),
                 router: ReplyRouter::default(),
+                auth: AuthClient::default(),
+                bypass: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -81,9 +100,14 @@ impl<B: Broker> Front<B> {
         &self.inner.broker
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Arc<Config> {
-        &self.inner.config
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.inner.config.load_full()
+    }
+
+    /// Puts a new configuration in force for requests that start from now.
+    pub fn reload(&self, config: Arc<Config>) {
+        self.inner.config.store(config);
     }
 
     /// Answers one request.
@@ -96,20 +120,24 @@ impl<B: Broker> Front<B> {
         let job_id = uuid::Uuid::new_v4().simple().to_string();
         let method = req.method().clone();
         let target = req.uri().path_and_query().map(|p| p.as_str().to_string());
-        let result = self.forward(req, &job_id, started).await;
-        let (response, queue) = match result {
-            Ok(ok) => ok,
-            Err((err, queue)) => (err.into_response(), queue),
+        let done = match self.forward(req, &job_id, started).await {
+            Ok(done) => done,
+            Err((err, queue)) => Done {
+                response: err.into_response(),
+                queue,
+                priority: None,
+            },
         };
         tracing::info!(
             method = %method,
             target = target.as_deref().unwrap_or("-"),
-            status = response.status().as_u16(),
-            queue = queue.as_deref().unwrap_or("-"),
+            status = done.response.status().as_u16(),
+            queue = done.queue.as_deref().unwrap_or("-"),
+            priority = done.priority.unwrap_or(0),
             ms = started.elapsed().as_millis() as u64,
             "request"
         );
-        response
+        done.response
     }
 
     async fn forward<Bd>(
@@ -117,13 +145,12 @@ impl<B: Broker> Front<B> {
         req: Request<Bd>,
         job_id: &str,
         started: Instant,
-    ) -> Result<(Response<ReplyBody>, Option<String>), (FrontError, Option<String>)>
+    ) -> Result<Done, (FrontError, Option<String>)>
     where
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let inner = &self.inner;
-        let config = inner.config.clone();
+        let config = self.config();
         let (mut parts, body) = req.into_parts();
 
         // Absolute-form targets are reduced to their path: the backend is
@@ -148,44 +175,143 @@ impl<B: Broker> Front<B> {
             Err(_) => return Err((FrontError::BadBody, None)),
         };
 
-        let queue = config.default_queue();
-        let queue_name = Some(queue.name.clone());
         let peer = parts
             .extensions
             .get::<Peer>()
             .and_then(|p| p.0)
             .map(|a| a.ip());
+        let real_ip = forwarded::real_ip(&parts.headers, peer, &config.front.trusted_proxies);
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
         let request_id = forwarded::prepare(&mut parts.headers, authority.as_deref(), peer, job_id);
         let span = tracing::info_span!("job", request_id = %request_id, job = %job_id);
 
+        let mut rreq = RuleRequest {
+            method: parts.method,
+            target,
+            headers: parts.headers,
+            remote_ip: peer,
+            real_ip,
+        };
+        let decision = rules::evaluate(&config.rules, &mut rreq);
+        let is_head = rreq.method == Method::HEAD;
+        if let Some(answer) = &decision.answer {
+            let mut response = direct_answer(answer);
+            rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
+            return Ok(Done {
+                response,
+                queue: None,
+                priority: None,
+            });
+        }
+
+        if let Some(spec) = &decision.auth {
+            match self
+                .inner
+                .auth
+                .check(spec, &rreq)
+                .instrument(span.clone())
+                .await
+            {
+                Ok(Verdict::Allow(fields)) => {
+                    for (name, _) in &fields {
+                        rreq.headers.remove(name);
+                    }
+                    for (name, value) in fields {
+                        rreq.headers.append(name, value);
+                    }
+                }
+                Ok(Verdict::Deny {
+                    status,
+                    headers,
+                    body,
+                }) => {
+                    let mut response = Response::new(ReplyBody::sized(body));
+                    *response.status_mut() = status;
+                    *response.headers_mut() = headers;
+                    return Ok(Done {
+                        response,
+                        queue: None,
+                        priority: None,
+                    });
+                }
+                Err(err) => {
+                    span.in_scope(|| tracing::warn!(%err, "auth service unavailable"));
+                    return Err((FrontError::AuthUnavailable, None));
+                }
+            }
+        }
+
+        let queue = &config.queues[decision.queue];
+        let queue_name = Some(queue.name.clone());
         let timeout = config.front.reply_timeout;
         let meta = JobMeta {
             id: job_id.to_string(),
             request_id,
             queue: queue.name.clone(),
-            priority: priority::DEFAULT,
-            front: inner.id.clone(),
-            method: parts.method.as_str().to_string(),
-            target,
-            headers: HeaderList::from_map(&parts.headers),
+            priority: decision.priority,
+            front: self.inner.id.clone(),
+            method: rreq.method.as_str().to_string(),
+            target: rreq.target,
+            headers: HeaderList::from_map(&rreq.headers),
             timeout_ms: timeout.as_millis() as u64,
         };
+
+        let reply = if decision.bypass {
+            let forwarder = self.bypass_forwarder(queue);
+            let left = timeout
+                .saturating_sub(started.elapsed())
+                .min(queue.backend_timeout);
+            let job = Job { meta, body };
+            let outcome = forwarder.1.forward(&job, left).instrument(span).await;
+            Reply {
+                meta: ReplyMeta {
+                    id: job.meta.id,
+                    status: outcome.status.as_u16(),
+                    headers: outcome.headers,
+                    worker: String::new(),
+                    backend_ms: outcome.elapsed.as_millis() as u64,
+                    chunked: outcome.chunked,
+                },
+                body: outcome.body,
+            }
+        } else {
+            self.enqueue_and_wait(meta, body, started, timeout, span)
+                .await
+                .map_err(|e| (e, queue_name.clone()))?
+        };
+        let mut response =
+            to_response(reply, &decision, is_head).map_err(|e| (e, queue_name.clone()))?;
+        rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
+        Ok(Done {
+            response,
+            queue: queue_name,
+            priority: Some(decision.priority),
+        })
+    }
+
+    async fn enqueue_and_wait(
+        &self,
+        meta: JobMeta,
+        body: Bytes,
+        started: Instant,
+        timeout: std::time::Duration,
+        span: tracing::Span,
+    ) -> Result<Reply, FrontError> {
+        let inner = &self.inner;
         let frame = Job::encode(&meta, &body);
         drop(body);
-
-        let reply = inner.router.register(job_id);
+        let reply = inner.router.register(&meta.id);
         let mut pending = Pending {
             front: self.clone(),
-            queue: queue.name.clone(),
-            id: job_id.to_string(),
+            queue: meta.queue.clone(),
+            id: meta.id.clone(),
             settled: false,
         };
         let enqueued = inner
             .broker
             .enqueue(NewJob {
-                queue: &queue.name,
-                id: job_id,
+                queue: &meta.queue,
+                id: &meta.id,
                 priority: meta.priority,
                 frame,
                 timeout: timeout.saturating_sub(started.elapsed()),
@@ -196,35 +322,71 @@ impl<B: Broker> Front<B> {
             span.in_scope(|| tracing::warn!(%err, "enqueue failed"));
             // Nothing reached Redis that could run; no cancel needed.
             pending.settled = true;
-            inner.router.forget(job_id);
-            return Err((FrontError::BrokerDown, queue_name));
+            inner.router.forget(&meta.id);
+            return Err(FrontError::BrokerDown);
         }
-
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, reply).await {
             Ok(Ok(reply)) => {
                 pending.settled = true;
-                let response = to_response(reply).map_err(|e| (e, queue_name.clone()))?;
-                Ok((response, queue_name))
+                Ok(reply)
             }
             // The router was dropped: the front is going away.
-            Ok(Err(_)) => Err((FrontError::ShuttingDown, queue_name)),
+            Ok(Err(_)) => Err(FrontError::ShuttingDown),
             // `pending` cancels the job on drop.
-            Err(_) => Err((FrontError::ReplyTimeout, queue_name)),
+            Err(_) => Err(FrontError::ReplyTimeout),
+        }
+    }
+
+    fn bypass_forwarder(&self, queue: &QueueConfig) -> Arc<(QueueConfig, Forwarder)> {
+        let mut clients = self.inner.bypass.lock().unwrap_or_else(|p| p.into_inner());
+        match clients.get(&queue.name) {
+            Some(c) if c.0 == *queue => c.clone(),
+            _ => {
+                let c = Arc::new((queue.clone(), Forwarder::new(queue)));
+                clients.insert(queue.name.clone(), c.clone());
+                c
+            }
         }
     }
 }
 
-fn to_response(reply: Reply) -> Result<Response<ReplyBody>, FrontError> {
+fn direct_answer(answer: &Answer) -> Response<ReplyBody> {
+    let mut response = Response::new(ReplyBody::sized(answer.body.clone()));
+    *response.status_mut() = answer.status;
+    for (name, value) in &answer.headers {
+        response.headers_mut().append(name.clone(), value.clone());
+    }
+    response
+}
+
+fn to_response(
+    reply: Reply,
+    decision: &Decision,
+    is_head: bool,
+) -> Result<Response<ReplyBody>, FrontError> {
     let status = StatusCode::from_u16(reply.meta.status).map_err(|_| FrontError::BadReply)?;
+    let mut headers = reply.meta.headers.to_map();
+    let mut data = reply.body;
+    let may_have_body = !is_head
+        && !status.is_informational()
+        && status != StatusCode::NO_CONTENT
+        && status != StatusCode::NOT_MODIFIED;
+    if data.is_empty()
+        && may_have_body
+        && let Some(default) = &decision.default_body
+    {
+        data = default.clone();
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let body = if reply.meta.chunked {
-        ReplyBody::streamed(reply.body)
+        ReplyBody::streamed(data)
     } else {
-        ReplyBody::sized(reply.body)
+        ReplyBody::sized(data)
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;
-    *response.headers_mut() = reply.meta.headers.to_map();
+    *response.headers_mut() = headers;
     Ok(response)
 }
 

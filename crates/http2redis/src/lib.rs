@@ -9,12 +9,16 @@
 //! - [`front`] is the request handler: envelope, enqueue, wait, answer;
 //! - [`replies`] is the one loop per process that pops replies from Redis
 //!   and hands each to the request waiting for it (DESIGN.md decision 1);
+//! - [`auth`] asks an external service before queueing, when a rule says so;
 //! - [`forwarded`] writes the proxy headers (X-Forwarded-*, X-Request-Id);
 //! - [`body`] frames reply bodies as the backend framed them;
+//! - [`explain`] shows operators what the rules do to a request;
 //! - [`error`] decides, in one place, which status each failure gets.
 
+pub mod auth;
 pub mod body;
 pub mod error;
+pub mod explain;
 pub mod forwarded;
 pub mod front;
 pub mod replies;
@@ -25,24 +29,39 @@ use std::sync::Arc;
 
 use thr_broker::RedisBroker;
 use thr_core::config::Config;
+use tokio::sync::watch;
 
 pub use front::Front;
 pub use server::Listener;
 
 /// Runs a front on `listener` until `shutdown` resolves, then stops
 /// accepting, answers what it holds (up to `shutdown_grace`) and returns.
+/// Each new value of `config` is put in force for the requests that start
+/// after it (see `thr_daemon::watch_config`).
 pub async fn run(
-    config: Config,
+    mut config: watch::Receiver<Arc<Config>>,
     listener: Listener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let broker = RedisBroker::new(&config.redis.url, config.redis.command_timeout)?;
+    let initial = config.borrow_and_update().clone();
+    let broker = RedisBroker::new(&initial.redis.url, initial.redis.command_timeout)?;
     tracing::info!(
-        listen = %config.front.listen,
+        listen = %initial.front.listen,
         redis = broker.display_url(),
-        queues = config.queues.len(),
+        queues = initial.queues.len(),
+        rules = initial.rules.len(),
         "http2redis starting"
     );
-    let front = Front::new(Arc::new(config), broker);
-    server::serve(front, listener, shutdown).await
+    let front = Front::new(initial, broker);
+    let reloads = tokio::spawn({
+        let front = front.clone();
+        async move {
+            while config.changed().await.is_ok() {
+                front.reload(config.borrow_and_update().clone());
+            }
+        }
+    });
+    let result = server::serve(front, listener, shutdown).await;
+    reloads.abort();
+    result
 }

@@ -1,9 +1,11 @@
 //! `http2redis`: the front daemon. Parses flags, loads the configuration,
-//! starts logging and hands over to [`http2redis::run`].
+//! starts logging and hands over to [`http2redis::run`]; `explain` runs the
+//! rules on a request described on the command line instead.
 
+use std::net::IpAddr;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use thr_daemon::CommonArgs;
 
 /// thr's front: accepts HTTP requests, queues them in Redis and answers each
@@ -13,6 +15,25 @@ use thr_daemon::CommonArgs;
 struct Cli {
     #[command(flatten)]
     common: CommonArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show which rules match a request and what the front would do with it.
+    Explain {
+        /// Request method, e.g. GET.
+        method: String,
+        /// `/path?query`, or `http://host/path?query` (the host becomes Host).
+        url: String,
+        /// A request header, `Name: value` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// The client's address (default 127.0.0.1).
+        #[arg(long)]
+        remote_ip: Option<IpAddr>,
+    },
 }
 
 #[tokio::main]
@@ -25,6 +46,30 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
+    if let Some(Command::Explain {
+        method,
+        url,
+        headers,
+        remote_ip,
+    }) = cli.command
+    {
+        let probe = http2redis::explain::Probe {
+            method,
+            url,
+            headers,
+            remote_ip,
+        };
+        return match http2redis::explain::explain(&config, &probe) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("http2redis explain: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
     thr_daemon::init_tracing(cli.common.log_format);
     let listener = match http2redis::Listener::bind(&config.front.listen).await {
         Ok(listener) => listener,
@@ -36,6 +81,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let config = thr_daemon::watch_config(&cli.common, config);
     match http2redis::run(config, listener, thr_daemon::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

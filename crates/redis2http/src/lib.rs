@@ -5,12 +5,9 @@
 //! queue's backend over a pooled keep-alive connection and pushes the reply
 //! to the list of the front that waits for it.
 //!
-//! - [`worker`] holds the claim loops and runs each job;
-//! - [`forward`] turns a job into a backend request and the response into a reply;
-//! - [`connector`] lets the HTTP client reach backends on unix sockets.
+//! - [`worker`] holds the claim loops and runs each job; the backend call
+//!   itself is [`thr_backend::Forwarder`]'s.
 
-pub mod connector;
-pub mod forward;
 pub mod worker;
 
 use std::future::Future;
@@ -18,18 +15,23 @@ use std::sync::Arc;
 
 use thr_broker::RedisBroker;
 use thr_core::config::Config;
+use tokio::sync::watch;
 
 pub use worker::Worker;
 
 /// Runs a worker until `shutdown` resolves, then stops claiming, lets
-/// running jobs finish (up to `shutdown_grace`) and returns.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-    let broker = RedisBroker::new(&config.redis.url, config.redis.command_timeout)?;
-    tracing::info!(
-        redis = broker.display_url(),
-        queues = config.queues.len(),
-        "redis2http starting"
-    );
-    Worker::new(Arc::new(config), broker).run(shutdown).await;
+/// running jobs finish (up to `shutdown_grace`) and returns. Each new value
+/// of `config` updates the queues served (see `thr_daemon::watch_config`).
+pub async fn run(
+    config: watch::Receiver<Arc<Config>>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (url, timeout, queues) = {
+        let c = config.borrow();
+        (c.redis.url.clone(), c.redis.command_timeout, c.queues.len())
+    };
+    let broker = RedisBroker::new(&url, timeout)?;
+    tracing::info!(redis = broker.display_url(), queues, "redis2http starting");
+    Worker::new(broker).run(config, shutdown).await;
     Ok(())
 }

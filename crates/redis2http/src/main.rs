@@ -26,6 +26,7 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     thr_daemon::init_tracing(cli.common.log_format);
+    let config = thr_daemon::watch_config(&cli.common, config);
     match redis2http::run(config, thr_daemon::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -2,19 +2,28 @@
 //! running. A loop claims while it has room; when the queue is empty it
 //! waits on the queue's doorbell (with a one-second fallback poll), and when
 //! Redis fails it backs off with jitter and tries again, forever.
+//!
+//! A configuration reload is applied queue by queue without stopping work:
+//! a new queue gets a loop, a removed one is drained, and a changed one is
+//! updated in place — a new backend gets a new client, and the room for
+//! running jobs grows or shrinks (shrinking waits for running jobs to end,
+//! so the backend never sees more than the new limit for long).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rand::Rng;
+use thr_backend::Forwarder;
 use thr_broker::{Broker, Claimed, Doorbell};
 use thr_core::config::{Config, QueueConfig};
 use thr_core::envelope::{Job, Reply, ReplyMeta};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinHandle;
 use tracing::Instrument;
-
-use crate::forward::Forwarder;
 
 /// Longest wait on the doorbell before looking at the queue anyway.
 const POLL: Duration = Duration::from_secs(1);
@@ -23,23 +32,34 @@ const REPLY_ATTEMPTS: u32 = 8;
 
 /// A worker process's state: its id, its broker and its queues.
 pub struct Worker<B> {
-    config: Arc<Config>,
     broker: Arc<B>,
     id: String,
 }
 
+/// One queue served by this worker.
 struct QueueRunner<B> {
-    queue: QueueConfig,
+    name: String,
+    queue: ArcSwap<QueueConfig>,
+    forwarder: ArcSwap<Forwarder>,
+    /// Room for running jobs; resized on reload.
+    room: Arc<Semaphore>,
+    /// Jobs running now (for the drain on shutdown).
+    busy: AtomicUsize,
+    idle: Notify,
     broker: Arc<B>,
-    forwarder: Forwarder,
     worker_id: String,
+}
+
+struct Running<B> {
+    runner: Arc<QueueRunner<B>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
 }
 
 impl<B: Broker> Worker<B> {
     /// A worker with a fresh id.
-    pub fn new(config: Arc<Config>, broker: B) -> Worker<B> {
+    pub fn new(broker: B) -> Worker<B> {
         Worker {
-            config,
             broker: Arc::new(broker),
             id: uuid::Uuid::new_v4().simple().to_string(),
         }
@@ -50,53 +70,100 @@ impl<B: Broker> Worker<B> {
         &self.id
     }
 
-    /// Serves every queue until `shutdown`, then drains.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
-        let (stop, stopped) = watch::channel(false);
-        let grace = self.config.worker.shutdown_grace;
-        let loops: Vec<_> = self
-            .config
-            .queues
-            .iter()
-            .map(|queue| {
-                let runner = Arc::new(QueueRunner {
-                    queue: queue.clone(),
-                    broker: self.broker.clone(),
-                    forwarder: Forwarder::new(queue),
-                    worker_id: self.id.clone(),
-                });
-                tokio::spawn(runner.run(stopped.clone(), grace))
-            })
-            .collect();
+    /// Serves the queues of `config` (following its reloads) until
+    /// `shutdown`, then drains.
+    pub async fn run(
+        self,
+        mut config: watch::Receiver<Arc<Config>>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let mut running: HashMap<String, Running<B>> = HashMap::new();
+        let mut current = config.borrow_and_update().clone();
+        self.apply(&mut running, &current);
         tracing::info!(worker = %self.id, "redis2http ready");
-        shutdown.await;
-        let _ = stop.send(true);
-        for handle in loops {
-            let _ = handle.await;
+        tokio::pin!(shutdown);
+        let mut follow = true;
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                changed = config.changed(), if follow => match changed {
+                    Ok(()) => {
+                        current = config.borrow_and_update().clone();
+                        self.apply(&mut running, &current);
+                    }
+                    // Nobody will send new configurations; keep serving.
+                    Err(_) => follow = false,
+                },
+            }
+        }
+        let grace = current.worker.shutdown_grace;
+        for r in running.values() {
+            let _ = r.stop.send(true);
+        }
+        for (_, r) in running.drain() {
+            r.runner.drain(grace).await;
+            let _ = r.task.await;
         }
         tracing::info!(worker = %self.id, "redis2http stopped");
+    }
+
+    fn apply(&self, running: &mut HashMap<String, Running<B>>, config: &Config) {
+        let grace = config.worker.shutdown_grace;
+        running.retain(|name, r| {
+            let keep = config.queue(name).is_some();
+            if !keep {
+                tracing::info!(queue = %name, "queue removed from the configuration; draining it");
+                let _ = r.stop.send(true);
+                let runner = r.runner.clone();
+                tokio::spawn(async move { runner.drain(grace).await });
+            }
+            keep
+        });
+        for queue in &config.queues {
+            match running.get(&queue.name) {
+                Some(r) => r.runner.update(queue),
+                None => {
+                    let runner = Arc::new(QueueRunner {
+                        name: queue.name.clone(),
+                        queue: ArcSwap::from_pointee(queue.clone()),
+                        forwarder: ArcSwap::from_pointee(Forwarder::new(queue)),
+                        room: Arc::new(Semaphore::new(queue.max_inflight.get())),
+                        busy: AtomicUsize::new(0),
+                        idle: Notify::new(),
+                        broker: self.broker.clone(),
+                        worker_id: self.id.clone(),
+                    });
+                    let (stop, stopped) = watch::channel(false);
+                    let task = tokio::spawn(runner.clone().run(stopped));
+                    running.insert(queue.name.clone(), Running { runner, stop, task });
+                }
+            }
+        }
     }
 }
 
 impl<B: Broker> QueueRunner<B> {
-    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>, grace: Duration) {
-        let name = self.queue.name.clone();
-        let slots = self.queue.max_inflight.get();
-        let running = Arc::new(Semaphore::new(slots));
+    async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let name = self.name.clone();
         let mut doorbell = self.broker.doorbell(&name);
         let mut failures = 0u32;
-        tracing::info!(queue = %name, backend = %self.queue.backend.display, max_inflight = slots, "serving queue");
+        {
+            let q = self.queue.load();
+            tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
+        }
         loop {
             let permit = tokio::select! {
-                permit = running.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                permit = self.room.clone().acquire_owned() => permit.expect("semaphore never closed"),
                 _ = stop.changed() => break,
             };
             if *stop.borrow() {
                 break;
             }
-            match self.broker.claim(&name, self.queue.lease).await {
+            let lease = self.queue.load().lease;
+            match self.broker.claim(&name, lease).await {
                 Ok(Some(claimed)) => {
                     failures = 0;
+                    self.busy.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(self.clone().run_job(claimed, permit));
                 }
                 Ok(None) => {
@@ -124,21 +191,62 @@ impl<B: Broker> QueueRunner<B> {
                 }
             }
         }
-        // Let running jobs finish: they hold the permits.
-        let busy = slots - running.available_permits();
-        if busy > 0 {
-            tracing::info!(queue = %name, running = busy, "waiting for running requests");
+    }
+
+    /// Puts a reloaded queue configuration in force.
+    fn update(&self, new: &QueueConfig) {
+        let old = self.queue.load_full();
+        if *old == *new {
+            return;
         }
-        if tokio::time::timeout(grace, running.acquire_many(slots as u32))
-            .await
-            .is_err()
-        {
-            tracing::warn!(queue = %name, "shutdown grace elapsed with requests still running");
+        if old.backend != new.backend || old.max_inflight != new.max_inflight {
+            self.forwarder.store(Arc::new(Forwarder::new(new)));
+        }
+        let (was, now) = (old.max_inflight.get(), new.max_inflight.get());
+        if now > was {
+            self.room.add_permits(now - was);
+        } else if now < was {
+            // Take the surplus room as running jobs give it back.
+            let room = self.room.clone();
+            tokio::spawn(async move {
+                if let Ok(permits) = room.acquire_many_owned((was - now) as u32).await {
+                    permits.forget();
+                }
+            });
+        }
+        tracing::info!(queue = %self.name, backend = %new.backend.display, max_inflight = now, "queue configuration updated");
+        self.queue.store(Arc::new(new.clone()));
+    }
+
+    /// Waits until no job of this queue runs, or `grace` has passed.
+    async fn drain(&self, grace: Duration) {
+        let drained = async {
+            loop {
+                let notified = self.idle.notified();
+                if self.busy.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let busy = self.busy.load(Ordering::SeqCst);
+        if busy > 0 {
+            tracing::info!(queue = %self.name, running = busy, "waiting for running requests");
+        }
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(queue = %self.name, "shutdown grace elapsed with requests still running");
         }
     }
 
     async fn run_job(self: Arc<Self>, claimed: Claimed, permit: OwnedSemaphorePermit) {
-        let queue = &self.queue.name;
+        self.job(claimed, permit).await;
+        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn job(&self, claimed: Claimed, permit: OwnedSemaphorePermit) {
+        let queue = &self.name;
         let job = match Job::decode(claimed.frame.clone()) {
             Ok(job) => job,
             Err(err) => {
@@ -157,8 +265,9 @@ impl<B: Broker> QueueRunner<B> {
         let span =
             tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
         async {
-            let timeout = self.queue.backend_timeout.min(claimed.remaining);
-            let outcome = self.forwarder.forward(&job, timeout).await;
+            let timeout = self.queue.load().backend_timeout.min(claimed.remaining);
+            let forwarder = self.forwarder.load_full();
+            let outcome = forwarder.forward(&job, timeout).await;
             drop(permit);
             let backend_ms = outcome.elapsed.as_millis() as u64;
             tracing::info!(

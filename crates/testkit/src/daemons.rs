@@ -2,10 +2,11 @@
 //! port and any number of workers, each with its own shutdown switch.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thr_core::config::{Config, ListenAddr};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// A TOML configuration for one queue in front of `backend`, on `redis_url`.
@@ -70,8 +71,10 @@ impl Running {
 
 /// A front and its workers, running in-process.
 pub struct Thr {
-    /// The configuration they run with.
+    /// The configuration they started with.
     pub config: Config,
+    /// Publishes reloads to the front and the workers.
+    updates: watch::Sender<Arc<Config>>,
     /// Where the front listens.
     pub addr: ListenAddr,
     /// The front.
@@ -86,6 +89,7 @@ impl Thr {
     pub async fn start(config: Config, workers: usize) -> Thr {
         let mut thr = Thr {
             addr: config.front.listen.clone(),
+            updates: watch::channel(Arc::new(config.clone())).0,
             config,
             front: None,
             workers: Vec::new(),
@@ -104,7 +108,7 @@ impl Thr {
             .expect("bind front");
         self.addr = listener.local_addr().expect("front address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = self.config.clone();
+        let config = self.updates.subscribe();
         let task = tokio::spawn(async move {
             http2redis::run(config, listener, async {
                 let _ = stopped.await;
@@ -121,7 +125,7 @@ impl Thr {
     /// Starts one more worker.
     pub fn add_worker(&mut self) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let config = self.config.clone();
+        let config = self.updates.subscribe();
         let task = tokio::spawn(async move {
             redis2http::run(config, async {
                 let _ = stopped.await;
@@ -133,6 +137,11 @@ impl Thr {
             stop: Some(stop),
             task,
         });
+    }
+
+    /// Reloads every daemon with `config` (like SIGHUP after an edit).
+    pub fn reload(&self, config: Config) {
+        self.updates.send_replace(Arc::new(config));
     }
 
     /// The front's TCP address.

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, ValueEnum};
 use thr_core::config::Config;
@@ -18,17 +19,18 @@ pub struct CommonArgs {
         long,
         short = 'c',
         env = "THR_CONFIG",
-        default_value = "config/thr.toml"
+        default_value = "config/thr.toml",
+        global = true
     )]
     pub config: PathBuf,
     /// Redis URL, overriding `[redis].url`.
-    #[arg(long, env = "THR_REDIS_URL")]
+    #[arg(long, env = "THR_REDIS_URL", global = true)]
     pub redis: Option<String>,
     /// Validate the configuration, print every error, and exit.
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub check: bool,
     /// Log format.
-    #[arg(long, value_enum, env = "THR_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, env = "THR_LOG_FORMAT", default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
 }
 
@@ -105,3 +107,21 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
 }
+
+/// Starts watching the configuration: SIGHUP, or a change of the file (its
+/// directory is watched, since editors save by renaming), reloads it. A
+/// valid file replaces the configuration atomically for new requests;
+/// an invalid one is logged with every error and the old one stays.
+pub fn watch_config(
+    args: &CommonArgs,
+    initial: Config,
+) -> tokio::sync::watch::Receiver<Arc<Config>> {
+    reload::spawn(args.config.clone(), args.redis.clone(), initial)
+}
+
+/// A configuration that never changes (tests, tools).
+pub fn fixed_config(config: Config) -> tokio::sync::watch::Receiver<Arc<Config>> {
+    tokio::sync::watch::channel(Arc::new(config)).1
+}
+
+mod reload;

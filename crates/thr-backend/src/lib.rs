@@ -1,0 +1,11 @@
+//! thr-backend: the client side of thr, shared by the worker (which forwards
+//! queued jobs) and the front (which forwards `bypass` requests directly).
+//!
+//! - [`forward`]: a pooled keep-alive client bound to one backend that turns
+//!   a job into an outcome (the backend's response, or 502/504);
+//! - [`connector`]: reaching backends that listen on a unix socket.
+
+pub mod connector;
+pub mod forward;
+
+pub use forward::{Forwarder, Outcome};

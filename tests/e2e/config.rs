@@ -118,3 +118,186 @@ fn env_vars_name_the_config_and_override_redis() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+mod live {
+    //! Reloads of real processes: a file edit (saved by rename, as editors
+    //! do), a broken edit, and SIGHUP.
+
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use testkit::bins::Process;
+
+    use crate::support::*;
+
+    fn save_like_an_editor(path: &Path, text: &str) {
+        let tmp = path.with_extension("swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    async fn wait_for(url: &str, target: &str, status: u16) -> Seen {
+        let started = Instant::now();
+        loop {
+            let seen = get(url, target).await;
+            if seen.status == status {
+                return seen;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{target}: still {} after 15 s",
+                seen.status
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn file_edits_and_sighup_reload_both_daemons() {
+        testkit::init_logs();
+        let redis = RedisServer::start();
+        let one = SlowBackend::builder().start().await;
+        let two = SlowBackend::builder().start().await;
+        let port = testkit::redis::free_port();
+        let config = |backend: &str, rules: &str| {
+            config_text(&redis.url(), backend, rules)
+                .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+        };
+        let dir = std::env::temp_dir().join(format!("thr-reload-{}", std::process::id()));
+        let real = dir.join("real");
+        std::fs::create_dir_all(&real).unwrap();
+        // The daemons read `thr.toml`, a symlink into `real/`: edits inside
+        // `real/` are invisible to the file watcher, so only SIGHUP sees them.
+        let link = dir.join("thr.toml");
+        std::fs::write(real.join("a.toml"), config(&one.url(), "")).unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(real.join("a.toml"), &link).unwrap();
+        let path = link.display().to_string();
+        let front = Process::spawn("http2redis", &["--config", &path]);
+        let worker = Process::spawn("redis2http", &["--config", &path]);
+        let url = format!("http://127.0.0.1:{port}");
+        wait_for(&url, "/x", 200).await;
+        assert_eq!(one.count(), 1);
+
+        // 1. A saved edit: a new rule for the front, a new backend for the worker.
+        save_like_an_editor(
+            &link,
+            &config(
+                &two.url(),
+                "[[rules]]\nwhen = { path = \"/x\" }\nthen = { status = 418 }\n",
+            ),
+        );
+        wait_for(&url, "/x", 418).await;
+        wait_for(&url, "/y", 200).await;
+        let started = Instant::now();
+        while two.count() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the worker never switched backends"
+            );
+            wait_for(&url, "/y", 200).await;
+        }
+
+        // 2. A broken edit is refused; the running configuration stays.
+        save_like_an_editor(&link, "[[queues]\nname = ");
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(get(&url, "/x").await.status, 418);
+
+        // 3. SIGHUP: the link points into `real/` again; change that file.
+        std::fs::remove_file(&link).unwrap();
+        std::fs::write(
+            real.join("b.toml"),
+            config(
+                &two.url(),
+                "[[rules]]\nwhen = { path = \"/x\" }\nthen = { status = 200, body = \"v1\" }\n",
+            ),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(real.join("b.toml"), &link).unwrap();
+        wait_for(&url, "/x", 200).await;
+        std::fs::write(
+            real.join("b.toml"),
+            config(
+                &two.url(),
+                "[[rules]]\nwhen = { path = \"/x\" }\nthen = { status = 202, body = \"v2\" }\n",
+            ),
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            get(&url, "/x").await.status,
+            200,
+            "no reload without a signal"
+        );
+        front.signal("HUP");
+        worker.signal("HUP");
+        let seen = wait_for(&url, "/x", 202).await;
+        assert_eq!(&seen.body[..], b"v2");
+
+        drop((front, worker));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn explain_prints_matches_and_the_result() {
+        let dir = std::env::temp_dir().join(format!("thr-explain-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rules.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n{}",
+                super::VERBATIM,
+                r#"
+[[rules]]
+when = { path = "/forbidden" }
+then = { status = 403, body = "forbidden\n" }
+stop = true
+
+[[rules]]
+when = { header = { X-Priority = "high" } }
+then = { priority = 1 }
+
+[[rules]]
+when = { path = { glob = "/reports/*" }, method = ["GET", "HEAD"] }
+then = { priority = 80, set_headers = { X-Slow = "yes" } }
+"#
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(testkit::bins::binary("http2redis"))
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args([
+                "GET",
+                "http://app.example/reports/q1",
+                "-H",
+                "X-Priority: high",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("1. rules[1] (line 19): priority = 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("2. rules[2] (line 23): priority = 80, set_headers x-slow"),
+            "{text}"
+        );
+        assert!(text.contains("priority: 80"), "{text}");
+        let out = std::process::Command::new(testkit::bins::binary("http2redis"))
+            .args(["explain", "--config"])
+            .arg(&path)
+            .args(["POST", "/forbidden"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("answer directly: 403"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

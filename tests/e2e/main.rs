@@ -7,4 +7,5 @@ mod broker;
 mod config;
 mod resilience;
 mod routing;
+mod rules;
 mod transparency;

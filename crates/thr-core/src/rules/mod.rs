@@ -174,9 +174,31 @@ impl Default for Decision {
     }
 }
 
+/// Values derived from the request once per evaluation (lower-cased host,
+/// decoded query) instead of once per rule; cleared when a rule rewrites.
+#[derive(Debug, Default)]
+struct Derived {
+    host: Option<Option<String>>,
+    query: Option<Vec<(String, String)>>,
+}
+
+impl Derived {
+    fn host(&mut self, req: &RuleRequest) -> Option<&str> {
+        self.host.get_or_insert_with(|| req.host()).as_deref()
+    }
+
+    fn query(&mut self, req: &RuleRequest) -> &[(String, String)] {
+        self.query.get_or_insert_with(|| req.query_pairs())
+    }
+}
+
 impl Criteria {
     /// True when every criterion holds for `req`.
     pub fn matches(&self, req: &RuleRequest) -> bool {
+        self.matches_with(req, &mut Derived::default())
+    }
+
+    fn matches_with(&self, req: &RuleRequest, derived: &mut Derived) -> bool {
         if let Some(p) = &self.method
             && !p.matches(req.method.as_str())
         {
@@ -187,11 +209,14 @@ impl Criteria {
         {
             return false;
         }
-        if let Some(p) = &self.host
-            && !req.host().is_some_and(|h| p.matches(&h))
-            && !(req.host().is_none() && p.matches_missing())
-        {
-            return false;
+        if let Some(p) = &self.host {
+            let ok = match derived.host(req) {
+                Some(h) => p.matches(h),
+                None => p.matches_missing(),
+            };
+            if !ok {
+                return false;
+            }
         }
         if !ip_matches(&self.remote_ip, req.remote_ip) || !ip_matches(&self.real_ip, req.real_ip) {
             return false;
@@ -207,15 +232,18 @@ impl Criteria {
                 return false;
             }
         }
-        for (name, p) in &self.query {
-            let values = req.query_values(name);
-            let ok = if values.is_empty() {
-                p.matches_missing()
-            } else {
-                values.iter().any(|v| p.matches(v))
-            };
-            if !ok {
-                return false;
+        if !self.query.is_empty() {
+            let pairs = derived.query(req);
+            for (name, p) in &self.query {
+                let mut values = pairs.iter().filter(|(k, _)| k == name).peekable();
+                let ok = if values.peek().is_none() {
+                    p.matches_missing()
+                } else {
+                    values.any(|(_, v)| p.matches(v))
+                };
+                if !ok {
+                    return false;
+                }
             }
         }
         true
@@ -232,6 +260,17 @@ fn ip_matches(pattern: &Option<Pattern>, ip: Option<IpAddr>) -> bool {
 }
 
 impl Actions {
+    /// True when applying these actions may change what criteria see.
+    fn rewrites_request(&self) -> bool {
+        !self.set_headers.is_empty()
+            || !self.add_headers.is_empty()
+            || !self.remove_headers.is_empty()
+            || self.host.is_some()
+            || self.path.is_some()
+            || !self.set_query.is_empty()
+            || !self.remove_query.is_empty()
+    }
+
     /// Applies this rule's rewrites to `req` and its routing to `decision`.
     fn apply(&self, req: &mut RuleRequest, decision: &mut Decision) {
         if let Some(q) = self.queue {
@@ -307,12 +346,16 @@ pub fn edit_response_headers(headers: &mut HeaderMap, edits: &[HeaderEdit]) {
 /// Evaluates `rules` in order on `req`, rewriting it, and returns the decision.
 pub fn evaluate(rules: &[Rule], req: &mut RuleRequest) -> Decision {
     let mut decision = Decision::default();
+    let mut derived = Derived::default();
     for (i, rule) in rules.iter().enumerate() {
-        if !rule.when.matches(req) {
+        if !rule.when.matches_with(req, &mut derived) {
             continue;
         }
         decision.matched.push(i);
         rule.then.apply(req, &mut decision);
+        if rule.then.rewrites_request() {
+            derived = Derived::default();
+        }
         if rule.stop {
             break;
         }

@@ -43,13 +43,22 @@ impl RuleRequest {
 
     /// Decoded values of query parameter `name` (`+` is a space).
     pub fn query_values(&self, name: &str) -> Vec<String> {
-        let Some(q) = self.query() else {
-            return Vec::new();
-        };
-        form_urlencoded::parse(q.as_bytes())
+        self.query_pairs()
+            .into_iter()
             .filter(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
+            .map(|(_, v)| v)
             .collect()
+    }
+
+    /// Every query parameter, decoded, in order.
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        self.query()
+            .map(|q| {
+                form_urlencoded::parse(q.as_bytes())
+                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Replaces the path, keeping the query.
@@ -78,7 +87,7 @@ impl RuleRequest {
                     .next()
                     .map(|(n, _)| n.into_owned())
                     .unwrap_or_default();
-                !remove.iter().any(|r| *r == name) && !set.iter().any(|(s, _)| *s == name)
+                !remove.contains(&name) && !set.iter().any(|(s, _)| *s == name)
             })
             .map(str::to_string)
             .collect();

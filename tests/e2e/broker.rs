@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use thr_broker::{Broker, Doorbell, NewJob, RedisBroker, ReplyStream};
+use thr_broker::{
+    Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell, NewJob, RedisBroker, ReplyStream,
+};
 
 use crate::support::RedisServer;
 
@@ -19,12 +21,29 @@ fn job<'a>(id: &'a str, priority: u8) -> NewJob<'a> {
         priority,
         frame: Bytes::from(format!("frame-{id}")),
         timeout: Duration::from_secs(30),
+        flow: "-",
+        flow_definition: "",
+        max_waiting: None,
+        max_wait_boost: None,
+    }
+}
+
+const OPTIONS: ClaimOptions = ClaimOptions {
+    lease: Duration::from_secs(30),
+    max_inflight_total: None,
+    max_wait_boost: None,
+};
+
+async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {
+    match b.claim(queue, OPTIONS).await.unwrap() {
+        ClaimOutcome::Job(c) => Some(c),
+        ClaimOutcome::Idle { .. } => None,
     }
 }
 
 async fn claim_all(b: &RedisBroker) -> Vec<String> {
     let mut ids = Vec::new();
-    while let Some(c) = b.claim("q", Duration::from_secs(30)).await.unwrap() {
+    while let Some(c) = claim(b, "q").await {
         assert_eq!(c.frame, Bytes::from(format!("frame-{}", c.id)));
         ids.push(c.id);
     }
@@ -61,23 +80,14 @@ async fn cancel_withdraws_waiting_jobs_only() {
     let b = broker(&redis);
     b.enqueue(job("x", 50)).await.unwrap();
     b.enqueue(job("y", 50)).await.unwrap();
-    assert!(b.cancel("q", "y").await.unwrap());
-    let claimed = b
-        .claim("q", Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
+    assert!(b.cancel("q", "y", "-").await.unwrap());
+    let claimed = claim(&b, "q").await.unwrap();
     assert_eq!(claimed.id, "x");
     assert!(
-        !b.cancel("q", "x").await.unwrap(),
+        !b.cancel("q", "x", "-").await.unwrap(),
         "a running job cannot be withdrawn"
     );
-    assert!(
-        b.claim("q", Duration::from_secs(30))
-            .await
-            .unwrap()
-            .is_none()
-    );
+    assert!(claim(&b, "q").await.is_none());
 }
 
 #[tokio::test]
@@ -92,11 +102,7 @@ async fn jobs_past_their_clients_deadline_are_never_claimed() {
     .unwrap();
     b.enqueue(job("fresh", 50)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
-    let claimed = b
-        .claim("q", Duration::from_secs(30))
-        .await
-        .unwrap()
-        .unwrap();
+    let claimed = claim(&b, "q").await.unwrap();
     assert_eq!(claimed.id, "fresh");
     assert!(
         claimed.remaining > Duration::from_secs(25) && claimed.remaining <= Duration::from_secs(30)
@@ -119,7 +125,7 @@ async fn blocking_pops_longer_than_500ms_still_deliver() {
         let b = b.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(900)).await;
-            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"))
+            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"), &[])
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(900)).await;
@@ -147,9 +153,15 @@ async fn replies_come_in_batches() {
     let redis = RedisServer::start();
     let b = broker(&redis);
     for i in 0..300 {
-        b.reply("q", "f", &format!("j{i}"), Bytes::from(format!("r{i}")))
-            .await
-            .unwrap();
+        b.reply(
+            "q",
+            "f",
+            &format!("j{i}"),
+            Bytes::from(format!("r{i}")),
+            &[],
+        )
+        .await
+        .unwrap();
     }
     let mut replies = b.replies("f");
     let mut got = Vec::new();
@@ -196,7 +208,7 @@ async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
         id: "poison",
         priority: 1,
         frame: Bytes::from_static(b"THRQ\x09not a job"),
-        timeout: Duration::from_secs(30),
+        ..job("poison", 1)
     })
     .await
     .unwrap();

@@ -25,6 +25,17 @@ pub enum FrontError {
     ShuttingDown,
     /// A reply that cannot be turned into a response.
     BadReply,
+    /// Too many requests wait already (queue or quota `max_waiting`); the
+    /// client should come back after this many seconds.
+    QueueFull {
+        /// Seconds for Retry-After.
+        retry_after: u64,
+    },
+    /// The client is over the edge limit; come back after this many seconds.
+    TooManyRequests {
+        /// Seconds for Retry-After.
+        retry_after: u64,
+    },
 }
 
 impl FrontError {
@@ -45,6 +56,14 @@ impl FrontError {
             FrontError::ReplyTimeout => (StatusCode::GATEWAY_TIMEOUT, "no reply in time"),
             FrontError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down"),
             FrontError::BadReply => (StatusCode::BAD_GATEWAY, "invalid reply from backend"),
+            FrontError::QueueFull { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many requests waiting, try again later",
+            ),
+            FrontError::TooManyRequests { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests, slow down",
+            ),
         }
     }
 
@@ -57,10 +76,17 @@ impl FrontError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        let retry_after = match self {
+            FrontError::QueueFull { retry_after } | FrontError::TooManyRequests { retry_after } => {
+                Some(retry_after)
+            }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         response
     }

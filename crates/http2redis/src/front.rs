@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
@@ -26,11 +26,13 @@ use thr_backend::Forwarder;
 use thr_broker::{Broker, NewJob};
 use thr_core::config::{Config, QueueConfig};
 use thr_core::envelope::{HeaderList, Job, JobMeta, Reply, ReplyMeta};
+use thr_core::quota::Flow;
 use thr_core::rules::{self, Answer, Decision, RuleRequest};
 use tracing::Instrument;
 
 use crate::auth::{AuthClient, Verdict};
 use crate::body::ReplyBody;
+use crate::edge::EdgeLimiter;
 use crate::error::FrontError;
 use crate::forwarded;
 use crate::replies::ReplyRouter;
@@ -61,6 +63,8 @@ struct Inner<B> {
     auth: AuthClient,
     /// Clients for `bypass` rules, per queue (rebuilt when its backend changes).
     bypass: Mutex<HashMap<String, Arc<(QueueConfig, Forwarder)>>>,
+    /// The edge limit in force (rebuilt when its configuration changes).
+    edge: ArcSwapOption<EdgeLimiter>,
 }
 
 /// How a request ends, for the summary log line.
@@ -81,6 +85,7 @@ impl<B: Broker> Front<B> {
                 router: ReplyRouter::default(),
                 auth: AuthClient::default(),
                 bypass: Mutex::new(HashMap::new()),
+                edge: ArcSwapOption::empty(),
             }),
         }
     }
@@ -151,7 +156,7 @@ impl<B: Broker> Front<B> {
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let config = self.config();
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
 
         // Absolute-form targets are reduced to their path: the backend is
         // fixed per queue and never chosen by the request.
@@ -167,30 +172,43 @@ impl<B: Broker> Front<B> {
         if declared.is_some_and(|n| n > config.front.max_body as u64) {
             return Err((FrontError::BodyTooLarge, None));
         }
+        let peer = parts
+            .extensions
+            .get::<Peer>()
+            .and_then(|p| p.0)
+            .map(|a| a.ip());
+        let mut headers = parts.headers;
+        let real_ip = forwarded::real_ip(&headers, peer, &config.front.trusted_proxies);
+        let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+        let request_id = forwarded::prepare(&mut headers, authority.as_deref(), peer, job_id);
+        let span = tracing::info_span!("job", request_id = %request_id, job = %job_id);
+        let mut rreq = RuleRequest {
+            method: parts.method,
+            target,
+            headers,
+            remote_ip: peer,
+            real_ip,
+        };
+
+        // Shed an abusive client before reading its body or asking Redis.
+        if let Some(edge) = self.edge_limiter(&config)
+            && let Err(wait) = edge.check(&rreq)
+        {
+            let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err((
+                FrontError::TooManyRequests {
+                    retry_after: retry_after.max(1),
+                },
+                None,
+            ));
+        }
+
         let body = match Limited::new(body, config.front.max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
                 return Err((FrontError::BodyTooLarge, None));
             }
             Err(_) => return Err((FrontError::BadBody, None)),
-        };
-
-        let peer = parts
-            .extensions
-            .get::<Peer>()
-            .and_then(|p| p.0)
-            .map(|a| a.ip());
-        let real_ip = forwarded::real_ip(&parts.headers, peer, &config.front.trusted_proxies);
-        let authority = parts.uri.authority().map(|a| a.as_str().to_string());
-        let request_id = forwarded::prepare(&mut parts.headers, authority.as_deref(), peer, job_id);
-        let span = tracing::info_span!("job", request_id = %request_id, job = %job_id);
-
-        let mut rreq = RuleRequest {
-            method: parts.method,
-            target,
-            headers: parts.headers,
-            remote_ip: peer,
-            real_ip,
         };
         let decision = rules::evaluate(&config.rules, &mut rreq);
         let is_head = rreq.method == Method::HEAD;
@@ -244,6 +262,7 @@ impl<B: Broker> Front<B> {
         let queue = &config.queues[decision.queue];
         let queue_name = Some(queue.name.clone());
         let timeout = config.front.reply_timeout;
+        let flow = Flow::of(&config.limits, decision.queue, &rreq);
         let meta = JobMeta {
             id: job_id.to_string(),
             request_id,
@@ -254,6 +273,13 @@ impl<B: Broker> Front<B> {
             target: rreq.target,
             headers: HeaderList::from_map(&rreq.headers),
             timeout_ms: timeout.as_millis() as u64,
+            flow: flow.id(),
+            semaphores: flow
+                .quotas
+                .iter()
+                .filter(|q| q.max_concurrent > 0)
+                .map(|q| q.token.clone())
+                .collect(),
         };
 
         let reply = if decision.bypass {
@@ -275,9 +301,20 @@ impl<B: Broker> Front<B> {
                 body: outcome.body,
             }
         } else {
-            self.enqueue_and_wait(meta, body, started, timeout, span)
-                .await
-                .map_err(|e| (e, queue_name.clone()))?
+            self.enqueue_and_wait(
+                meta,
+                body,
+                Admission {
+                    flow_definition: flow.definition(),
+                    max_waiting: queue.max_waiting,
+                    max_wait_boost: config.scheduling.max_wait_boost,
+                },
+                started,
+                timeout,
+                span,
+            )
+            .await
+            .map_err(|e| (e, queue_name.clone()))?
         };
         let mut response =
             to_response(reply, &decision, is_head).map_err(|e| (e, queue_name.clone()))?;
@@ -293,6 +330,7 @@ impl<B: Broker> Front<B> {
         &self,
         meta: JobMeta,
         body: Bytes,
+        admission: Admission,
         started: Instant,
         timeout: std::time::Duration,
         span: tracing::Span,
@@ -305,6 +343,7 @@ impl<B: Broker> Front<B> {
             front: self.clone(),
             queue: meta.queue.clone(),
             id: meta.id.clone(),
+            flow: meta.flow.clone(),
             settled: false,
         };
         let enqueued = inner
@@ -315,15 +354,36 @@ impl<B: Broker> Front<B> {
                 priority: meta.priority,
                 frame,
                 timeout: timeout.saturating_sub(started.elapsed()),
+                flow: &meta.flow,
+                flow_definition: &admission.flow_definition,
+                max_waiting: admission.max_waiting,
+                max_wait_boost: admission.max_wait_boost,
             })
             .instrument(span.clone())
             .await;
-        if let Err(err) = enqueued {
-            span.in_scope(|| tracing::warn!(%err, "enqueue failed"));
-            // Nothing reached Redis that could run; no cancel needed.
-            pending.settled = true;
-            inner.router.forget(&meta.id);
-            return Err(FrontError::BrokerDown);
+        match enqueued {
+            Ok(thr_broker::Admission::Queued) => {}
+            Ok(thr_broker::Admission::Refused {
+                what,
+                waiting,
+                drain_rate,
+            }) => {
+                // Nothing reached Redis that could run; no cancel needed.
+                pending.settled = true;
+                inner.router.forget(&meta.id);
+                let retry_after = retry_after(waiting, drain_rate, timeout);
+                span.in_scope(|| {
+                    tracing::info!(full = %what, waiting, drain_rate, retry_after, "refused: too many waiting")
+                });
+                return Err(FrontError::QueueFull { retry_after });
+            }
+            Err(err) => {
+                span.in_scope(|| tracing::warn!(%err, "enqueue failed"));
+                // Nothing reached Redis that could run; no cancel needed.
+                pending.settled = true;
+                inner.router.forget(&meta.id);
+                return Err(FrontError::BrokerDown);
+            }
         }
         let left = timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, reply).await {
@@ -338,6 +398,23 @@ impl<B: Broker> Front<B> {
         }
     }
 
+    fn edge_limiter(&self, config: &Config) -> Option<Arc<EdgeLimiter>> {
+        let Some(wanted) = &config.front.edge_limit else {
+            if self.inner.edge.load().is_some() {
+                self.inner.edge.store(None);
+            }
+            return None;
+        };
+        if let Some(current) = self.inner.edge.load_full()
+            && current.config() == wanted
+        {
+            return Some(current);
+        }
+        let fresh = Arc::new(EdgeLimiter::new(wanted));
+        self.inner.edge.store(Some(fresh.clone()));
+        Some(fresh)
+    }
+
     fn bypass_forwarder(&self, queue: &QueueConfig) -> Arc<(QueueConfig, Forwarder)> {
         let mut clients = self.inner.bypass.lock().unwrap_or_else(|p| p.into_inner());
         match clients.get(&queue.name) {
@@ -349,6 +426,25 @@ impl<B: Broker> Front<B> {
             }
         }
     }
+}
+
+/// What the queue needs to admit a job.
+struct Admission {
+    flow_definition: String,
+    max_waiting: Option<u32>,
+    max_wait_boost: Option<std::time::Duration>,
+}
+
+/// Seconds until a refused client may find room: the jobs waiting ahead of
+/// it divided by the rate the queue drained at over the last minute. With no
+/// drain measured yet, the reply timeout (a full wait) is the honest guess.
+fn retry_after(waiting: u64, drain_rate: f64, reply_timeout: std::time::Duration) -> u64 {
+    let seconds = if drain_rate > 0.0 {
+        (waiting as f64 / drain_rate).ceil() as u64
+    } else {
+        reply_timeout.as_secs()
+    };
+    seconds.clamp(1, 3600)
 }
 
 fn direct_answer(answer: &Answer) -> Response<ReplyBody> {
@@ -396,6 +492,7 @@ struct Pending<B: Broker> {
     front: Front<B>,
     queue: String,
     id: String,
+    flow: String,
     settled: bool,
 }
 
@@ -411,8 +508,9 @@ impl<B: Broker> Drop for Pending<B> {
         let front = self.front.clone();
         let queue = std::mem::take(&mut self.queue);
         let id = std::mem::take(&mut self.id);
+        let flow = std::mem::take(&mut self.flow);
         runtime.spawn(async move {
-            match front.inner.broker.cancel(&queue, &id).await {
+            match front.inner.broker.cancel(&queue, &id, &flow).await {
                 Ok(true) => tracing::debug!(job = %id, "waiting job cancelled"),
                 Ok(false) => tracing::debug!(job = %id, "job already running, its reply will be dropped"),
                 Err(err) => tracing::warn!(job = %id, %err, "could not cancel job; its deadline will drop it"),
@@ -438,5 +536,25 @@ where
     fn call(&mut self, req: Request<Bd>) -> Self::Future {
         let front = self.clone();
         Box::pin(async move { Ok(front.handle(req).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::retry_after;
+
+    #[test]
+    fn retry_after_follows_the_drain_rate() {
+        let t = Duration::from_secs(30);
+        assert_eq!(retry_after(100, 10.0, t), 10);
+        assert_eq!(retry_after(5, 10.0, t), 1);
+        assert_eq!(retry_after(1_000_000, 0.5, t), 3600);
+        assert_eq!(
+            retry_after(10, 0.0, t),
+            30,
+            "no drain measured: a full wait"
+        );
     }
 }

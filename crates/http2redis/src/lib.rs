@@ -9,6 +9,7 @@
 //! - [`front`] is the request handler: envelope, enqueue, wait, answer;
 //! - [`replies`] is the one loop per process that pops replies from Redis
 //!   and hands each to the request waiting for it (DESIGN.md decision 1);
+//! - [`edge`] sheds abusive clients with 429 before any Redis round trip;
 //! - [`auth`] asks an external service before queueing, when a rule says so;
 //! - [`forwarded`] writes the proxy headers (X-Forwarded-*, X-Request-Id);
 //! - [`body`] frames reply bodies as the backend framed them;
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod edge;
 pub mod error;
 pub mod explain;
 pub mod forwarded;

@@ -18,8 +18,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rand::Rng;
 use thr_backend::Forwarder;
-use thr_broker::{Broker, Claimed, Doorbell};
-use thr_core::config::{Config, QueueConfig};
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell};
+use thr_core::config::{Config, QueueConfig, Scheduling};
 use thr_core::envelope::{Job, Reply, ReplyMeta};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -40,6 +40,7 @@ pub struct Worker<B> {
 struct QueueRunner<B> {
     name: String,
     queue: ArcSwap<QueueConfig>,
+    scheduling: ArcSwap<Scheduling>,
     forwarder: ArcSwap<Forwarder>,
     /// Room for running jobs; resized on reload.
     room: Arc<Semaphore>,
@@ -121,11 +122,17 @@ impl<B: Broker> Worker<B> {
         });
         for queue in &config.queues {
             match running.get(&queue.name) {
-                Some(r) => r.runner.update(queue),
+                Some(r) => {
+                    r.runner
+                        .scheduling
+                        .store(Arc::new(config.scheduling.clone()));
+                    r.runner.update(queue);
+                }
                 None => {
                     let runner = Arc::new(QueueRunner {
                         name: queue.name.clone(),
                         queue: ArcSwap::from_pointee(queue.clone()),
+                        scheduling: ArcSwap::from_pointee(config.scheduling.clone()),
                         forwarder: ArcSwap::from_pointee(Forwarder::new(queue)),
                         room: Arc::new(Semaphore::new(queue.max_inflight.get())),
                         busy: AtomicUsize::new(0),
@@ -159,18 +166,27 @@ impl<B: Broker> QueueRunner<B> {
             if *stop.borrow() {
                 break;
             }
-            let lease = self.queue.load().lease;
-            match self.broker.claim(&name, lease).await {
-                Ok(Some(claimed)) => {
+            let options = {
+                let q = self.queue.load();
+                ClaimOptions {
+                    lease: q.lease,
+                    max_inflight_total: q.max_inflight_total,
+                    max_wait_boost: self.scheduling.load().max_wait_boost,
+                }
+            };
+            match self.broker.claim(&name, options).await {
+                Ok(ClaimOutcome::Job(claimed)) => {
                     failures = 0;
                     self.busy.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(self.clone().run_job(claimed, permit));
                 }
-                Ok(None) => {
+                Ok(ClaimOutcome::Idle { retry_in }) => {
                     failures = 0;
                     drop(permit);
+                    // A rate quota frees up on its own schedule, without a doorbell.
+                    let wait = retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL));
                     let rang = tokio::select! {
-                        rang = doorbell.wait(POLL) => rang,
+                        rang = doorbell.wait(wait) => rang,
                         _ = stop.changed() => break,
                     };
                     if let Err(err) = rang {
@@ -265,9 +281,31 @@ impl<B: Broker> QueueRunner<B> {
         let span =
             tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
         async {
-            let timeout = self.queue.load().backend_timeout.min(claimed.remaining);
+            let (timeout, lease) = {
+                let q = self.queue.load();
+                (q.backend_timeout.min(claimed.remaining), q.lease)
+            };
             let forwarder = self.forwarder.load_full();
-            let outcome = forwarder.forward(&job, timeout).await;
+            let outcome = {
+                // Renew the lease (and the quota slots) while the backend works,
+                // so a long request is never mistaken for a dead worker's.
+                let forward = forwarder.forward(&job, timeout);
+                tokio::pin!(forward);
+                let period = lease / 3;
+                let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                loop {
+                    tokio::select! {
+                        outcome = &mut forward => break outcome,
+                        _ = renew.tick() => {
+                            match self.broker.renew(queue, &job.meta.id, lease, &job.meta.semaphores).await {
+                                Ok(true) => {}
+                                Ok(false) => tracing::warn!("lease lost while the backend works"),
+                                Err(err) => tracing::warn!(%err, "could not renew the lease"),
+                            }
+                        }
+                    }
+                }
+            };
             drop(permit);
             let backend_ms = outcome.elapsed.as_millis() as u64;
             tracing::info!(
@@ -289,7 +327,7 @@ impl<B: Broker> QueueRunner<B> {
             for attempt in 1..=REPLY_ATTEMPTS {
                 match self
                     .broker
-                    .reply(queue, &job.meta.front, &job.meta.id, frame.clone())
+                    .reply(queue, &job.meta.front, &job.meta.id, frame.clone(), &job.meta.semaphores)
                     .await
                 {
                     Ok(()) => return,

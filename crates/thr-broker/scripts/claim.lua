@@ -1,27 +1,115 @@
--- claim: takes the most urgent job still wanted by its client and leases it.
--- KEYS[1] pending    sorted set id -> priority score
--- KEYS[2] jobs       hash id -> encoded job
--- KEYS[3] deadlines  sorted set id -> client deadline (ms)
--- KEYS[4] leases     sorted set id -> lease deadline (ms)
--- ARGV[1] lease duration in ms
--- Returns false when nothing can run, else {id, encoded job, ms left before
--- the client's deadline}. Jobs whose client has given up are dropped on the
--- way (at most 100 a call, to keep the script short).
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for _ = 1, 100 do
-  local head = redis.call('ZPOPMIN', KEYS[1])
-  if #head == 0 then
-    return false
-  end
-  local id = head[1]
-  local deadline = tonumber(redis.call('ZSCORE', KEYS[3], id))
-  local job = redis.call('HGET', KEYS[2], id)
-  if job and deadline and deadline > now then
-    redis.call('ZADD', KEYS[4], string.format('%.0f', now + tonumber(ARGV[1])), id)
-    return {id, job, deadline - now}
-  end
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
+-- claim: starts the most urgent job whose quotas all have room, and leases it.
+-- KEYS[1]  pending    KEYS[2] jobs       KEYS[3] deadlines   KEYS[4] leases
+-- KEYS[5]  running    sorted set id -> lease deadline (max_inflight_total)
+-- KEYS[6]  flows      KEYS[7] flowdefs   KEYS[8] jobinfo     KEYS[9] drained
+-- KEYS[10] waiting    KEYS[11] seq
+-- ARGV[1] lease ms
+-- ARGV[2] flow key prefix (flow keys are PREFIX..flow, same hash tag)
+-- ARGV[3] quota key prefix (sem:/gcra: keys are PREFIX..kind..token)
+-- ARGV[4] max_inflight_total (0: none)
+-- ARGV[5] aging step ms (0: strict priority)
+-- ARGV[6] most flows to look at
+-- Returns {id, encoded job, ms left before the client's deadline, flow}, or
+-- {"", why, ms until a rate quota may allow (-1: unknown)}.
+--
+-- The walk is over flows, not jobs: a thousand jobs behind one full quota
+-- are one flow, skipped in one step. A served flow goes behind the other
+-- flows of its priority: round-robin between tenants.
+local now, sec = clock()
+local lease = tonumber(ARGV[1])
+local step = tonumber(ARGV[5])
+
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local total = tonumber(ARGV[4])
+if total > 0 and redis.call('ZCARD', KEYS[5]) >= total then
+  return {'', 'max_inflight_total', -1}
 end
-return false
+
+local full = {}     -- quota tokens found saturated during this call
+local hint = -1
+local offset, looked = 0, 0
+local budget = tonumber(ARGV[6])
+while looked < budget do
+  local batch = redis.call('ZRANGE', KEYS[6], offset, offset + 49)
+  if #batch == 0 then
+    break
+  end
+  local removed = 0
+  for _, flow in ipairs(batch) do
+    looked = looked + 1
+    local quotas = parse_def(redis.call('HGET', KEYS[7], flow))
+    local ok = true
+    local tats = {}
+    for i, q in ipairs(quotas) do
+      if full[q.token] then
+        ok = false
+      elseif q.max > 0 and not sem_room(ARGV[3] .. 'sem:' .. q.token, now, q.max) then
+        full[q.token] = true
+        ok = false
+      elseif q.interval > 0 then
+        local allowed, v = gcra(ARGV[3] .. 'gcra:' .. q.token, now, q.interval, q.burst)
+        if allowed then
+          tats[i] = v
+        else
+          full[q.token] = true
+          ok = false
+          if hint < 0 or v < hint then
+            hint = v
+          end
+        end
+      end
+      if not ok then
+        break
+      end
+    end
+    if ok then
+      local fkey = ARGV[2] .. flow
+      while true do
+        local head = redis.call('ZPOPMIN', fkey)
+        if #head == 0 then
+          redis.call('ZREM', KEYS[6], flow)
+          redis.call('HDEL', KEYS[7], flow)
+          removed = removed + 1
+          break
+        end
+        local id = head[1]
+        redis.call('ZREM', KEYS[1], id)
+        waiting_add(KEYS[10], quotas, -1)
+        local deadline = tonumber(redis.call('ZSCORE', KEYS[3], id))
+        local job = redis.call('HGET', KEYS[2], id)
+        if job and deadline and deadline > now then
+          local until_ms = int(now + lease)
+          for i, q in ipairs(quotas) do
+            if q.max > 0 then
+              redis.call('ZADD', ARGV[3] .. 'sem:' .. q.token, until_ms, id)
+            end
+            if q.interval > 0 then
+              gcra_commit(ARGV[3] .. 'gcra:' .. q.token, now, tats[i], q.interval, q.burst)
+            end
+          end
+          redis.call('ZADD', KEYS[4], until_ms, id)
+          redis.call('ZADD', KEYS[5], until_ms, id)
+          count_start(KEYS[9], sec)
+          -- The flow's next turn: behind every flow of its priority.
+          local nxt = redis.call('ZRANGE', fkey, 0, 0)
+          if #nxt == 0 then
+            redis.call('ZREM', KEYS[6], flow)
+            redis.call('HDEL', KEYS[7], flow)
+          else
+            local info = redis.call('HGET', KEYS[8], nxt[1]) or '50'
+            local prio = tonumber(string.match(info, '^(%d+)')) or 50
+            local turn = order_score(prio, redis.call('INCR', KEYS[11]), now, step)
+            redis.call('ZADD', KEYS[6], int(turn), flow)
+          end
+          return {id, job, deadline - now, flow}
+        end
+        -- Its client has given up (or the payload is gone): drop it.
+        redis.call('HDEL', KEYS[2], id)
+        redis.call('ZREM', KEYS[3], id)
+        redis.call('HDEL', KEYS[8], id)
+      end
+    end
+  end
+  offset = offset + #batch - removed
+end
+return {'', 'blocked', math.floor(hint)}

@@ -20,6 +20,53 @@ pub struct NewJob<'a> {
     pub frame: Bytes,
     /// How long the client will wait; the job is dropped unclaimed after it.
     pub timeout: Duration,
+    /// The job's flow id ([`thr_core::quota::Flow::id`]).
+    pub flow: &'a str,
+    /// The flow's definition ([`thr_core::quota::Flow::definition`]).
+    pub flow_definition: &'a str,
+    /// The queue's `max_waiting`.
+    pub max_waiting: Option<u32>,
+    /// Aging: `[scheduling] max_wait_boost`.
+    pub max_wait_boost: Option<Duration>,
+}
+
+/// Whether a job was taken.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// It waits in its queue.
+    Queued,
+    /// Refused: too many are waiting already.
+    Refused {
+        /// `queue`, or the quota token whose `max_waiting` is reached.
+        what: String,
+        /// How many wait there.
+        waiting: u64,
+        /// Jobs the queue started per second over the last minute.
+        drain_rate: f64,
+    },
+}
+
+/// How a worker claims.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimOptions {
+    /// The job's lease.
+    pub lease: Duration,
+    /// The queue's `max_inflight_total`.
+    pub max_inflight_total: Option<u32>,
+    /// Aging: `[scheduling] max_wait_boost`.
+    pub max_wait_boost: Option<Duration>,
+}
+
+/// What a claim found.
+#[derive(Debug, Clone)]
+pub enum ClaimOutcome {
+    /// A job to run.
+    Job(Claimed),
+    /// Nothing can run now; a rate quota may allow something after `retry_in`.
+    Idle {
+        /// When a rate-limited flow may run (None: wait for the doorbell).
+        retry_in: Option<Duration>,
+    },
 }
 
 /// A job a worker took off a queue.
@@ -31,6 +78,8 @@ pub struct Claimed {
     pub frame: Bytes,
     /// Time left before the client gives up (measured on the broker's clock).
     pub remaining: Duration,
+    /// The job's flow.
+    pub flow: String,
 }
 
 /// The shared engine between fronts and workers.
@@ -40,8 +89,11 @@ pub trait Broker: Send + Sync + 'static {
     /// What a front reads its replies from.
     type Replies: ReplyStream;
 
-    /// Puts a job on its queue.
-    fn enqueue(&self, job: NewJob<'_>) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    /// Puts a job on its queue, unless too many wait already.
+    fn enqueue(
+        &self,
+        job: NewJob<'_>,
+    ) -> impl Future<Output = Result<Admission, BrokerError>> + Send;
 
     /// Withdraws a waiting job; true when it was still waiting (it will
     /// never reach the backend), false when already running or gone.
@@ -49,22 +101,35 @@ pub trait Broker: Send + Sync + 'static {
         &self,
         queue: &str,
         id: &str,
+        flow: &str,
     ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
 
-    /// Takes the most urgent job of `queue` and leases it for `lease`.
+    /// Starts the most urgent job of `queue` whose quotas all have room.
     fn claim(
         &self,
         queue: &str,
-        lease: Duration,
-    ) -> impl Future<Output = Result<Option<Claimed>, BrokerError>> + Send;
+        options: ClaimOptions,
+    ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send;
 
-    /// Sends a reply to the front that waits for job `id` and releases the job.
+    /// Extends a running job's lease and quota slots; false when the job
+    /// holds no lease any more.
+    fn renew(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+        semaphores: &[String],
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Sends a reply to the front that waits for job `id`, then releases the
+    /// job and its quota slots (`semaphores`: the tokens it holds).
     fn reply(
         &self,
         queue: &str,
         front: &str,
         id: &str,
         frame: Bytes,
+        semaphores: &[String],
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Sets aside a claimed job that cannot be run (an undecodable payload),

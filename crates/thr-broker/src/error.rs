@@ -32,3 +32,9 @@ impl From<::redis::RedisError> for BrokerError {
         }
     }
 }
+
+impl From<::redis::ParsingError> for BrokerError {
+    fn from(err: ::redis::ParsingError) -> BrokerError {
+        BrokerError::Failed(format!("unexpected answer from Redis: {err}"))
+    }
+}

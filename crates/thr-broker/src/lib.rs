@@ -10,6 +10,8 @@ mod broker;
 mod error;
 pub mod redis;
 
-pub use broker::{Broker, Claimed, Doorbell, NewJob, ReplyStream};
+pub use broker::{
+    Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell, NewJob, ReplyStream,
+};
 pub use error::BrokerError;
 pub use redis::RedisBroker;

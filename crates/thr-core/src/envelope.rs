@@ -79,6 +79,12 @@ pub struct JobMeta {
     pub headers: HeaderList,
     /// How long the client waits in all (ms); the deadline lives in Redis.
     pub timeout_ms: u64,
+    /// The job's flow (its set of quota keys), see `thr_core::quota`.
+    #[serde(default)]
+    pub flow: String,
+    /// Tokens of the concurrency quotas the job holds while it runs.
+    #[serde(default)]
+    pub semaphores: Vec<String>,
 }
 
 /// A request taken off a queue.
@@ -254,6 +260,8 @@ mod tests {
             target: "/a%2Fb?x=1&x=2&y=&z+w".into(),
             headers: HeaderList(headers),
             timeout_ms: 30_000,
+            flow: "-".into(),
+            semaphores: vec![],
         }
     }
 

@@ -28,6 +28,19 @@ pub struct QueueKeys {
     pub dead: String,
     /// Hash: job id → why it is in `dead`.
     pub dead_reasons: String,
+    /// Sorted set: job id → lease deadline, the jobs running now (for
+    /// `max_inflight_total`).
+    pub running: String,
+    /// Sorted set: flow id → its turn (the order score of its next job).
+    pub flows: String,
+    /// Hash: flow id → flow definition (its quotas).
+    pub flowdefs: String,
+    /// Hash: job id → `priority<TAB>flow`.
+    pub jobinfo: String,
+    /// Hash: second → jobs started, for drain rates.
+    pub drained: String,
+    /// Prefix of the flows' own sorted sets (`prefix + flow id`).
+    pub flow_prefix: String,
 }
 
 impl QueueKeys {
@@ -43,8 +56,38 @@ impl QueueKeys {
             wake: k("wake"),
             dead: k("dead"),
             dead_reasons: k("dead:reasons"),
+            running: k("running"),
+            flows: k("flows"),
+            flowdefs: k("flowdefs"),
+            jobinfo: k("jobinfo"),
+            drained: k("drained"),
+            flow_prefix: k("flow:"),
         }
     }
+
+    /// The sorted set of flow `flow`'s waiting jobs.
+    pub fn flow(&self, flow: &str) -> String {
+        format!("{}{flow}", self.flow_prefix)
+    }
+}
+
+/// Prefix of every quota key: `sem:TOKEN` (concurrency holders), `gcra:TOKEN`
+/// (rate state). Quotas are shared by every queue a limit applies to.
+pub const QUOTA_PREFIX: &str = "thr:{quota}:";
+
+/// Hash: quota token → jobs waiting for it.
+pub fn quota_waiting() -> String {
+    format!("{QUOTA_PREFIX}waiting")
+}
+
+/// Sorted set: holders of a concurrency quota → lease deadline.
+pub fn semaphore(token: &str) -> String {
+    format!("{QUOTA_PREFIX}sem:{token}")
+}
+
+/// The GCRA state of a rate quota.
+pub fn gcra(token: &str) -> String {
+    format!("{QUOTA_PREFIX}gcra:{token}")
 }
 
 /// The list a front pops its replies from.

@@ -12,4 +12,5 @@ pub mod envelope;
 pub mod headers;
 pub mod keys;
 pub mod priority;
+pub mod quota;
 pub mod rules;

@@ -11,7 +11,7 @@
 //! learns quickly that Redis is down and answers 503 instead of hanging.
 
 mod blocking;
-mod scripts;
+pub mod scripts;
 
 use std::time::Duration;
 
@@ -21,9 +21,19 @@ use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo};
 use thr_core::keys::{self, QueueKeys};
 
-use crate::{Broker, BrokerError, Claimed, NewJob};
+use crate::{Admission, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, NewJob};
 pub use blocking::{RedisDoorbell, RedisReplies};
 use scripts::Scripts;
+
+/// Most flows one claim looks at: a claim costs at most this many steps,
+/// however many jobs wait behind full quotas.
+const CLAIM_SCAN: u32 = 1000;
+
+/// Aging step in ms: a priority level is worth `max_wait_boost / 98` of
+/// waiting (priority 99 catches up with priority 1 after `max_wait_boost`).
+fn aging_step_ms(boost: Option<Duration>) -> u64 {
+    boost.map_or(0, |b| (b.as_millis() as u64 / 98).max(1))
+}
 
 /// How long a reply list lives without being read: long enough for any
 /// waiting client, short enough that a dead front's replies go away.
@@ -107,30 +117,53 @@ impl Broker for RedisBroker {
     type Doorbell = RedisDoorbell;
     type Replies = RedisReplies;
 
-    async fn enqueue(&self, job: NewJob<'_>) -> Result<(), BrokerError> {
+    async fn enqueue(&self, job: NewJob<'_>) -> Result<Admission, BrokerError> {
         let k = QueueKeys::new(job.queue);
         let timeout_ms = job.timeout.as_millis() as u64;
-        self.run(|mut conn| async move {
-            let _seq: u64 = self
-                .scripts
-                .enqueue
-                .key(&k.pending)
-                .key(&k.seq)
-                .key(&k.jobs)
-                .key(&k.deadlines)
-                .key(&k.wake)
-                .arg(job.id)
-                .arg(job.priority)
-                .arg(job.frame.as_ref())
-                .arg(timeout_ms)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(())
+        let answer: redis::Value = self
+            .run(|mut conn| async move {
+                self.scripts
+                    .enqueue
+                    .key(&k.pending)
+                    .key(&k.seq)
+                    .key(&k.jobs)
+                    .key(&k.deadlines)
+                    .key(&k.wake)
+                    .key(&k.flows)
+                    .key(&k.flowdefs)
+                    .key(&k.jobinfo)
+                    .key(&k.drained)
+                    .key(k.flow(job.flow))
+                    .key(keys::quota_waiting())
+                    .arg(job.id)
+                    .arg(job.priority)
+                    .arg(job.frame.as_ref())
+                    .arg(timeout_ms)
+                    .arg(job.flow)
+                    .arg(job.flow_definition)
+                    .arg(job.max_waiting.unwrap_or(0))
+                    .arg(aging_step_ms(job.max_wait_boost))
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        let items: Vec<redis::Value> = redis::from_redis_value(answer)?;
+        let field = |i: usize| items.get(i).cloned().unwrap_or(redis::Value::Nil);
+        let queued: i64 = redis::from_redis_value(field(0))?;
+        if queued == 1 {
+            return Ok(Admission::Queued);
+        }
+        let what: Option<String> = redis::from_redis_value(field(1))?;
+        let waiting: Option<u64> = redis::from_redis_value(field(2))?;
+        let rate: Option<String> = redis::from_redis_value(field(3))?;
+        Ok(Admission::Refused {
+            what: what.unwrap_or_default(),
+            waiting: waiting.unwrap_or(0),
+            drain_rate: rate.and_then(|r| r.parse().ok()).unwrap_or(0.0),
         })
-        .await
     }
 
-    async fn cancel(&self, queue: &str, id: &str) -> Result<bool, BrokerError> {
+    async fn cancel(&self, queue: &str, id: &str, flow: &str) -> Result<bool, BrokerError> {
         let k = QueueKeys::new(queue);
         self.run(|mut conn| async move {
             let removed: i64 = self
@@ -139,7 +172,13 @@ impl Broker for RedisBroker {
                 .key(&k.pending)
                 .key(&k.jobs)
                 .key(&k.deadlines)
+                .key(&k.flows)
+                .key(&k.flowdefs)
+                .key(&k.jobinfo)
+                .key(keys::quota_waiting())
+                .key(k.flow(flow))
                 .arg(id)
+                .arg(flow)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(removed == 1)
@@ -147,10 +186,9 @@ impl Broker for RedisBroker {
         .await
     }
 
-    async fn claim(&self, queue: &str, lease: Duration) -> Result<Option<Claimed>, BrokerError> {
+    async fn claim(&self, queue: &str, options: ClaimOptions) -> Result<ClaimOutcome, BrokerError> {
         let k = QueueKeys::new(queue);
-        let lease_ms = lease.as_millis() as u64;
-        let claimed: Option<(String, Vec<u8>, u64)> = self
+        let answer: redis::Value = self
             .run(|mut conn| async move {
                 self.scripts
                     .claim
@@ -158,16 +196,73 @@ impl Broker for RedisBroker {
                     .key(&k.jobs)
                     .key(&k.deadlines)
                     .key(&k.leases)
-                    .arg(lease_ms)
+                    .key(&k.running)
+                    .key(&k.flows)
+                    .key(&k.flowdefs)
+                    .key(&k.jobinfo)
+                    .key(&k.drained)
+                    .key(keys::quota_waiting())
+                    .key(&k.seq)
+                    .arg(options.lease.as_millis() as u64)
+                    .arg(&k.flow_prefix)
+                    .arg(keys::QUOTA_PREFIX)
+                    .arg(options.max_inflight_total.unwrap_or(0))
+                    .arg(aging_step_ms(options.max_wait_boost))
+                    .arg(CLAIM_SCAN)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(claimed.map(|(id, frame, remaining_ms)| Claimed {
+        let items: Vec<redis::Value> =
+            redis::from_redis_value(answer).map_err(BrokerError::from)?;
+        let id: String =
+            redis::from_redis_value(items.first().cloned().unwrap_or(redis::Value::Nil))
+                .map_err(BrokerError::from)?;
+        if id.is_empty() {
+            let hint: i64 = items
+                .get(2)
+                .cloned()
+                .and_then(|v| redis::from_redis_value(v).ok())
+                .unwrap_or(-1);
+            return Ok(ClaimOutcome::Idle {
+                retry_in: u64::try_from(hint).ok().map(Duration::from_millis),
+            });
+        }
+        let mut rest = items.into_iter().skip(1);
+        let mut next = || rest.next().unwrap_or(redis::Value::Nil);
+        let frame: Vec<u8> = redis::from_redis_value(next()).map_err(BrokerError::from)?;
+        let remaining: i64 = redis::from_redis_value(next()).map_err(BrokerError::from)?;
+        let flow: String = redis::from_redis_value(next()).map_err(BrokerError::from)?;
+        Ok(ClaimOutcome::Job(Claimed {
             id,
             frame: Bytes::from(frame),
-            remaining: Duration::from_millis(remaining_ms),
+            remaining: Duration::from_millis(remaining.max(0) as u64),
+            flow,
         }))
+    }
+
+    async fn renew(
+        &self,
+        queue: &str,
+        id: &str,
+        lease: Duration,
+        semaphores: &[String],
+    ) -> Result<bool, BrokerError> {
+        let k = QueueKeys::new(queue);
+        self.run(|mut conn| async move {
+            let mut invocation = self.scripts.renew.key(&k.leases);
+            invocation.key(&k.running);
+            for token in semaphores {
+                invocation.key(keys::semaphore(token));
+            }
+            let renewed: i64 = invocation
+                .arg(id)
+                .arg(lease.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(renewed == 1)
+        })
+        .await
     }
 
     async fn reply(
@@ -176,6 +271,7 @@ impl Broker for RedisBroker {
         front: &str,
         id: &str,
         frame: Bytes,
+        semaphores: &[String],
     ) -> Result<(), BrokerError> {
         let k = QueueKeys::new(queue);
         let replies = keys::replies(front);
@@ -187,14 +283,20 @@ impl Broker for RedisBroker {
                 .ignore()
                 .expire(&replies, REPLY_TTL.as_secs() as i64)
                 .ignore()
-                .zrem(&k.leases, id)
-                .ignore()
-                .hdel(&k.jobs, id)
-                .ignore()
-                .zrem(&k.deadlines, id)
-                .ignore()
                 .exec_async(&mut conn)
-                .await
+                .await?;
+            let mut invocation = self.scripts.release.key(&k.leases);
+            invocation
+                .key(&k.running)
+                .key(&k.jobs)
+                .key(&k.deadlines)
+                .key(&k.jobinfo)
+                .key(&k.wake);
+            for token in semaphores {
+                invocation.key(keys::semaphore(token));
+            }
+            let _: i64 = invocation.arg(id).invoke_async(&mut conn).await?;
+            Ok(())
         })
         .await
     }
@@ -211,6 +313,10 @@ impl Broker for RedisBroker {
             redis::pipe()
                 .atomic()
                 .hset(&k.dead, id, frame.as_ref())
+                .ignore()
+                .zrem(&k.running, id)
+                .ignore()
+                .hdel(&k.jobinfo, id)
                 .ignore()
                 .hset(&k.dead_reasons, id, reason)
                 .ignore()

@@ -6,21 +6,44 @@ use std::sync::OnceLock;
 
 use redis::Script;
 
+/// The shared quota arithmetic, prepended to every script; public so that
+/// tests can drive it with a fake clock.
+pub const QUOTA_LUA: &str = include_str!("../../scripts/quota.lua");
+
 /// Every script the broker runs.
-pub struct Scripts {
-    pub enqueue: Script,
-    pub claim: Script,
-    pub cancel: Script,
+pub(crate) struct Scripts {
+    pub(crate) enqueue: Script,
+    pub(crate) claim: Script,
+    pub(crate) cancel: Script,
+    pub(crate) release: Script,
+    pub(crate) renew: Script,
 }
 
 impl Scripts {
     /// The scripts, hashed once per process.
-    pub fn get() -> &'static Scripts {
+    pub(crate) fn get() -> &'static Scripts {
         static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
         SCRIPTS.get_or_init(|| Scripts {
-            enqueue: Script::new(include_str!("../../scripts/enqueue.lua")),
-            claim: Script::new(include_str!("../../scripts/claim.lua")),
-            cancel: Script::new(include_str!("../../scripts/cancel.lua")),
+            enqueue: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/enqueue.lua")
+            )),
+            claim: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/claim.lua")
+            )),
+            cancel: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/cancel.lua")
+            )),
+            release: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/release.lua")
+            )),
+            renew: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/renew.lua")
+            )),
         })
     }
 }

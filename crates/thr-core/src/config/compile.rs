@@ -58,7 +58,7 @@ impl Checker<'_> {
     }
 
     /// Parses an optional spanned value with `parse`, or returns `default`.
-    fn value<T, R>(
+    pub(super) fn value<T, R>(
         &mut self,
         path: &[Seg],
         raw: &Option<Spanned<R>>,
@@ -280,6 +280,7 @@ pub fn compile(
                     .collect()
             },
         ),
+        edge_limit: None,
     };
 
     let worker = WorkerSettings {
@@ -340,6 +341,17 @@ pub fn compile(
         let lease = c.value(&at("lease"), &q.lease, Duration::from_secs(30), |s| {
             positive_duration(s)
         });
+        let count = |n: &i64| match u32::try_from(*n) {
+            Ok(n) if n >= 1 => Ok(Some(n)),
+            _ => Err("must be a whole number of at least 1".to_string()),
+        };
+        let max_waiting = c.value(&at("max_waiting"), &q.max_waiting, None, count);
+        let max_inflight_total = c.value(
+            &at("max_inflight_total"),
+            &q.max_inflight_total,
+            None,
+            count,
+        );
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -347,11 +359,19 @@ pub fn compile(
                 max_inflight,
                 backend_timeout,
                 lease,
+                max_waiting,
+                max_inflight_total,
             });
         }
     }
 
     let rules = super::rules::compile_rules(&mut c, &raw.rules, &queues);
+    let limits = super::limits::compile_limits(&mut c, &raw.limits, &queues);
+    let scheduling = super::limits::compile_scheduling(&mut c, &raw.scheduling);
+    let edge_limit = super::limits::compile_edge_limit(&mut c, &raw.http2redis.edge_limit);
+
+    let mut front = front;
+    front.edge_limit = edge_limit;
 
     if c.errors.is_empty() {
         Ok(Config {
@@ -361,6 +381,8 @@ pub fn compile(
             worker,
             queues,
             rules,
+            limits,
+            scheduling,
         })
     } else {
         c.errors.sort_by_key(|e| (e.line, e.column));

@@ -9,6 +9,7 @@
 
 mod compile;
 mod error;
+mod limits;
 mod locate;
 mod raw;
 mod rules;
@@ -37,6 +38,28 @@ pub struct Config {
     pub queues: Vec<QueueConfig>,
     /// The rules, in file order.
     pub rules: Vec<crate::rules::Rule>,
+    /// The quotas, in file order.
+    pub limits: Vec<crate::quota::Limit>,
+    /// How waiting jobs are ordered.
+    pub scheduling: Scheduling,
+}
+
+/// `[scheduling]`: the order in which waiting jobs start.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scheduling {
+    /// Aging: a job never waits behind a more urgent job that arrived more
+    /// than this much later. None: strict priority order (THR's).
+    pub max_wait_boost: Option<Duration>,
+}
+
+/// `[http2redis.edge_limit]`: a per-client rate enforced in the front's
+/// memory, answering 429 before any Redis round trip.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EdgeLimit {
+    /// What identifies a client.
+    pub by: crate::quota::KeySource,
+    /// Sustained rate.
+    pub rate: crate::quota::Rate,
 }
 
 /// `[redis]`: the shared engine every process talks to.
@@ -70,6 +93,8 @@ pub struct FrontSettings {
     pub shutdown_grace: Duration,
     /// Peers whose X-Real-IP / X-Forwarded-For are believed (for `real_ip`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Per-client rate limit at the edge, if any.
+    pub edge_limit: Option<EdgeLimit>,
 }
 
 /// `[redis2http]`: the workers that feed the backends.
@@ -93,6 +118,10 @@ pub struct QueueConfig {
     pub backend_timeout: Duration,
     /// How long a claimed job may run before another worker may take it back.
     pub lease: Duration,
+    /// Most jobs waiting in this queue; beyond it new requests get 503.
+    pub max_waiting: Option<u32>,
+    /// Most jobs of this queue running at once across every worker.
+    pub max_inflight_total: Option<u32>,
 }
 
 /// Where a daemon listens.

@@ -24,6 +24,37 @@ pub struct RawConfig {
     pub queues: Vec<Spanned<RawQueue>>,
     #[serde(default)]
     pub rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub limits: Vec<Spanned<RawLimit>>,
+    #[serde(default)]
+    pub scheduling: RawScheduling,
+}
+
+/// One `[[limits]]` entry.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLimit {
+    pub name: Option<String>,
+    pub by: Option<toml::Value>,
+    pub when: Option<toml::Value>,
+    pub queue: Option<String>,
+    pub max_concurrent: Option<i64>,
+    pub rate: Option<String>,
+    pub burst: Option<i64>,
+    pub max_waiting: Option<i64>,
+}
+
+/// `[scheduling]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawScheduling {
+    pub max_wait_boost: Option<Str>,
+}
+
+/// `[http2redis.edge_limit]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawEdgeLimit {
+    pub by: Option<toml::Value>,
+    pub rate: Option<String>,
+    pub burst: Option<i64>,
 }
 
 /// One `[[rules]]` entry. Patterns stay TOML values until compiled; errors
@@ -101,6 +132,7 @@ pub struct RawFront {
     pub header_read_timeout: Option<Str>,
     pub shutdown_grace: Option<Str>,
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub edge_limit: Option<RawEdgeLimit>,
 }
 
 /// `[redis2http]`.
@@ -117,6 +149,8 @@ pub struct RawQueue {
     pub max_inflight: Option<Spanned<i64>>,
     pub backend_timeout: Option<Str>,
     pub lease: Option<Str>,
+    pub max_waiting: Option<Spanned<i64>>,
+    pub max_inflight_total: Option<Spanned<i64>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

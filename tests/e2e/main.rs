@@ -5,6 +5,8 @@ mod support;
 
 mod broker;
 mod config;
+mod limits;
+mod quota_lua;
 mod resilience;
 mod routing;
 mod rules;

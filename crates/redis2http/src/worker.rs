@@ -281,9 +281,13 @@ impl<B: Broker> QueueRunner<B> {
         let span =
             tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
         async {
+            // The call is not cut when the client gives up: a legacy backend
+            // keeps working on a request whose connection closed, so the slot
+            // must stay taken until it answers, or max_inflight would not
+            // protect it. Clients that gave up before the claim never get here.
             let (timeout, lease) = {
                 let q = self.queue.load();
-                (q.backend_timeout.min(claimed.remaining), q.lease)
+                (q.backend_timeout, q.lease)
             };
             let forwarder = self.forwarder.load_full();
             let outcome = {

@@ -10,7 +10,10 @@
 //! - `overhead`: a backend with plenty of workers and no delay, so the
 //!   figures are the cost of the router itself;
 //! - `legacy`: a backend of 4 workers taking 20 ms each, the situation thr
-//!   is for; thr and HAProxy both hold the excess in a queue.
+//!   is for; thr and HAProxy both hold the excess in a queue;
+//! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
+//!   behind a full quota: claim cost must not grow with blocked jobs
+//!   (DESIGN.md decision 5).
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 
@@ -37,8 +40,8 @@ struct Cli {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Scenarios to run: overhead, legacy.
-    #[arg(long, value_delimiter = ',', default_value = "overhead,legacy")]
+    /// Scenarios to run: overhead, legacy, claim.
+    #[arg(long, value_delimiter = ',', default_value = "overhead,legacy,claim")]
     scenarios: Vec<String>,
     /// Log level of the thr daemons during the run (RUST_LOG).
     #[arg(long, default_value = "warn")]
@@ -272,5 +275,89 @@ async fn main() {
         }
         drop((front, worker, haproxy_proc));
     }
+    if cli.scenarios.iter().any(|n| n == "claim") {
+        claim_scenario().await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Claims per second of free jobs, with `blocked` jobs waiting behind a
+/// saturated concurrency quota.
+async fn claim_rate(blocked: usize) -> f64 {
+    use futures_util::future::join_all;
+    use thr_broker::{Broker, ClaimOptions, ClaimOutcome, NewJob, RedisBroker};
+
+    const FREE: usize = 5000;
+    let redis = RedisServer::start();
+    let broker = RedisBroker::new(&redis.url(), Duration::from_secs(5)).expect("broker");
+    let broker = &broker;
+    let job = |id: String, flow: &'static str, def: &'static str| async move {
+        let frame = bytes::Bytes::from_static(b"THRQ-bench");
+        let job = NewJob {
+            queue: "bench",
+            id: &id,
+            priority: 50,
+            frame,
+            timeout: Duration::from_secs(600),
+            flow,
+            flow_definition: def,
+            max_waiting: None,
+            max_wait_boost: None,
+        };
+        broker.enqueue(job).await.expect("enqueue");
+    };
+    let options = ClaimOptions {
+        lease: Duration::from_secs(600),
+        max_inflight_total: None,
+        max_wait_boost: None,
+    };
+    const BLOCKED_FLOW: &str = "foo_bar=bar";
+    const BLOCKED_DEF: &str = "foo_bar=bar\t2\t0\t0\t0\n";
+    // Two running jobs fill the quota; the rest of the flow waits behind it.
+    if blocked > 0 {
+        for chunk in (0..blocked + 2).collect::<Vec<_>>().chunks(200) {
+            join_all(
+                chunk
+                    .iter()
+                    .map(|i| job(format!("b{i}"), BLOCKED_FLOW, BLOCKED_DEF)),
+            )
+            .await;
+        }
+        for _ in 0..2 {
+            assert!(matches!(
+                broker.claim("bench", options).await,
+                Ok(ClaimOutcome::Job(_))
+            ));
+        }
+    }
+    for chunk in (0..FREE).collect::<Vec<_>>().chunks(200) {
+        join_all(chunk.iter().map(|i| job(format!("f{i}"), "-", ""))).await;
+    }
+    let started = Instant::now();
+    let mut claimed = 0usize;
+    // Eight claimers at once, as eight worker loops would.
+    let claimers = (0..8).map(|_| async {
+        let mut n = 0usize;
+        while let Ok(ClaimOutcome::Job(_)) = broker.claim("bench", options).await {
+            n += 1;
+        }
+        n
+    });
+    for n in join_all(claimers).await {
+        claimed += n;
+    }
+    assert_eq!(claimed, FREE, "every free job was claimed, no blocked one");
+    FREE as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn claim_scenario() {
+    println!("\nscenario `claim`: claims/s of 5,000 free jobs, 8 claimers");
+    let free = claim_rate(0).await;
+    println!("  {:>6} blocked jobs  {free:>9.0} claims/s", 0);
+    let busy = claim_rate(10_000).await;
+    println!(
+        "  {:>6} blocked jobs  {busy:>9.0} claims/s   x{:.2} vs none blocked",
+        10_000,
+        busy / free
+    );
 }

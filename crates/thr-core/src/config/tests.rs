@@ -161,3 +161,86 @@ fn backend_urls() {
     assert!(parse_backend("http://u:p@x").is_err());
     assert!(parse_backend("unix:").is_err());
 }
+
+const THR_EXAMPLE: &str = r#"
+[[limits]]
+name = "foo_bar"
+by = { header = "Foo" }
+when = "bar"
+max_concurrent = 2
+
+[[limits]]
+name = "per_user"
+by = { header = "X-User" }
+max_concurrent = 4
+rate = "20/s"
+burst = 5
+"#;
+
+#[test]
+fn the_thr_limits_example_parses_verbatim() {
+    use crate::quota::{Flow, KeySource};
+    use crate::rules::RuleRequest;
+    let c = Config::parse(&format!("{ISSUE_EXAMPLE}{THR_EXAMPLE}"), "thr.toml").unwrap();
+    assert_eq!(c.limits.len(), 2);
+    assert_eq!(c.limits[0].by, KeySource::Header("foo".parse().unwrap()));
+    assert_eq!(c.limits[0].max_concurrent.map(|n| n.get()), Some(2));
+    let rate = c.limits[1].rate.unwrap();
+    assert_eq!((rate.interval_ms(), rate.burst.get()), (50.0, 5));
+
+    let req = |pairs: &[(&str, &str)]| {
+        let mut headers = http::HeaderMap::new();
+        for (n, v) in pairs {
+            headers.insert(
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        RuleRequest {
+            method: http::Method::GET,
+            target: "/".into(),
+            headers,
+            remote_ip: None,
+            real_ip: None,
+        }
+    };
+    let bar = Flow::of(&c.limits, 0, &req(&[("Foo", "bar"), ("X-User", "al ice")]));
+    assert_eq!(bar.id(), "foo_bar=bar&per_user=al%20ice");
+    assert_eq!(
+        bar.definition(),
+        "foo_bar=bar\t2\t0\t0\t0\nper_user=al%20ice\t4\t50\t5\t0\n"
+    );
+    let baz = Flow::of(&c.limits, 0, &req(&[("Foo", "baz")]));
+    assert_eq!(baz.id(), "-", "`when` did not match and there is no X-User");
+    // Values cannot inject into key names.
+    let evil = Flow::of(&c.limits, 0, &req(&[("X-User", "a}:b{")]));
+    assert_eq!(evil.id(), "per_user=a%7D%3Ab%7B");
+}
+
+#[test]
+fn limit_scheduling_and_edge_errors() {
+    let text = format!(
+        "{ISSUE_EXAMPLE}[http2redis.edge_limit]\nrate = \"fast\"\n[scheduling]\nmax_wait_boost = \"0s\"\n[[limits]]\nname = \"a b\"\nby = \"cookie\"\nrate = \"5/s\"\nburst = 0\nqueue = \"nope\"\n[[limits]]\nby = \"path\"\n[[queues]]\nname = \"q2\"\nbackend = \"http://h:1\"\nmax_waiting = 0\n"
+    );
+    let e = Config::parse(&text, "f.toml").unwrap_err().to_string();
+    for expected in [
+        "`http2redis.edge_limit.rate`: `fast` is not a rate",
+        "`scheduling.max_wait_boost`: must be longer than zero",
+        "`limits[0].name`: `a b` is not a valid limit name",
+        "`limits[0].by`: unknown key `cookie`",
+        "`limits[0].burst`: must be a whole number of at least 1",
+        "`limits[0].queue`: no queue named `nope`",
+        "`limits[1].name`: is required",
+        "`queues[1].max_waiting`: must be a whole number of at least 1",
+    ] {
+        assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+    }
+    let ok = Config::parse(
+        &format!("{ISSUE_EXAMPLE}[http2redis.edge_limit]\nby = \"real_ip\"\nrate = \"50/s\"\nburst = 100\n[scheduling]\nmax_wait_boost = \"30s\"\n"),
+        "f.toml",
+    )
+    .unwrap();
+    let edge = ok.front.edge_limit.unwrap();
+    assert_eq!(edge.rate.burst.get(), 100);
+    assert_eq!(ok.scheduling.max_wait_boost, Some(Duration::from_secs(30)));
+}

@@ -1,6 +1,7 @@
 -- claim: starts the most urgent job whose quotas all have room, and leases it.
--- KEYS[1]  pending    KEYS[2] jobs       KEYS[3] deadlines   KEYS[4] leases
--- KEYS[5]  running    sorted set id -> lease deadline (max_inflight_total)
+-- KEYS[1]  pending    KEYS[2] jobs       KEYS[3] deadlines
+-- KEYS[4]  leases     sorted set id -> lease deadline: the running jobs
+-- KEYS[5]  wake       doorbell list (one token is taken per job started)
 -- KEYS[6]  flows      KEYS[7] flowdefs   KEYS[8] jobinfo     KEYS[9] drained
 -- KEYS[10] waiting    KEYS[11] seq
 -- ARGV[1] lease ms
@@ -19,9 +20,9 @@ local now, sec = clock()
 local lease = tonumber(ARGV[1])
 local step = tonumber(ARGV[5])
 
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 local total = tonumber(ARGV[4])
-if total > 0 and redis.call('ZCARD', KEYS[5]) >= total then
+-- Expired leases are a dead worker's jobs: they no longer count as running.
+if total > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. now, '+inf') >= total then
   return {'', 'max_inflight_total', -1}
 end
 
@@ -88,7 +89,8 @@ while looked < budget do
             end
           end
           redis.call('ZADD', KEYS[4], until_ms, id)
-          redis.call('ZADD', KEYS[5], until_ms, id)
+          -- This job's doorbell token is spent: idle workers are not woken for it.
+          redis.call('LPOP', KEYS[5])
           count_start(KEYS[9], sec)
           -- The flow's next turn: behind every flow of its priority.
           local nxt = redis.call('ZRANGE', fkey, 0, 0)

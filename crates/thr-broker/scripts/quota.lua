@@ -82,8 +82,8 @@ end
 
 -- Jobs started per second, for drain rates (kept two minutes).
 local function count_start(hash, sec)
-  redis.call('HINCRBY', hash, sec, 1)
-  if redis.call('HLEN', hash) > 180 then
+  -- Old seconds are pruned once per second, at its first start.
+  if redis.call('HINCRBY', hash, sec, 1) == 1 and redis.call('HLEN', hash) > 180 then
     for _, field in ipairs(redis.call('HKEYS', hash)) do
       if tonumber(field) < sec - 120 then
         redis.call('HDEL', hash, field)

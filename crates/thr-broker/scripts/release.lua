@@ -1,14 +1,18 @@
--- release: a job is done (its reply was pushed): drop its lease, free its
--- quota slots, and ring the doorbell, since a blocked flow may now run.
--- KEYS[1] leases   KEYS[2] running   KEYS[3] jobs   KEYS[4] deadlines
--- KEYS[5] jobinfo  KEYS[6] wake      KEYS[7..] semaphores the job holds
--- ARGV[1] job id
+-- release: a job is done. Pushes its reply to the waiting front's list, then
+-- drops its lease, frees its quota slots and rings the doorbell (a blocked
+-- flow may now run). One script, so a reply and its release are one round
+-- trip, and a worker dying cannot leave one without the other.
+-- KEYS[1] leases   KEYS[2] (unused)  KEYS[3] jobs   KEYS[4] deadlines
+-- KEYS[5] jobinfo  KEYS[6] wake      KEYS[7] the front's reply list
+-- KEYS[8..] semaphores the job holds
+-- ARGV[1] job id   ARGV[2] encoded reply   ARGV[3] reply list lifetime (s)
+redis.call('LPUSH', KEYS[7], ARGV[2])
+redis.call('EXPIRE', KEYS[7], ARGV[3])
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
-for i = 7, #KEYS do
+for i = 8, #KEYS do
   redis.call('ZREM', KEYS[i], ARGV[1])
 end
 if redis.call('RPUSH', KEYS[6], 1) > 64 then

@@ -1,5 +1,5 @@
 -- renew: extends the lease of a running job and of the quota slots it holds.
--- KEYS[1] leases   KEYS[2] running   KEYS[3..] semaphores the job holds
+-- KEYS[1] leases   KEYS[2..] semaphores the job holds
 -- ARGV[1] job id   ARGV[2] lease ms
 -- Returns 1, or 0 when the job holds no lease any more (it was reaped).
 local now = clock()

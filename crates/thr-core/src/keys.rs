@@ -28,9 +28,6 @@ pub struct QueueKeys {
     pub dead: String,
     /// Hash: job id → why it is in `dead`.
     pub dead_reasons: String,
-    /// Sorted set: job id → lease deadline, the jobs running now (for
-    /// `max_inflight_total`).
-    pub running: String,
     /// Sorted set: flow id → its turn (the order score of its next job).
     pub flows: String,
     /// Hash: flow id → flow definition (its quotas).
@@ -56,7 +53,6 @@ impl QueueKeys {
             wake: k("wake"),
             dead: k("dead"),
             dead_reasons: k("dead:reasons"),
-            running: k("running"),
             flows: k("flows"),
             flowdefs: k("flowdefs"),
             jobinfo: k("jobinfo"),

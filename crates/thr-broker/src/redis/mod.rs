@@ -196,7 +196,7 @@ impl Broker for RedisBroker {
                     .key(&k.jobs)
                     .key(&k.deadlines)
                     .key(&k.leases)
-                    .key(&k.running)
+                    .key(&k.wake)
                     .key(&k.flows)
                     .key(&k.flowdefs)
                     .key(&k.jobinfo)
@@ -251,7 +251,6 @@ impl Broker for RedisBroker {
         let k = QueueKeys::new(queue);
         self.run(|mut conn| async move {
             let mut invocation = self.scripts.renew.key(&k.leases);
-            invocation.key(&k.running);
             for token in semaphores {
                 invocation.key(keys::semaphore(token));
             }
@@ -276,26 +275,23 @@ impl Broker for RedisBroker {
         let k = QueueKeys::new(queue);
         let replies = keys::replies(front);
         self.run(|mut conn| async move {
-            // Reply first, then release: a worker dying in between leaves a
-            // lease to expire, never a client without its answer.
-            redis::pipe()
-                .lpush(&replies, frame.as_ref())
-                .ignore()
-                .expire(&replies, REPLY_TTL.as_secs() as i64)
-                .ignore()
-                .exec_async(&mut conn)
-                .await?;
             let mut invocation = self.scripts.release.key(&k.leases);
             invocation
-                .key(&k.running)
+                .key(&k.leases)
                 .key(&k.jobs)
                 .key(&k.deadlines)
                 .key(&k.jobinfo)
-                .key(&k.wake);
+                .key(&k.wake)
+                .key(&replies);
             for token in semaphores {
                 invocation.key(keys::semaphore(token));
             }
-            let _: i64 = invocation.arg(id).invoke_async(&mut conn).await?;
+            let _: i64 = invocation
+                .arg(id)
+                .arg(frame.as_ref())
+                .arg(REPLY_TTL.as_secs())
+                .invoke_async(&mut conn)
+                .await?;
             Ok(())
         })
         .await
@@ -313,8 +309,6 @@ impl Broker for RedisBroker {
             redis::pipe()
                 .atomic()
                 .hset(&k.dead, id, frame.as_ref())
-                .ignore()
-                .zrem(&k.running, id)
                 .ignore()
                 .hdel(&k.jobinfo, id)
                 .ignore()

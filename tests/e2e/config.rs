@@ -139,14 +139,17 @@ mod live {
     async fn wait_for(url: &str, target: &str, status: u16) -> Seen {
         let started = Instant::now();
         loop {
-            let seen = get(url, target).await;
-            if seen.status == status {
-                return seen;
+            // The daemons may still be starting: connection refused is "not yet".
+            let seen = try_send(&client(), url, &Req::new("GET", target)).await;
+            if let Some(seen) = &seen
+                && seen.status == status
+            {
+                return seen.clone();
             }
             assert!(
                 started.elapsed() < Duration::from_secs(15),
-                "{target}: still {} after 15 s",
-                seen.status
+                "{target}: still {:?} after 15 s",
+                seen.map(|s| s.status)
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -201,7 +204,7 @@ mod live {
         // 2. A broken edit is refused; the running configuration stays.
         save_like_an_editor(&link, "[[queues]\nname = ");
         tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(get(&url, "/x").await.status, 418);
+        assert_eq!(wait_for(&url, "/x", 418).await.status, 418);
 
         // 3. SIGHUP: the link points into `real/` again; change that file.
         std::fs::remove_file(&link).unwrap();

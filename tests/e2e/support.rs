@@ -67,6 +67,15 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
 
 /// Sends `req` to `base` (`http://host:port`) and reads the whole answer.
 pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, base: &str, req: &Req) -> Seen {
+    try_send(client, base, req).await.expect("request sent")
+}
+
+/// Like [`send`], but a connection error (a server not up yet) is `None`.
+pub async fn try_send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    base: &str,
+    req: &Req,
+) -> Option<Seen> {
     let mut builder = Request::builder()
         .method(Method::from_bytes(req.method.as_bytes()).unwrap())
         .uri(format!("{base}{}", req.target));
@@ -79,10 +88,10 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, base: &str, req: 
     let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
         .await
         .expect("answer within 30 s")
-        .expect("request sent");
+        .ok()?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
-    Seen {
+    Some(Seen {
         status: parts.status.as_u16(),
         headers: parts
             .headers
@@ -90,7 +99,7 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, base: &str, req: 
             .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
             .collect(),
         body,
-    }
+    })
 }
 
 /// GET `target` on `base`.

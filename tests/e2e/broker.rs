@@ -25,6 +25,7 @@ fn job<'a>(id: &'a str, priority: u8) -> NewJob<'a> {
         flow_definition: "",
         max_waiting: None,
         max_wait_boost: None,
+        front: "",
     }
 }
 
@@ -32,6 +33,7 @@ const OPTIONS: ClaimOptions = ClaimOptions {
     lease: Duration::from_secs(30),
     max_inflight_total: None,
     max_wait_boost: None,
+    worker: "",
 };
 
 async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {

@@ -7,6 +7,7 @@ mod broker;
 mod config;
 mod limits;
 mod quota_lua;
+mod recovery;
 mod resilience;
 mod routing;
 mod rules;

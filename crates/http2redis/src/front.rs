@@ -280,6 +280,7 @@ impl<B: Broker> Front<B> {
                 .filter(|q| q.max_concurrent > 0)
                 .map(|q| q.token.clone())
                 .collect(),
+            flow_def: flow.definition(),
         };
 
         let reply = if decision.bypass {
@@ -305,9 +306,9 @@ impl<B: Broker> Front<B> {
                 meta,
                 body,
                 Admission {
-                    flow_definition: flow.definition(),
                     max_waiting: queue.max_waiting,
                     max_wait_boost: config.scheduling.max_wait_boost,
+                    redis_down_grace: config.front.redis_down_grace,
                 },
                 started,
                 timeout,
@@ -346,21 +347,36 @@ impl<B: Broker> Front<B> {
             flow: meta.flow.clone(),
             settled: false,
         };
-        let enqueued = inner
-            .broker
-            .enqueue(NewJob {
-                queue: &meta.queue,
-                id: &meta.id,
-                priority: meta.priority,
-                frame,
-                timeout: timeout.saturating_sub(started.elapsed()),
-                flow: &meta.flow,
-                flow_definition: &admission.flow_definition,
-                max_waiting: admission.max_waiting,
-                max_wait_boost: admission.max_wait_boost,
-            })
-            .instrument(span.clone())
-            .await;
+        // With a `redis_down_grace`, a Redis outage holds the request (and
+        // retries) instead of failing it at once.
+        let hold_until = started + admission.redis_down_grace.min(timeout);
+        let enqueued = loop {
+            let attempt = inner
+                .broker
+                .enqueue(NewJob {
+                    queue: &meta.queue,
+                    id: &meta.id,
+                    priority: meta.priority,
+                    frame: frame.clone(),
+                    timeout: timeout.saturating_sub(started.elapsed()),
+                    flow: &meta.flow,
+                    flow_definition: &meta.flow_def,
+                    max_waiting: admission.max_waiting,
+                    max_wait_boost: admission.max_wait_boost,
+                    front: &meta.front,
+                })
+                .instrument(span.clone())
+                .await;
+            match attempt {
+                Err(err) if err.is_unavailable() && Instant::now() + RETRY_PAUSE < hold_until => {
+                    span.in_scope(
+                        || tracing::debug!(%err, "redis unavailable, holding the request"),
+                    );
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                other => break other,
+            }
+        };
         match enqueued {
             Ok(thr_broker::Admission::Queued) => {}
             Ok(thr_broker::Admission::Refused {
@@ -428,11 +444,14 @@ impl<B: Broker> Front<B> {
     }
 }
 
+/// Pause between two enqueue attempts while Redis is down.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the queue needs to admit a job.
 struct Admission {
-    flow_definition: String,
     max_waiting: Option<u32>,
     max_wait_boost: Option<std::time::Duration>,
+    redis_down_grace: std::time::Duration,
 }
 
 /// Seconds until a refused client may find room: the jobs waiting ahead of

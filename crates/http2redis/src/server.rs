@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use thr_broker::Broker;
+use thr_broker::{Broker, Daemon};
 use thr_core::config::ListenAddr;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -83,8 +83,37 @@ pub async fn serve<B: Broker>(
     let reply_loop = tokio::spawn(replies::run_loop(
         front.broker().replies(front.id()),
         front.router().clone(),
-        stop_rx,
+        stop_rx.clone(),
     ));
+    let presence = tokio::spawn({
+        let front = front.clone();
+        let started = thr_broker::presence::unix_now();
+        let listen = listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        async move {
+            let info = || {
+                serde_json::json!({
+                    "kind": "http2redis",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "started": started,
+                    "listen": listen,
+                    "waiting": front.router().len(),
+                })
+                .to_string()
+            };
+            thr_broker::presence::keep_alive(
+                front.broker(),
+                Daemon::Front,
+                front.id(),
+                info,
+                stop_rx,
+            )
+            .await;
+        }
+    });
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -160,6 +189,7 @@ pub async fn serve<B: Broker>(
     }
     let _ = stop_replies.send(true);
     let _ = reply_loop.await;
+    let _ = presence.await;
     tracing::info!("http2redis stopped");
     Ok(())
 }

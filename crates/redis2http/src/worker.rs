@@ -18,7 +18,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rand::Rng;
 use thr_backend::Forwarder;
-use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell};
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Doorbell, RetryPolicy};
 use thr_core::config::{Config, QueueConfig, Scheduling};
 use thr_core::envelope::{Job, Reply, ReplyMeta};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
@@ -34,6 +34,8 @@ const REPLY_ATTEMPTS: u32 = 8;
 pub struct Worker<B> {
     broker: Arc<B>,
     id: String,
+    /// Jobs running in this process, all queues (for the heartbeat).
+    inflight: Option<Arc<AtomicUsize>>,
 }
 
 /// One queue served by this worker.
@@ -46,9 +48,12 @@ struct QueueRunner<B> {
     room: Arc<Semaphore>,
     /// Jobs running now (for the drain on shutdown).
     busy: AtomicUsize,
+    /// The running jobs, to hand back those a shutdown cannot wait for.
+    jobs: std::sync::Mutex<HashMap<String, tokio::task::AbortHandle>>,
     idle: Notify,
     broker: Arc<B>,
     worker_id: String,
+    inflight: Arc<AtomicUsize>,
 }
 
 struct Running<B> {
@@ -63,6 +68,7 @@ impl<B: Broker> Worker<B> {
         Worker {
             broker: Arc::new(broker),
             id: uuid::Uuid::new_v4().simple().to_string(),
+            inflight: None,
         }
     }
 
@@ -74,12 +80,52 @@ impl<B: Broker> Worker<B> {
     /// Serves the queues of `config` (following its reloads) until
     /// `shutdown`, then drains.
     pub async fn run(
-        self,
+        mut self,
         mut config: watch::Receiver<Arc<Config>>,
         shutdown: impl Future<Output = ()> + Send,
     ) {
         let mut running: HashMap<String, Running<B>> = HashMap::new();
         let mut current = config.borrow_and_update().clone();
+        // Be known alive before holding any lease.
+        let started = thr_broker::presence::unix_now();
+        let inflight = Arc::new(AtomicUsize::new(0));
+        let describe = {
+            let inflight = inflight.clone();
+            let id = self.id.clone();
+            move || {
+                format!(
+                    r#"{{"kind":"redis2http","version":"{}","pid":{},"started":{},"inflight":{},"id":"{}"}}"#,
+                    env!("CARGO_PKG_VERSION"),
+                    std::process::id(),
+                    started,
+                    inflight.load(Ordering::Relaxed),
+                    id
+                )
+            }
+        };
+        if let Err(err) = self
+            .broker
+            .heartbeat(Daemon::Worker, &self.id, &describe())
+            .await
+        {
+            tracing::warn!(%err, "first heartbeat failed; retrying in the background");
+        }
+        let (stop_presence, presence_stopped) = watch::channel(false);
+        let presence = tokio::spawn({
+            let broker = self.broker.clone();
+            let id = self.id.clone();
+            async move {
+                thr_broker::presence::keep_alive(
+                    &*broker,
+                    Daemon::Worker,
+                    &id,
+                    describe,
+                    presence_stopped,
+                )
+                .await
+            }
+        });
+        self.inflight = Some(inflight);
         self.apply(&mut running, &current);
         tracing::info!(worker = %self.id, "redis2http ready");
         tokio::pin!(shutdown);
@@ -105,6 +151,8 @@ impl<B: Broker> Worker<B> {
             r.runner.drain(grace).await;
             let _ = r.task.await;
         }
+        let _ = stop_presence.send(true);
+        let _ = presence.await;
         tracing::info!(worker = %self.id, "redis2http stopped");
     }
 
@@ -136,11 +184,14 @@ impl<B: Broker> Worker<B> {
                         forwarder: ArcSwap::from_pointee(Forwarder::new(queue)),
                         room: Arc::new(Semaphore::new(queue.max_inflight.get())),
                         busy: AtomicUsize::new(0),
+                        jobs: std::sync::Mutex::new(HashMap::new()),
                         idle: Notify::new(),
                         broker: self.broker.clone(),
                         worker_id: self.id.clone(),
+                        inflight: self.inflight.clone().unwrap_or_default(),
                     });
                     let (stop, stopped) = watch::channel(false);
+                    tokio::spawn(runner.clone().reap(stopped.clone()));
                     let task = tokio::spawn(runner.clone().run(stopped));
                     running.insert(queue.name.clone(), Running { runner, stop, task });
                 }
@@ -172,13 +223,19 @@ impl<B: Broker> QueueRunner<B> {
                     lease: q.lease,
                     max_inflight_total: q.max_inflight_total,
                     max_wait_boost: self.scheduling.load().max_wait_boost,
+                    worker: &self.worker_id,
                 }
             };
             match self.broker.claim(&name, options).await {
                 Ok(ClaimOutcome::Job(claimed)) => {
                     failures = 0;
                     self.busy.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(self.clone().run_job(claimed, permit));
+                    self.inflight.fetch_add(1, Ordering::Relaxed);
+                    let id = claimed.id.clone();
+                    // Registered before it runs, so it is always found to remove.
+                    let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                    let task = tokio::spawn(self.clone().run_job(claimed, permit));
+                    jobs.insert(id, task.abort_handle());
                 }
                 Ok(ClaimOutcome::Idle { retry_in }) => {
                     failures = 0;
@@ -250,14 +307,68 @@ impl<B: Broker> QueueRunner<B> {
             tracing::info!(queue = %self.name, running = busy, "waiting for running requests");
         }
         if tokio::time::timeout(grace, drained).await.is_err() {
-            tracing::warn!(queue = %self.name, "shutdown grace elapsed with requests still running");
+            // Give the rest back at once: another worker takes them now
+            // rather than after their lease.
+            let left: Vec<(String, tokio::task::AbortHandle)> = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .collect();
+            tracing::warn!(queue = %self.name, handed_back = left.len(), "shutdown grace elapsed; handing running requests back");
+            for (id, task) in left {
+                task.abort();
+                if let Err(err) = self.broker.hand_back(&self.name, &id).await {
+                    tracing::warn!(queue = %self.name, job = %id, %err, "could not hand the job back; its lease will expire");
+                }
+                self.inflight.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 
     async fn run_job(self: Arc<Self>, claimed: Claimed, permit: OwnedSemaphorePermit) {
+        let id = claimed.id.clone();
         self.job(claimed, permit).await;
+        self.finished(&id);
+    }
+
+    fn finished(&self, id: &str) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
         if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Takes back the jobs of lost workers, about once a second (any live
+    /// worker does; the script is atomic).
+    async fn reap(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let pause = Duration::from_millis(rand::rng().random_range(700..1300));
+            if sleep_or_stop(pause, &mut stop).await {
+                return;
+            }
+            let policy = {
+                let q = self.queue.load();
+                RetryPolicy {
+                    methods: q.retry_methods.clone(),
+                    max_attempts: q.max_attempts,
+                }
+            };
+            match self.broker.reap(&self.name, &policy).await {
+                Ok(r) if r.requeued + r.answered + r.dead_lettered > 0 => tracing::warn!(
+                    queue = %self.name,
+                    requeued = r.requeued,
+                    answered_502 = r.answered,
+                    dead_lettered = r.dead_lettered,
+                    "took back the jobs of a lost worker"
+                ),
+                Ok(_) => {}
+                Err(err) => tracing::debug!(queue = %self.name, %err, "reap failed"),
+            }
         }
     }
 

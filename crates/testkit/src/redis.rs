@@ -14,6 +14,7 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    password: Option<String>,
 }
 
 /// The `redis-server` binary: `$THR_REDIS_SERVER`, else from `PATH`.
@@ -47,6 +48,11 @@ pub fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server and waits until it answers PING.
     pub fn start() -> RedisServer {
+        RedisServer::start_with_password(None)
+    }
+
+    /// Starts a server that requires `password` (`requirepass`).
+    pub fn start_with_password(password: Option<&str>) -> RedisServer {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("thr-redis-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("redis test directory");
@@ -55,6 +61,7 @@ impl RedisServer {
                 port: free_port(),
                 dir: dir.clone(),
                 child: None,
+                password: password.map(str::to_string),
             };
             if server.spawn() {
                 return server;
@@ -67,7 +74,11 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> bool {
-        let mut child = Command::new(redis_server_binary())
+        let mut command = Command::new(redis_server_binary());
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let mut child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--unixsocket", &self.socket_path().display().to_string()])
@@ -105,12 +116,23 @@ impl RedisServer {
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
         let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+        let ping = match &self.password {
+            Some(p) => format!("AUTH {p}\r\nPING\r\n"),
+            None => "PING\r\n".to_string(),
+        };
+        let mut ok = [0u8; 5];
+        s.write_all(ping.as_bytes()).is_ok()
+            && (self.password.is_none() || s.read_exact(&mut ok).is_ok())
+            && s.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT` (with the password when there is one).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// `redis+unix:///…/redis.sock`.

@@ -303,6 +303,7 @@ async fn claim_rate(blocked: usize) -> f64 {
             flow_definition: def,
             max_waiting: None,
             max_wait_boost: None,
+            front: "",
         };
         broker.enqueue(job).await.expect("enqueue");
     };
@@ -310,6 +311,7 @@ async fn claim_rate(blocked: usize) -> f64 {
         lease: Duration::from_secs(600),
         max_inflight_total: None,
         max_wait_boost: None,
+        worker: "",
     };
     const BLOCKED_FLOW: &str = "foo_bar=bar";
     const BLOCKED_DEF: &str = "foo_bar=bar\t2\t0\t0\t0\n";

@@ -4,12 +4,16 @@
 -- KEYS[5]  wake       doorbell list (one token is taken per job started)
 -- KEYS[6]  flows      KEYS[7] flowdefs   KEYS[8] jobinfo     KEYS[9] drained
 -- KEYS[10] waiting    KEYS[11] seq
+-- KEYS[12] owners     hash id -> worker running it
+-- KEYS[13] fronts     sorted set front -> last heartbeat (ms)
 -- ARGV[1] lease ms
 -- ARGV[2] flow key prefix (flow keys are PREFIX..flow, same hash tag)
 -- ARGV[3] quota key prefix (sem:/gcra: keys are PREFIX..kind..token)
 -- ARGV[4] max_inflight_total (0: none)
 -- ARGV[5] aging step ms (0: strict priority)
 -- ARGV[6] most flows to look at
+-- ARGV[7] id of the claiming worker ("" for none)
+-- ARGV[8] heartbeat timeout ms: a front silent for longer is gone
 -- Returns {id, encoded job, ms left before the client's deadline, flow}, or
 -- {"", why, ms until a rate quota may allow (-1: unknown)}.
 --
@@ -78,6 +82,15 @@ while looked < budget do
         waiting_add(KEYS[10], quotas, -1)
         local deadline = tonumber(redis.call('ZSCORE', KEYS[3], id))
         local job = redis.call('HGET', KEYS[2], id)
+        -- A job whose front died has nobody to answer: never run it.
+        local info = redis.call('HGET', KEYS[8], id) or ''
+        local front = string.match(info, '\t([^\t]*)$')
+        if front and front ~= '' then
+          local beat = tonumber(redis.call('ZSCORE', KEYS[13], front))
+          if beat and beat < now - tonumber(ARGV[8]) then
+            job = false
+          end
+        end
         if job and deadline and deadline > now then
           local until_ms = int(now + lease)
           for i, q in ipairs(quotas) do
@@ -89,6 +102,9 @@ while looked < budget do
             end
           end
           redis.call('ZADD', KEYS[4], until_ms, id)
+          if ARGV[7] ~= '' then
+            redis.call('HSET', KEYS[12], id, ARGV[7])
+          end
           -- This job's doorbell token is spent: idle workers are not woken for it.
           redis.call('LPOP', KEYS[5])
           count_start(KEYS[9], sec)

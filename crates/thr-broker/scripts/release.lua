@@ -2,17 +2,19 @@
 -- drops its lease, frees its quota slots and rings the doorbell (a blocked
 -- flow may now run). One script, so a reply and its release are one round
 -- trip, and a worker dying cannot leave one without the other.
--- KEYS[1] leases   KEYS[2] (unused)  KEYS[3] jobs   KEYS[4] deadlines
+-- KEYS[1] leases   KEYS[2] owners    KEYS[3] jobs   KEYS[4] deadlines
 -- KEYS[5] jobinfo  KEYS[6] wake      KEYS[7] the front's reply list
--- KEYS[8..] semaphores the job holds
+-- KEYS[8] attempts    KEYS[9..] semaphores the job holds
 -- ARGV[1] job id   ARGV[2] encoded reply   ARGV[3] reply list lifetime (s)
 redis.call('LPUSH', KEYS[7], ARGV[2])
 redis.call('EXPIRE', KEYS[7], ARGV[3])
 redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
-for i = 8, #KEYS do
+redis.call('HDEL', KEYS[8], ARGV[1])
+for i = 9, #KEYS do
   redis.call('ZREM', KEYS[i], ARGV[1])
 end
 if redis.call('RPUSH', KEYS[6], 1) > 64 then

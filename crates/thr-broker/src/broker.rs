@@ -28,6 +28,8 @@ pub struct NewJob<'a> {
     pub max_waiting: Option<u32>,
     /// Aging: `[scheduling] max_wait_boost`.
     pub max_wait_boost: Option<Duration>,
+    /// The front waiting for the reply.
+    pub front: &'a str,
 }
 
 /// Whether a job was taken.
@@ -48,13 +50,51 @@ pub enum Admission {
 
 /// How a worker claims.
 #[derive(Debug, Clone, Copy)]
-pub struct ClaimOptions {
+pub struct ClaimOptions<'a> {
     /// The job's lease.
     pub lease: Duration,
     /// The queue's `max_inflight_total`.
     pub max_inflight_total: Option<u32>,
     /// Aging: `[scheduling] max_wait_boost`.
     pub max_wait_boost: Option<Duration>,
+    /// The claiming worker (its heartbeat vouches for the lease); "" for none.
+    pub worker: &'a str,
+}
+
+/// How long a daemon may stay silent before it counts as dead: a lease of
+/// a silent worker is taken back, a job of a silent front is dropped.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often daemons say they are alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Which kind of daemon a heartbeat is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Daemon {
+    /// http2redis.
+    Front,
+    /// redis2http.
+    Worker,
+}
+
+/// What to do with the jobs of a lost worker.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Methods safe to run again (the others are answered 502).
+    pub methods: Vec<String>,
+    /// Runs before a job is set aside in the dead letters.
+    pub max_attempts: u32,
+}
+
+/// What a reaper did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Jobs put back in their place.
+    pub requeued: u64,
+    /// Clients answered 502 (not safe to retry, or out of attempts).
+    pub answered: u64,
+    /// Jobs set aside in the dead letters.
+    pub dead_lettered: u64,
 }
 
 /// What a claim found.
@@ -108,7 +148,7 @@ pub trait Broker: Send + Sync + 'static {
     fn claim(
         &self,
         queue: &str,
-        options: ClaimOptions,
+        options: ClaimOptions<'_>,
     ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send;
 
     /// Extends a running job's lease and quota slots; false when the job
@@ -140,6 +180,37 @@ pub trait Broker: Send + Sync + 'static {
         id: &str,
         frame: Bytes,
         reason: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Takes back the jobs of lost workers of `queue` (expired lease, silent
+    /// heartbeat): safe ones go back in their place, others are answered.
+    fn reap(
+        &self,
+        queue: &str,
+        policy: &RetryPolicy,
+    ) -> impl Future<Output = Result<Reaped, BrokerError>> + Send;
+
+    /// Gives a running job back (a stopping worker that cannot finish it):
+    /// the next reap treats it as lost.
+    fn hand_back(
+        &self,
+        queue: &str,
+        id: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Says that daemon `id` is alive, with a JSON description of itself.
+    fn heartbeat(
+        &self,
+        kind: Daemon,
+        id: &str,
+        info: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Says that daemon `id` stopped cleanly.
+    fn retire(
+        &self,
+        kind: Daemon,
+        id: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// A doorbell for `queue` (one per waiting loop: it may hold a connection).

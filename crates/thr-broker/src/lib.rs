@@ -8,10 +8,12 @@
 
 mod broker;
 mod error;
+pub mod presence;
 pub mod redis;
 
 pub use broker::{
-    Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell, NewJob, ReplyStream,
+    Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Doorbell, HEARTBEAT_EVERY,
+    HEARTBEAT_TIMEOUT, NewJob, Reaped, ReplyStream, RetryPolicy,
 };
 pub use error::BrokerError;
 pub use redis::RedisBroker;

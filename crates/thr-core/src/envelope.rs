@@ -85,6 +85,9 @@ pub struct JobMeta {
     /// Tokens of the concurrency quotas the job holds while it runs.
     #[serde(default)]
     pub semaphores: Vec<String>,
+    /// The flow's definition, so that a reaper can put the job back.
+    #[serde(default)]
+    pub flow_def: String,
 }
 
 /// A request taken off a queue.
@@ -262,6 +265,7 @@ mod tests {
             timeout_ms: 30_000,
             flow: "-".into(),
             semaphores: vec![],
+            flow_def: String::new(),
         }
     }
 

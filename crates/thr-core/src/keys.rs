@@ -38,6 +38,10 @@ pub struct QueueKeys {
     pub drained: String,
     /// Prefix of the flows' own sorted sets (`prefix + flow id`).
     pub flow_prefix: String,
+    /// Hash: job id → the worker running it.
+    pub owners: String,
+    /// Hash: job id → times a worker was lost while running it.
+    pub attempts: String,
 }
 
 impl QueueKeys {
@@ -58,6 +62,8 @@ impl QueueKeys {
             jobinfo: k("jobinfo"),
             drained: k("drained"),
             flow_prefix: k("flow:"),
+            owners: k("owners"),
+            attempts: k("attempts"),
         }
     }
 
@@ -65,6 +71,21 @@ impl QueueKeys {
     pub fn flow(&self, flow: &str) -> String {
         format!("{}{flow}", self.flow_prefix)
     }
+}
+
+/// Sorted set: worker id → last heartbeat (ms, Redis clock).
+pub const WORKERS: &str = "thr:workers";
+/// Sorted set: front id → last heartbeat (ms, Redis clock).
+pub const FRONTS: &str = "thr:fronts";
+
+/// A worker's self-description (JSON, expires with its heartbeat).
+pub fn worker_info(id: &str) -> String {
+    format!("thr:worker:{id}")
+}
+
+/// A front's self-description (JSON, expires with its heartbeat).
+pub fn front_info(id: &str) -> String {
+    format!("thr:front:{id}")
 }
 
 /// Prefix of every quota key: `sem:TOKEN` (concurrency holders), `gcra:TOKEN`

@@ -21,7 +21,10 @@ use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo};
 use thr_core::keys::{self, QueueKeys};
 
-use crate::{Admission, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, NewJob};
+use crate::{
+    Admission, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, HEARTBEAT_TIMEOUT,
+    NewJob, Reaped, RetryPolicy,
+};
 pub use blocking::{RedisDoorbell, RedisReplies};
 use scripts::Scripts;
 
@@ -143,6 +146,7 @@ impl Broker for RedisBroker {
                     .arg(job.flow_definition)
                     .arg(job.max_waiting.unwrap_or(0))
                     .arg(aging_step_ms(job.max_wait_boost))
+                    .arg(job.front)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -186,7 +190,11 @@ impl Broker for RedisBroker {
         .await
     }
 
-    async fn claim(&self, queue: &str, options: ClaimOptions) -> Result<ClaimOutcome, BrokerError> {
+    async fn claim(
+        &self,
+        queue: &str,
+        options: ClaimOptions<'_>,
+    ) -> Result<ClaimOutcome, BrokerError> {
         let k = QueueKeys::new(queue);
         let answer: redis::Value = self
             .run(|mut conn| async move {
@@ -203,12 +211,16 @@ impl Broker for RedisBroker {
                     .key(&k.drained)
                     .key(keys::quota_waiting())
                     .key(&k.seq)
+                    .key(&k.owners)
+                    .key(keys::FRONTS)
                     .arg(options.lease.as_millis() as u64)
                     .arg(&k.flow_prefix)
                     .arg(keys::QUOTA_PREFIX)
                     .arg(options.max_inflight_total.unwrap_or(0))
                     .arg(aging_step_ms(options.max_wait_boost))
                     .arg(CLAIM_SCAN)
+                    .arg(options.worker)
+                    .arg(HEARTBEAT_TIMEOUT.as_millis() as u64)
                     .invoke_async(&mut conn)
                     .await
             })
@@ -277,12 +289,13 @@ impl Broker for RedisBroker {
         self.run(|mut conn| async move {
             let mut invocation = self.scripts.release.key(&k.leases);
             invocation
-                .key(&k.leases)
+                .key(&k.owners)
                 .key(&k.jobs)
                 .key(&k.deadlines)
                 .key(&k.jobinfo)
                 .key(&k.wake)
-                .key(&replies);
+                .key(&replies)
+                .key(&k.attempts);
             for token in semaphores {
                 invocation.key(keys::semaphore(token));
             }
@@ -319,6 +332,100 @@ impl Broker for RedisBroker {
                 .hdel(&k.jobs, id)
                 .ignore()
                 .zrem(&k.deadlines, id)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn reap(&self, queue: &str, policy: &RetryPolicy) -> Result<Reaped, BrokerError> {
+        let k = QueueKeys::new(queue);
+        let methods = policy.methods.join(" ");
+        let (requeued, answered, dead_lettered): (u64, u64, u64) = self
+            .run(|mut conn| async move {
+                self.scripts
+                    .reap
+                    .key(&k.leases)
+                    .key(&k.jobs)
+                    .key(&k.deadlines)
+                    .key(&k.jobinfo)
+                    .key(&k.owners)
+                    .key(&k.pending)
+                    .key(&k.flows)
+                    .key(&k.flowdefs)
+                    .key(keys::quota_waiting())
+                    .key(&k.attempts)
+                    .key(&k.dead)
+                    .key(&k.dead_reasons)
+                    .key(&k.wake)
+                    .key(keys::WORKERS)
+                    .arg(HEARTBEAT_TIMEOUT.as_millis() as u64)
+                    .arg(&k.flow_prefix)
+                    .arg(keys::QUOTA_PREFIX)
+                    .arg(policy.max_attempts)
+                    .arg(methods)
+                    .arg(REPLY_TTL.as_secs())
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Reaped {
+            requeued,
+            answered,
+            dead_lettered,
+        })
+    }
+
+    async fn hand_back(&self, queue: &str, id: &str) -> Result<(), BrokerError> {
+        let k = QueueKeys::new(queue);
+        self.run(|mut conn| async move {
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(&k.leases)
+                .arg("XX")
+                .arg(0)
+                .arg(id)
+                .ignore()
+                .rpush(&k.wake, 1)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, kind: Daemon, id: &str, info: &str) -> Result<(), BrokerError> {
+        let (set, info_key) = match kind {
+            Daemon::Front => (keys::FRONTS, keys::front_info(id)),
+            Daemon::Worker => (keys::WORKERS, keys::worker_info(id)),
+        };
+        self.run(|mut conn| async move {
+            let _: i64 = self
+                .scripts
+                .heartbeat
+                .key(set)
+                .key(&info_key)
+                .arg(id)
+                .arg(info)
+                .arg(HEARTBEAT_TIMEOUT.as_secs() * 2)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn retire(&self, kind: Daemon, id: &str) -> Result<(), BrokerError> {
+        let (set, info_key) = match kind {
+            Daemon::Front => (keys::FRONTS, keys::front_info(id)),
+            Daemon::Worker => (keys::WORKERS, keys::worker_info(id)),
+        };
+        self.run(|mut conn| async move {
+            redis::pipe()
+                .zrem(set, id)
+                .ignore()
+                .del(&info_key)
                 .ignore()
                 .exec_async(&mut conn)
                 .await

@@ -17,6 +17,8 @@ pub(crate) struct Scripts {
     pub(crate) cancel: Script,
     pub(crate) release: Script,
     pub(crate) renew: Script,
+    pub(crate) reap: Script,
+    pub(crate) heartbeat: Script,
 }
 
 impl Scripts {
@@ -43,6 +45,14 @@ impl Scripts {
             renew: Script::new(concat!(
                 include_str!("../../scripts/quota.lua"),
                 include_str!("../../scripts/renew.lua")
+            )),
+            reap: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/reap.lua")
+            )),
+            heartbeat: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/heartbeat.lua")
             )),
         })
     }

@@ -281,6 +281,12 @@ pub fn compile(
             },
         ),
         edge_limit: None,
+        redis_down_grace: c.value(
+            &key(&["http2redis", "redis_down_grace"]),
+            &f.redis_down_grace,
+            Duration::ZERO,
+            |s| duration(s),
+        ),
     };
 
     let worker = WorkerSettings {
@@ -352,6 +358,28 @@ pub fn compile(
             None,
             count,
         );
+        let retry_methods = c.value(
+            &at("retry_methods"),
+            &q.retry_methods,
+            vec!["GET".to_string(), "HEAD".to_string(), "OPTIONS".to_string()],
+            |list| {
+                for m in list {
+                    if http::Method::from_bytes(m.as_bytes()).is_err() {
+                        return Err(format!("`{m}` is not a method"));
+                    }
+                }
+                Ok(list.clone())
+            },
+        );
+        let max_attempts = c.value(
+            &at("max_attempts"),
+            &q.max_attempts,
+            3,
+            |n| match u32::try_from(*n) {
+                Ok(n @ 1..=100) => Ok(n),
+                _ => Err("must be between 1 and 100".to_string()),
+            },
+        );
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -361,6 +389,8 @@ pub fn compile(
                 lease,
                 max_waiting,
                 max_inflight_total,
+                retry_methods,
+                max_attempts,
             });
         }
     }

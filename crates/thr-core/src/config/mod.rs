@@ -95,6 +95,9 @@ pub struct FrontSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Per-client rate limit at the edge, if any.
     pub edge_limit: Option<EdgeLimit>,
+    /// While Redis is unreachable, hold requests this long (retrying) before
+    /// answering 503. Zero: answer 503 at once.
+    pub redis_down_grace: Duration,
 }
 
 /// `[redis2http]`: the workers that feed the backends.
@@ -122,6 +125,10 @@ pub struct QueueConfig {
     pub max_waiting: Option<u32>,
     /// Most jobs of this queue running at once across every worker.
     pub max_inflight_total: Option<u32>,
+    /// Methods safe to run again when the worker running them is lost.
+    pub retry_methods: Vec<String>,
+    /// Runs of one job before it is set aside in the dead letters.
+    pub max_attempts: u32,
 }
 
 /// Where a daemon listens.

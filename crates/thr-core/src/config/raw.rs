@@ -132,6 +132,7 @@ pub struct RawFront {
     pub header_read_timeout: Option<Str>,
     pub shutdown_grace: Option<Str>,
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub redis_down_grace: Option<Str>,
     pub edge_limit: Option<RawEdgeLimit>,
 }
 
@@ -151,6 +152,8 @@ pub struct RawQueue {
     pub lease: Option<Str>,
     pub max_waiting: Option<Spanned<i64>>,
     pub max_inflight_total: Option<Spanned<i64>>,
+    pub retry_methods: Option<Spanned<Vec<String>>>,
+    pub max_attempts: Option<Spanned<i64>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

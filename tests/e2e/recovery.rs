@@ -171,7 +171,6 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"60s\"");
     let (dir, path) = config_file(&text);
     let mut front = Process::spawn("http2redis", &["--config", &path]);
-    let url = format!("http://127.0.0.1:{port}");
     // No worker yet: the requests wait in Redis.
     let mut clients = Vec::new();
     let started = Instant::now();
@@ -218,7 +217,6 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
     drop(clients);
     worker.stop().await;
     let _ = std::fs::remove_dir_all(dir);
-    let _ = url;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,14 +307,10 @@ async fn a_rolling_restart_of_every_worker_loses_nothing_and_returns_no_5xx() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    for i in 0..2 {
-        workers[i].signal("TERM");
-        assert_eq!(
-            workers[i].wait(),
-            Some(0),
-            "worker {i} did not stop cleanly"
-        );
-        workers[i] = Process::spawn("redis2http", &["--config", &path]);
+    for (i, worker) in workers.iter_mut().enumerate() {
+        worker.signal("TERM");
+        assert_eq!(worker.wait(), Some(0), "worker {i} did not stop cleanly");
+        *worker = Process::spawn("redis2http", &["--config", &path]);
         tokio::time::sleep(Duration::from_millis(1500)).await;
     }
     let mut total = 0;
@@ -481,4 +475,45 @@ async fn header_values_cannot_inject_into_redis_key_names() {
     assert_eq!(other.status, 200, "not blocked by the other user's slot");
     assert_eq!(hold.await.unwrap(), 200);
     stack.thr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_worker_hands_back_what_it_cannot_finish() {
+    testkit::init_logs();
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let text = config_text(&redis.url(), &backend.url(), "")
+        .replace(
+            "[redis2http]\nshutdown_grace = \"5s\"",
+            "[redis2http]\nshutdown_grace = \"1s\"",
+        )
+        .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
+    let (dir, path) = config_file(&text);
+    let front = Thr::start(parse_config(&text), 0).await;
+    let mut stopping = Process::spawn("redis2http", &["--config", &path]);
+    let long = tokio::spawn({
+        let url = front.url();
+        async move { get(&url, "/long?delay=3000").await }
+    });
+    until(Duration::from_secs(10), "running", || backend.count() == 1).await;
+    let _other = Process::spawn("redis2http", &["--config", &path]);
+    stopping.signal("TERM");
+    let stopped = Instant::now();
+    assert_eq!(stopping.wait(), Some(0));
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "the grace is 1 s: {:?}",
+        stopped.elapsed()
+    );
+    // Handed back: the other worker runs it again at once, not after a lease.
+    let seen = long.await.unwrap();
+    assert_eq!(seen.status, 200);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(backend.count(), 2);
+    front.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -13,7 +13,10 @@
 //!   is for; thr and HAProxy both hold the excess in a queue;
 //! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
 //!   behind a full quota: claim cost must not grow with blocked jobs
-//!   (DESIGN.md decision 5).
+//!   (DESIGN.md decision 5);
+//! - `soak` (only when asked): `--soak-duration` (10 min) of mixed load while
+//!   a worker is killed with SIGKILL every minute and Redis is restarted
+//!   once; prints requests sent, answered, 5xx, lost and the daemons' memory.
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 
@@ -43,6 +46,9 @@ struct Cli {
     /// Scenarios to run: overhead, legacy, claim.
     #[arg(long, value_delimiter = ',', default_value = "overhead,legacy,claim")]
     scenarios: Vec<String>,
+    /// Length of the `soak` scenario (not in the default set).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    soak_duration: Duration,
     /// Log level of the thr daemons during the run (RUST_LOG).
     #[arg(long, default_value = "warn")]
     log: String,
@@ -278,6 +284,9 @@ async fn main() {
     if cli.scenarios.iter().any(|n| n == "claim") {
         claim_scenario().await;
     }
+    if cli.scenarios.iter().any(|n| n == "soak") {
+        soak(cli.soak_duration, &dir).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -361,5 +370,115 @@ async fn claim_scenario() {
         "  {:>6} blocked jobs  {busy:>9.0} claims/s   x{:.2} vs none blocked",
         10_000,
         busy / free
+    );
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// Mixed load for `length` while workers are killed and Redis restarts.
+async fn soak(length: Duration, dir: &std::path::Path) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let mut redis = RedisServer::start();
+    let backend_port = free_port();
+    let front_port = free_port();
+    let _backend = Process::spawn(
+        "slowapp",
+        &["--listen", &format!("127.0.0.1:{backend_port}"), "--workers", "16", "--delay", "5ms"],
+    );
+    let config = dir.join("soak.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{}\"\n[http2redis]\nlisten = \"127.0.0.1:{front_port}\"\nreply_timeout = \"30s\"\nredis_down_grace = \"5s\"\n[[queues]]\nname = \"default\"\nbackend = \"http://127.0.0.1:{backend_port}\"\nmax_inflight = 8\nlease = \"10s\"\n[[limits]]\nname = \"per_user\"\nby = {{ header = \"X-User\" }}\nmax_concurrent = 4\n",
+            redis.url()
+        ),
+    )
+    .expect("soak config");
+    let config = config.display().to_string();
+    let spawn = |name: &str| Process::spawn(name, &["--config", &config]);
+    let front = spawn("http2redis");
+    let mut workers = vec![spawn("redis2http"), spawn("redis2http")];
+    let url = format!("http://127.0.0.1:{front_port}");
+    wait_http(&url).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_start: Vec<u64> = std::iter::once(front.pid()).chain(workers.iter().map(Process::pid)).map(rss_kib).collect();
+
+    let sent = Arc::new(AtomicU64::new(0));
+    let answered = Arc::new(AtomicU64::new(0));
+    let errors5xx = Arc::new(AtomicU64::new(0));
+    let stop_at = Instant::now() + length;
+    let clients: Vec<_> = (0..16)
+        .map(|i| {
+            let (sent, answered, errors5xx, url) = (sent.clone(), answered.clone(), errors5xx.clone(), url.clone());
+            tokio::spawn(async move {
+                let client: Client<_, http_body_util::Full<bytes::Bytes>> =
+                    Client::builder(TokioExecutor::new()).build_http();
+                let mut n = 0u64;
+                while Instant::now() < stop_at {
+                    n += 1;
+                    let method = if n % 5 == 0 { "POST" } else { "GET" };
+                    let req = http::Request::builder()
+                        .method(method)
+                        .uri(format!("{url}/soak/{i}/{n}?bytes={}", n % 2048))
+                        .header("x-user", format!("user{}", i % 5))
+                        .body(http_body_util::Full::new(bytes::Bytes::from(vec![7u8; (n % 4096) as usize])))
+                        .expect("request");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(40), client.request(req)).await {
+                        let status = resp.status();
+                        if resp.into_body().collect().await.is_ok() {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                            if status.is_server_error() {
+                                errors5xx.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let mut redis_restarted = false;
+    let mut kills = 0;
+    while Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t = started.elapsed().as_secs();
+        if t > 0 && t % 60 == 0 {
+            let victim = (kills % workers.len()) as usize;
+            workers[victim].signal("KILL");
+            workers[victim].wait();
+            workers[victim] = spawn("redis2http");
+            kills += 1;
+            println!("  t={t:>4}s  killed a worker with SIGKILL ({kills} so far)");
+        }
+        if !redis_restarted && started.elapsed() >= length / 2 {
+            redis.restart();
+            redis_restarted = true;
+            println!("  t={t:>4}s  restarted Redis (empty)");
+        }
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    let rss_end: Vec<u64> = std::iter::once(front.pid()).chain(workers.iter().map(Process::pid)).map(rss_kib).collect();
+    let (sent, answered, errors5xx) = (sent.load(Ordering::Relaxed), answered.load(Ordering::Relaxed), errors5xx.load(Ordering::Relaxed));
+    println!("\nscenario `soak`: {length:?}, 16 clients, {kills} worker kills, Redis restarted once");
+    println!("  sent {sent}, answered {answered}, 5xx {errors5xx}, lost {}", sent - answered);
+    println!(
+        "  memory (RSS KiB): front {} -> {}, first worker slot {} -> {}, second {} -> {} (killed workers are replaced)",
+        rss_start[0], rss_end[0], rss_start[1], rss_end[1], rss_start[2], rss_end[2]
     );
 }

@@ -334,6 +334,40 @@ mod tests {
             prop_assert!(glob.matches(&s));
         }
 
+        /// Fuzz: any pattern text of any kind either compiles or is refused
+        /// with a message, and matching anything never panics.
+        #[test]
+        fn arbitrary_patterns_never_panic(kind in 0usize..7, text in ".{0,24}", values in proptest::collection::vec(".{0,40}", 0..4)) {
+            let kinds = ["glob", "regex", "prefix", "cidr", "absent", "not", "exact"];
+            let value = match kinds[kind] {
+                "exact" => toml::Value::String(text.clone()),
+                "absent" => toml::Value::Boolean(text.len() % 2 == 0),
+                "not" => {
+                    let mut inner = toml::Table::new();
+                    inner.insert("regex".into(), toml::Value::String(text.clone()));
+                    let mut t = toml::Table::new();
+                    t.insert("not".into(), toml::Value::Table(inner));
+                    toml::Value::Table(t)
+                }
+                k => {
+                    let mut t = toml::Table::new();
+                    t.insert(k.into(), toml::Value::String(text.clone()));
+                    toml::Value::Table(t)
+                }
+            };
+            for subject in [Subject::Path, Subject::Method, Subject::Host, Subject::Ip, Subject::Field] {
+                if let Ok(p) = Pattern::compile(&value, subject) {
+                    for v in &values {
+                        let _ = p.matches(v);
+                        let _ = p.matches_missing();
+                        if let Ok(ip) = v.parse::<IpAddr>() {
+                            let _ = p.matches_ip(ip);
+                        }
+                    }
+                }
+            }
+        }
+
         #[test]
         fn cidr_contains_its_own_network(a in any::<u8>(), b in any::<u8>(), len in 8u8..=32) {
             let ip = std::net::Ipv4Addr::new(10, a, b, 1);

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs redis-server with apt-get when it is missing (Debian/Ubuntu).
+# Installs redis-server (and openssl, which the TLS test uses to make a
+# certificate) with apt-get when missing (Debian/Ubuntu).
 set -euo pipefail
-if command -v redis-server >/dev/null 2>&1; then
+if command -v redis-server >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1; then
   exit 0
 fi
-echo "redis-server not found: installing it with apt-get" >&2
+echo "redis-server or openssl not found: installing them with apt-get" >&2
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 $SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server openssl >/dev/null
 # Debian starts a system redis on 6379; thr's scripts and tests never use it.
 command -v redis-server >/dev/null

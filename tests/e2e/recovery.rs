@@ -517,3 +517,19 @@ async fn a_stopping_worker_hands_back_what_it_cannot_finish() {
     front.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_works() {
+    testkit::init_logs();
+    let redis = RedisServer::start_tls();
+    let backend = SlowBackend::builder().start().await;
+    let thr = Thr::start(
+        parse_config(&config_text(&redis.tls_url(), &backend.url(), "")),
+        1,
+    )
+    .await;
+    let seen = get(&thr.url(), "/over-tls?cookies=1").await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    assert_eq!(backend.count(), 1);
+    thr.stop().await;
+}

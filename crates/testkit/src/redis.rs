@@ -15,6 +15,7 @@ pub struct RedisServer {
     dir: PathBuf,
     child: Option<Child>,
     password: Option<String>,
+    tls_port: Option<u16>,
 }
 
 /// The `redis-server` binary: `$THR_REDIS_SERVER`, else from `PATH`.
@@ -62,6 +63,7 @@ impl RedisServer {
                 dir: dir.clone(),
                 child: None,
                 password: password.map(str::to_string),
+                tls_port: None,
             };
             if server.spawn() {
                 return server;
@@ -77,6 +79,17 @@ impl RedisServer {
         let mut command = Command::new(redis_server_binary());
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
+        }
+        if let Some(port) = self.tls_port {
+            let (cert, key) = (self.dir.join("redis.crt"), self.dir.join("redis.key"));
+            command
+                .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(&cert)
+                .arg("--tls-key-file")
+                .arg(&key)
+                .arg("--tls-ca-cert-file")
+                .arg(&cert);
         }
         let mut child = command
             .args(["--port", &self.port.to_string()])
@@ -125,6 +138,46 @@ impl RedisServer {
             && (self.password.is_none() || s.read_exact(&mut ok).is_ok())
             && s.read_exact(&mut buf).is_ok()
             && &buf == b"+PONG\r\n"
+    }
+
+    /// Starts a server that also speaks TLS, with a self-signed certificate
+    /// made by `openssl`; see [`RedisServer::tls_url`].
+    pub fn start_tls() -> RedisServer {
+        let mut server = RedisServer::start();
+        server.kill();
+        let (cert, key) = (server.dir.join("redis.crt"), server.dir.join("redis.key"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(made.success(), "openssl could not make a certificate");
+        server.tls_port = Some(free_port());
+        server.restart();
+        server
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT/#insecure` (the certificate is self-signed).
+    pub fn tls_url(&self) -> String {
+        format!(
+            "rediss://127.0.0.1:{}/#insecure",
+            self.tls_port.expect("started with start_tls")
+        )
     }
 
     /// `redis://127.0.0.1:PORT` (with the password when there is one).

@@ -395,7 +395,14 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     let front_port = free_port();
     let _backend = Process::spawn(
         "slowapp",
-        &["--listen", &format!("127.0.0.1:{backend_port}"), "--workers", "16", "--delay", "5ms"],
+        &[
+            "--listen",
+            &format!("127.0.0.1:{backend_port}"),
+            "--workers",
+            "16",
+            "--delay",
+            "5ms",
+        ],
     );
     let config = dir.join("soak.toml");
     std::fs::write(
@@ -413,7 +420,10 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     let url = format!("http://127.0.0.1:{front_port}");
     wait_http(&url).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_start: Vec<u64> = std::iter::once(front.pid()).chain(workers.iter().map(Process::pid)).map(rss_kib).collect();
+    let rss_start: Vec<u64> = std::iter::once(front.pid())
+        .chain(workers.iter().map(Process::pid))
+        .map(rss_kib)
+        .collect();
 
     let sent = Arc::new(AtomicU64::new(0));
     let answered = Arc::new(AtomicU64::new(0));
@@ -421,7 +431,12 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     let stop_at = Instant::now() + length;
     let clients: Vec<_> = (0..16)
         .map(|i| {
-            let (sent, answered, errors5xx, url) = (sent.clone(), answered.clone(), errors5xx.clone(), url.clone());
+            let (sent, answered, errors5xx, url) = (
+                sent.clone(),
+                answered.clone(),
+                errors5xx.clone(),
+                url.clone(),
+            );
             tokio::spawn(async move {
                 let client: Client<_, http_body_util::Full<bytes::Bytes>> =
                     Client::builder(TokioExecutor::new()).build_http();
@@ -433,10 +448,14 @@ async fn soak(length: Duration, dir: &std::path::Path) {
                         .method(method)
                         .uri(format!("{url}/soak/{i}/{n}?bytes={}", n % 2048))
                         .header("x-user", format!("user{}", i % 5))
-                        .body(http_body_util::Full::new(bytes::Bytes::from(vec![7u8; (n % 4096) as usize])))
+                        .body(http_body_util::Full::new(bytes::Bytes::from(
+                            vec![7u8; (n % 4096) as usize],
+                        )))
                         .expect("request");
                     sent.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(40), client.request(req)).await {
+                    if let Ok(Ok(resp)) =
+                        tokio::time::timeout(Duration::from_secs(40), client.request(req)).await
+                    {
                         let status = resp.status();
                         if resp.into_body().collect().await.is_ok() {
                             answered.fetch_add(1, Ordering::Relaxed);
@@ -473,10 +492,22 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     for c in clients {
         let _ = c.await;
     }
-    let rss_end: Vec<u64> = std::iter::once(front.pid()).chain(workers.iter().map(Process::pid)).map(rss_kib).collect();
-    let (sent, answered, errors5xx) = (sent.load(Ordering::Relaxed), answered.load(Ordering::Relaxed), errors5xx.load(Ordering::Relaxed));
-    println!("\nscenario `soak`: {length:?}, 16 clients, {kills} worker kills, Redis restarted once");
-    println!("  sent {sent}, answered {answered}, 5xx {errors5xx}, lost {}", sent - answered);
+    let rss_end: Vec<u64> = std::iter::once(front.pid())
+        .chain(workers.iter().map(Process::pid))
+        .map(rss_kib)
+        .collect();
+    let (sent, answered, errors5xx) = (
+        sent.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+        errors5xx.load(Ordering::Relaxed),
+    );
+    println!(
+        "\nscenario `soak`: {length:?}, 16 clients, {kills} worker kills, Redis restarted once"
+    );
+    println!(
+        "  sent {sent}, answered {answered}, 5xx {errors5xx}, lost {}",
+        sent - answered
+    );
     println!(
         "  memory (RSS KiB): front {} -> {}, first worker slot {} -> {}, second {} -> {} (killed workers are replaced)",
         rss_start[0], rss_end[0], rss_start[1], rss_end[1], rss_start[2], rss_end[2]

@@ -416,7 +416,7 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     let config = config.display().to_string();
     let spawn = |name: &str| Process::spawn(name, &["--config", &config]);
     let front = spawn("http2redis");
-    let mut workers = vec![spawn("redis2http"), spawn("redis2http")];
+    let mut workers = [spawn("redis2http"), spawn("redis2http")];
     let url = format!("http://127.0.0.1:{front_port}");
     wait_http(&url).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -443,7 +443,7 @@ async fn soak(length: Duration, dir: &std::path::Path) {
                 let mut n = 0u64;
                 while Instant::now() < stop_at {
                     n += 1;
-                    let method = if n % 5 == 0 { "POST" } else { "GET" };
+                    let method = if n.is_multiple_of(5) { "POST" } else { "GET" };
                     let req = http::Request::builder()
                         .method(method)
                         .uri(format!("{url}/soak/{i}/{n}?bytes={}", n % 2048))
@@ -475,7 +475,7 @@ async fn soak(length: Duration, dir: &std::path::Path) {
     while Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let t = started.elapsed().as_secs();
-        if t > 0 && t % 60 == 0 {
+        if t > 0 && t.is_multiple_of(60) {
             let victim = (kills % workers.len()) as usize;
             workers[victim].signal("KILL");
             workers[victim].wait();

@@ -476,7 +476,7 @@ async fn soak(length: Duration, dir: &std::path::Path) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let t = started.elapsed().as_secs();
         if t > 0 && t.is_multiple_of(60) {
-            let victim = (kills % workers.len()) as usize;
+            let victim = kills % workers.len();
             workers[victim].signal("KILL");
             workers[victim].wait();
             workers[victim] = spawn("redis2http");

@@ -11,4 +11,5 @@ mod recovery;
 mod resilience;
 mod routing;
 mod rules;
+mod thrctl;
 mod transparency;

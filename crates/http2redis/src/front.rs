@@ -72,6 +72,8 @@ struct Done {
     response: Response<ReplyBody>,
     queue: Option<String>,
     priority: Option<u8>,
+    /// Time at the backend, when a backend answered.
+    backend_ms: Option<u64>,
 }
 
 impl<B: Broker> Front<B> {
@@ -131,8 +133,15 @@ impl<B: Broker> Front<B> {
                 response: err.into_response(),
                 queue,
                 priority: None,
+                backend_ms: None,
             },
         };
+        metrics::counter!(
+            "thr_requests_total",
+            "queue" => done.queue.clone().unwrap_or_else(|| "-".into()),
+            "status" => done.response.status().as_u16().to_string()
+        )
+        .increment(1);
         tracing::info!(
             method = %method,
             target = target.as_deref().unwrap_or("-"),
@@ -140,6 +149,10 @@ impl<B: Broker> Front<B> {
             queue = done.queue.as_deref().unwrap_or("-"),
             priority = done.priority.unwrap_or(0),
             ms = started.elapsed().as_millis() as u64,
+            wait_ms = done
+                .backend_ms
+                .map_or(0, |b| (started.elapsed().as_millis() as u64).saturating_sub(b)),
+            backend_ms = done.backend_ms.unwrap_or(0),
             "request"
         );
         done.response
@@ -194,6 +207,8 @@ impl<B: Broker> Front<B> {
         if let Some(edge) = self.edge_limiter(&config)
             && let Err(wait) = edge.check(&rreq)
         {
+            metrics::counter!("thr_refused_total", "queue" => "-", "reason" => "edge_limit")
+                .increment(1);
             let retry_after = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             return Err((
                 FrontError::TooManyRequests {
@@ -219,6 +234,7 @@ impl<B: Broker> Front<B> {
                 response,
                 queue: None,
                 priority: None,
+                backend_ms: None,
             });
         }
 
@@ -250,6 +266,7 @@ impl<B: Broker> Front<B> {
                         response,
                         queue: None,
                         priority: None,
+                        backend_ms: None,
                     });
                 }
                 Err(err) => {
@@ -317,6 +334,7 @@ impl<B: Broker> Front<B> {
             .await
             .map_err(|e| (e, queue_name.clone()))?
         };
+        let backend_ms = reply.meta.backend_ms;
         let mut response =
             to_response(reply, &decision, is_head).map_err(|e| (e, queue_name.clone()))?;
         rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
@@ -324,6 +342,7 @@ impl<B: Broker> Front<B> {
             response,
             queue: queue_name,
             priority: Some(decision.priority),
+            backend_ms: Some(backend_ms),
         })
     }
 
@@ -388,12 +407,14 @@ impl<B: Broker> Front<B> {
                 pending.settled = true;
                 inner.router.forget(&meta.id);
                 let retry_after = retry_after(waiting, drain_rate, timeout);
+                metrics::counter!("thr_refused_total", "queue" => meta.queue.clone(), "reason" => "max_waiting").increment(1);
                 span.in_scope(|| {
                     tracing::info!(full = %what, waiting, drain_rate, retry_after, "refused: too many waiting")
                 });
                 return Err(FrontError::QueueFull { retry_after });
             }
             Err(err) => {
+                metrics::counter!("thr_redis_errors_total", "daemon" => "http2redis").increment(1);
                 span.in_scope(|| tracing::warn!(%err, "enqueue failed"));
                 // Nothing reached Redis that could run; no cancel needed.
                 pending.settled = true;
@@ -405,12 +426,22 @@ impl<B: Broker> Front<B> {
         match tokio::time::timeout(left, reply).await {
             Ok(Ok(reply)) => {
                 pending.settled = true;
+                let backend = std::time::Duration::from_millis(reply.meta.backend_ms);
+                let queue = meta.queue.clone();
+                metrics::histogram!("thr_backend_seconds", "queue" => queue.clone())
+                    .record(backend.as_secs_f64());
+                metrics::histogram!("thr_queue_wait_seconds", "queue" => queue)
+                    .record(started.elapsed().saturating_sub(backend).as_secs_f64());
                 Ok(reply)
             }
             // The router was dropped: the front is going away.
             Ok(Err(_)) => Err(FrontError::ShuttingDown),
             // `pending` cancels the job on drop.
-            Err(_) => Err(FrontError::ReplyTimeout),
+            Err(_) => {
+                metrics::counter!("thr_replies_timed_out_total", "queue" => meta.queue.clone())
+                    .increment(1);
+                Err(FrontError::ReplyTimeout)
+            }
         }
     }
 
@@ -530,7 +561,10 @@ impl<B: Broker> Drop for Pending<B> {
         let flow = std::mem::take(&mut self.flow);
         runtime.spawn(async move {
             match front.inner.broker.cancel(&queue, &id, &flow).await {
-                Ok(true) => tracing::debug!(job = %id, "waiting job cancelled"),
+                Ok(true) => {
+                    metrics::counter!("thr_jobs_cancelled_total", "queue" => queue.clone()).increment(1);
+                    tracing::debug!(job = %id, "waiting job cancelled")
+                }
                 Ok(false) => tracing::debug!(job = %id, "job already running, its reply will be dropped"),
                 Err(err) => tracing::warn!(job = %id, %err, "could not cancel job; its deadline will drop it"),
             }

@@ -54,6 +54,17 @@ pub async fn run(
         rules = initial.rules.len(),
         "http2redis starting"
     );
+    let admin = match initial.front.admin {
+        Some(addr) => {
+            let probe = broker.clone();
+            let ready: thr_daemon::admin::Readiness = Arc::new(move || {
+                let probe = probe.clone();
+                Box::pin(async move { thr_broker::Broker::ping(&probe).await.is_ok() })
+            });
+            Some(thr_daemon::admin::spawn(addr, ready).await?)
+        }
+        None => None,
+    };
     let front = Front::new(initial, broker);
     let reloads = tokio::spawn({
         let front = front.clone();
@@ -65,5 +76,8 @@ pub async fn run(
     });
     let result = server::serve(front, listener, shutdown).await;
     reloads.abort();
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     result
 }

@@ -94,6 +94,7 @@ pub async fn serve<B: Broker>(
             .unwrap_or_default();
         async move {
             let info = || {
+                metrics::gauge!("thr_requests_waiting").set(front.router().len() as f64);
                 serde_json::json!({
                     "kind": "http2redis",
                     "version": env!("CARGO_PKG_VERSION"),

@@ -26,12 +26,31 @@ pub async fn run(
     config: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let (url, timeout, queues) = {
+    let (url, timeout, queues, admin) = {
         let c = config.borrow();
-        (c.redis.url.clone(), c.redis.command_timeout, c.queues.len())
+        (
+            c.redis.url.clone(),
+            c.redis.command_timeout,
+            c.queues.len(),
+            c.worker.admin,
+        )
     };
     let broker = RedisBroker::new(&url, timeout)?;
+    let admin = match admin {
+        Some(addr) => {
+            let probe = broker.clone();
+            let ready: thr_daemon::admin::Readiness = std::sync::Arc::new(move || {
+                let probe = probe.clone();
+                Box::pin(async move { thr_broker::Broker::ping(&probe).await.is_ok() })
+            });
+            Some(thr_daemon::admin::spawn(addr, ready).await?)
+        }
+        None => None,
+    };
     tracing::info!(redis = broker.display_url(), queues, "redis2http starting");
     Worker::new(broker).run(config, shutdown).await;
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     Ok(())
 }

@@ -257,6 +257,8 @@ impl<B: Broker> QueueRunner<B> {
                 Err(err) => {
                     drop(permit);
                     failures += 1;
+                    metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http")
+                        .increment(1);
                     tracing::warn!(queue = %name, %err, "claim failed");
                     if sleep_or_stop(backoff(failures), &mut stop).await {
                         break;
@@ -328,7 +330,10 @@ impl<B: Broker> QueueRunner<B> {
 
     async fn run_job(self: Arc<Self>, claimed: Claimed, permit: OwnedSemaphorePermit) {
         let id = claimed.id.clone();
+        let running = metrics::gauge!("thr_jobs_running", "queue" => self.name.clone());
+        running.increment(1.0);
         self.job(claimed, permit).await;
+        running.decrement(1.0);
         self.finished(&id);
     }
 
@@ -340,6 +345,31 @@ impl<B: Broker> QueueRunner<B> {
         self.inflight.fetch_sub(1, Ordering::Relaxed);
         if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.idle.notify_waiters();
+        }
+    }
+
+    /// Exports the queue's waiting count and the quota waits (only a
+    /// RedisBroker knows how; other brokers export nothing).
+    async fn export_gauges(&self) {
+        if let Some(redis) =
+            (&*self.broker as &dyn std::any::Any).downcast_ref::<thr_broker::RedisBroker>()
+            && let Ok((waiting, quotas)) = redis.gauges(&self.name).await
+        {
+            metrics::gauge!("thr_jobs_waiting", "queue" => self.name.clone()).set(waiting as f64);
+            let mut per_limit: HashMap<String, (u64, u64)> = HashMap::new();
+            for (token, n) in quotas {
+                let limit = token
+                    .split_once('=')
+                    .map_or(token.as_str(), |(l, _)| l)
+                    .to_string();
+                let e = per_limit.entry(limit).or_default();
+                e.0 += n;
+                e.1 += 1;
+            }
+            for (limit, (waiting, saturated)) in per_limit {
+                metrics::gauge!("thr_quota_waiting", "limit" => limit.clone()).set(waiting as f64);
+                metrics::gauge!("thr_quota_saturated_keys", "limit" => limit).set(saturated as f64);
+            }
         }
     }
 
@@ -358,14 +388,24 @@ impl<B: Broker> QueueRunner<B> {
                     max_attempts: q.max_attempts,
                 }
             };
+            self.export_gauges().await;
             match self.broker.reap(&self.name, &policy).await {
-                Ok(r) if r.requeued + r.answered + r.dead_lettered > 0 => tracing::warn!(
+                Ok(r) if r.requeued + r.answered + r.dead_lettered > 0 => {
+                    let q = self.name.clone();
+                    metrics::counter!("thr_jobs_retried_total", "queue" => q.clone())
+                        .increment(r.requeued);
+                    metrics::counter!("thr_jobs_answered_by_reaper_total", "queue" => q.clone())
+                        .increment(r.answered);
+                    metrics::counter!("thr_jobs_dead_lettered_total", "queue" => q)
+                        .increment(r.dead_lettered);
+                    tracing::warn!(
                     queue = %self.name,
                     requeued = r.requeued,
                     answered_502 = r.answered,
                     dead_lettered = r.dead_lettered,
                     "took back the jobs of a lost worker"
-                ),
+                    )
+                }
                 Ok(_) => {}
                 Err(err) => tracing::debug!(queue = %self.name, %err, "reap failed"),
             }
@@ -378,6 +418,8 @@ impl<B: Broker> QueueRunner<B> {
             Ok(job) => job,
             Err(err) => {
                 tracing::error!(queue = %queue, job = %claimed.id, %err, "undecodable job set aside");
+                metrics::counter!("thr_jobs_dead_lettered_total", "queue" => queue.clone())
+                    .increment(1);
                 let reason = format!("undecodable: {err}");
                 if let Err(err) = self
                     .broker
@@ -423,6 +465,7 @@ impl<B: Broker> QueueRunner<B> {
             };
             drop(permit);
             let backend_ms = outcome.elapsed.as_millis() as u64;
+            metrics::counter!("thr_jobs_total", "queue" => queue.clone(), "status" => outcome.status.as_u16().to_string()).increment(1);
             tracing::info!(
                 method = %job.meta.method,
                 target = %job.meta.target,

@@ -6,6 +6,7 @@
 -- KEYS[10] waiting    KEYS[11] seq
 -- KEYS[12] owners     hash id -> worker running it
 -- KEYS[13] fronts     sorted set front -> last heartbeat (ms)
+-- KEYS[14] paused     set while `thrctl pause` holds the queue
 -- ARGV[1] lease ms
 -- ARGV[2] flow key prefix (flow keys are PREFIX..flow, same hash tag)
 -- ARGV[3] quota key prefix (sem:/gcra: keys are PREFIX..kind..token)
@@ -24,6 +25,9 @@ local now, sec = clock()
 local lease = tonumber(ARGV[1])
 local step = tonumber(ARGV[5])
 
+if redis.call('EXISTS', KEYS[14]) == 1 then
+  return {'', 'paused', -1}
+end
 local total = tonumber(ARGV[4])
 -- Expired leases are a dead worker's jobs: they no longer count as running.
 if total > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. now, '+inf') >= total then
@@ -103,7 +107,7 @@ while looked < budget do
           end
           redis.call('ZADD', KEYS[4], until_ms, id)
           if ARGV[7] ~= '' then
-            redis.call('HSET', KEYS[12], id, ARGV[7])
+            redis.call('HSET', KEYS[12], id, ARGV[7] .. '\t' .. int(now))
           end
           -- This job's doorbell token is spent: idle workers are not woken for it.
           redis.call('LPOP', KEYS[5])

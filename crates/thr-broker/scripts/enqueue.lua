@@ -6,7 +6,7 @@
 -- KEYS[5]  wake       doorbell list
 -- KEYS[6]  flows      sorted set flow -> its turn (score of its next job)
 -- KEYS[7]  flowdefs   hash flow -> definition
--- KEYS[8]  jobinfo    hash id -> "priority<TAB>score<TAB>flow<TAB>front"
+-- KEYS[8]  jobinfo    hash id -> "priority<TAB>score<TAB>flow<TAB>enqueued ms<TAB>front"
 -- KEYS[9]  drained    hash second -> jobs started
 -- KEYS[10] flow       this job's flow: sorted set id -> order score
 -- KEYS[11] waiting    hash quota token -> waiting jobs
@@ -41,7 +41,7 @@ local score = order_score(prio, seq, now, tonumber(ARGV[8]))
 redis.call('ZADD', KEYS[1], int(score), id)
 redis.call('HSET', KEYS[3], id, ARGV[3])
 redis.call('ZADD', KEYS[4], int(now + tonumber(ARGV[4])), id)
-redis.call('HSET', KEYS[8], id, prio .. '\t' .. int(score) .. '\t' .. flow .. '\t' .. ARGV[9])
+redis.call('HSET', KEYS[8], id, prio .. '\t' .. int(score) .. '\t' .. flow .. '\t' .. int(now) .. '\t' .. ARGV[9])
 redis.call('ZADD', KEYS[10], int(score), id)
 redis.call('HSET', KEYS[7], flow, ARGV[6])
 -- A flow keeps its turn; a more urgent job can only bring it forward.

@@ -60,6 +60,9 @@ for i = 1, #leases, 2 do
   local id, until_ms = leases[i], tonumber(leases[i + 1])
   local lost = until_ms <= now
   local owner = redis.call('HGET', KEYS[5], id)
+  if owner then
+    owner = string.match(owner, '^([^\t]*)')
+  end
   if not lost and owner then
     local beat = tonumber(redis.call('ZSCORE', KEYS[14], owner))
     lost = (not beat) or beat < now - stale

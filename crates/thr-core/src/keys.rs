@@ -42,6 +42,8 @@ pub struct QueueKeys {
     pub owners: String,
     /// Hash: job id → times a worker was lost while running it.
     pub attempts: String,
+    /// Set while the queue is paused (`thrctl pause`): workers do not claim.
+    pub paused: String,
 }
 
 impl QueueKeys {
@@ -64,6 +66,7 @@ impl QueueKeys {
             flow_prefix: k("flow:"),
             owners: k("owners"),
             attempts: k("attempts"),
+            paused: k("paused"),
         }
     }
 

@@ -125,3 +125,5 @@ pub fn fixed_config(config: Config) -> tokio::sync::watch::Receiver<Arc<Config>>
 }
 
 mod reload;
+
+pub mod admin;

@@ -11,7 +11,10 @@
 //! learns quickly that Redis is down and answers 503 instead of hanging.
 
 mod blocking;
+mod inspect;
 pub mod scripts;
+
+pub use inspect::*;
 
 use std::time::Duration;
 
@@ -213,6 +216,7 @@ impl Broker for RedisBroker {
                     .key(&k.seq)
                     .key(&k.owners)
                     .key(keys::FRONTS)
+                    .key(&k.paused)
                     .arg(options.lease.as_millis() as u64)
                     .arg(&k.flow_prefix)
                     .arg(keys::QUOTA_PREFIX)

@@ -19,6 +19,7 @@ pub(crate) struct Scripts {
     pub(crate) renew: Script,
     pub(crate) reap: Script,
     pub(crate) heartbeat: Script,
+    pub(crate) purge: Script,
 }
 
 impl Scripts {
@@ -53,6 +54,10 @@ impl Scripts {
             heartbeat: Script::new(concat!(
                 include_str!("../../scripts/quota.lua"),
                 include_str!("../../scripts/heartbeat.lua")
+            )),
+            purge: Script::new(concat!(
+                include_str!("../../scripts/quota.lua"),
+                include_str!("../../scripts/purge.lua")
             )),
         })
     }

@@ -160,6 +160,12 @@ pub fn parse_backend(s: &str) -> Result<Backend, String> {
     })
 }
 
+fn admin_addr(s: &str) -> Result<Option<SocketAddr>, String> {
+    s.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| format!("`{s}` is not an address; write \"127.0.0.1:9180\""))
+}
+
 fn redis_url(s: &str) -> Result<String, String> {
     const SCHEMES: [&str; 4] = ["redis://", "rediss://", "redis+unix://", "unix://"];
     if SCHEMES.iter().any(|p| s.starts_with(p)) {
@@ -281,6 +287,9 @@ pub fn compile(
             },
         ),
         edge_limit: None,
+        admin: c.value(&key(&["http2redis", "admin"]), &f.admin, None, |s| {
+            admin_addr(s)
+        }),
         redis_down_grace: c.value(
             &key(&["http2redis", "redis_down_grace"]),
             &f.redis_down_grace,
@@ -295,6 +304,12 @@ pub fn compile(
             &raw.redis2http.shutdown_grace,
             Duration::from_secs(30),
             |s| duration(s),
+        ),
+        admin: c.value(
+            &key(&["redis2http", "admin"]),
+            &raw.redis2http.admin,
+            None,
+            |s| admin_addr(s),
         ),
     };
 

@@ -95,6 +95,8 @@ pub struct FrontSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Per-client rate limit at the edge, if any.
     pub edge_limit: Option<EdgeLimit>,
+    /// Where to serve /metrics, /healthz and /readyz (none: not served).
+    pub admin: Option<SocketAddr>,
     /// While Redis is unreachable, hold requests this long (retrying) before
     /// answering 503. Zero: answer 503 at once.
     pub redis_down_grace: Duration,
@@ -105,6 +107,8 @@ pub struct FrontSettings {
 pub struct WorkerSettings {
     /// How long a stopping worker lets its running requests finish.
     pub shutdown_grace: Duration,
+    /// Where to serve /metrics, /healthz and /readyz (none: not served).
+    pub admin: Option<SocketAddr>,
 }
 
 /// One `[[queues]]` entry: a backend and the pace it can take.

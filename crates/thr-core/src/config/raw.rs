@@ -132,6 +132,7 @@ pub struct RawFront {
     pub header_read_timeout: Option<Str>,
     pub shutdown_grace: Option<Str>,
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub admin: Option<Str>,
     pub redis_down_grace: Option<Str>,
     pub edge_limit: Option<RawEdgeLimit>,
 }
@@ -140,6 +141,7 @@ pub struct RawFront {
 #[derive(Debug, Default, Deserialize)]
 pub struct RawWorker {
     pub shutdown_grace: Option<Str>,
+    pub admin: Option<Str>,
 }
 
 /// One `[[queues]]` entry.

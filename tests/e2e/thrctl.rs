@@ -1,0 +1,456 @@
+//! thrctl against a real Redis holding a known backlog.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ratatui::Terminal;
+use ratatui::backend::TestBackend;
+use serde_json::Value;
+
+use crate::support::*;
+
+struct Ctl {
+    args: Vec<String>,
+}
+
+impl Ctl {
+    fn new(redis: &RedisServer, config: Option<&std::path::Path>) -> Ctl {
+        let mut args = vec!["--redis".to_string(), redis.url()];
+        if let Some(c) = config {
+            args.push("--config".into());
+            args.push(c.display().to_string());
+        }
+        Ctl { args }
+    }
+
+    fn run(&self, extra: &[&str]) -> (i32, String, String) {
+        let out = Command::new(testkit::bins::binary("thrctl"))
+            .args(&self.args)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn json(&self, extra: &[&str]) -> Value {
+        let mut args = vec!["--json"];
+        args.extend_from_slice(extra);
+        let (code, out, err) = self.run(&args);
+        assert_eq!(code, 0, "thrctl {extra:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
+
+const RULES: &str = "[[rules]]\nwhen = { path = { prefix = \"/low\" } }\nthen = { priority = 80 }\n[[rules]]\nwhen = { path = { prefix = \"/high\" } }\nthen = { priority = 5 }\n[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n";
+
+/// A front with no worker: every request waits in Redis.
+async fn backlog() -> (
+    RedisServer,
+    SlowBackend,
+    Thr,
+    std::path::PathBuf,
+    Vec<tokio::task::JoinHandle<Seen>>,
+) {
+    testkit::init_logs();
+    // Built before the clock starts for the waiting clients.
+    testkit::bins::binary("thrctl");
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let text = config_text(&redis.url(), &backend.url(), RULES)
+        .replace("reply_timeout = \"10s\"", "reply_timeout = \"60s\"");
+    let dir = std::env::temp_dir().join(format!(
+        "thr-ctl-{}-{}",
+        std::process::id(),
+        testkit::redis::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("thr.toml");
+    std::fs::write(&path, &text).unwrap();
+    let thr = Thr::start(parse_config(&text), 0).await;
+    let client = client();
+    let mut waiting = Vec::new();
+    for (i, target) in ["/low/1", "/low/2", "/high/1", "/mid/1", "/low/3"]
+        .iter()
+        .enumerate()
+    {
+        let (client, url) = (client.clone(), thr.url());
+        let req = Req::new(if i == 3 { "POST" } else { "GET" }, *target)
+            .header("x-user", if i % 2 == 0 { "ann" } else { "bob" })
+            .body("payload");
+        waiting.push(tokio::spawn(async move { send(&client, &url, &req).await }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut conn = redis.conn();
+    let started = Instant::now();
+    while redis::cmd("ZCARD")
+        .arg("thr:{q:default}:pending")
+        .query::<usize>(&mut conn)
+        .unwrap()
+        < 5
+    {
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (redis, backend, thr, path, waiting)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_commands_show_the_backlog_in_text_and_json() {
+    let (redis, _backend, thr, path, clients) = backlog().await;
+    let ctl = Ctl::new(&redis, Some(&path));
+    tokio::time::sleep(Duration::from_millis(1200)).await; // one heartbeat at least
+
+    let queues = ctl.json(&["queues"]);
+    assert_eq!(queues[0]["name"], "default");
+    assert_eq!(queues[0]["waiting"], 5);
+    assert_eq!(queues[0]["running"], 0);
+    assert_eq!(queues[0]["waiting_by_priority"]["80"], 3);
+    assert_eq!(queues[0]["waiting_by_priority"]["5"], 1);
+    assert!(queues[0]["oldest_waiting_ms"].as_u64().unwrap() >= 1000);
+
+    let jobs = ctl.json(&["queue", "default"]);
+    let paths: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/high/1", "/mid/1", "/low/1", "/low/2", "/low/3"],
+        "dispatch order"
+    );
+    assert_eq!(jobs[1]["method"], "POST");
+    assert_eq!(jobs[0]["quotas"], "per_user=ann");
+    let page2 = ctl.json(&["queue", "default", "--page", "2", "--per-page", "2"]);
+    assert_eq!(page2.as_array().unwrap().len(), 2);
+    assert_eq!(page2[0]["target"], "/low/1");
+
+    let (code, text, _) = ctl.run(&["queue", "default"]);
+    assert_eq!(code, 0);
+    assert!(text.starts_with("ID"), "{text}");
+    assert!(
+        text.contains("/high/1") && text.contains("5 waiting, page 1/1"),
+        "{text}"
+    );
+
+    let status = ctl.json(&["status"]);
+    assert_eq!(status["queues"][0]["waiting"], 5);
+    let kinds: Vec<&str> = status["daemons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["http2redis"]);
+    assert_eq!(status["daemons"][0]["info"]["waiting"], 5);
+    let (_, text, _) = ctl.run(&["status"]);
+    assert!(
+        text.contains("QUEUE") && text.contains("default") && text.contains("http2redis"),
+        "{text}"
+    );
+    assert!(text.contains("saturated quotas: none"), "{text}");
+
+    let limits = ctl.json(&["limits"]);
+    let waiting: Vec<(String, u64)> = limits
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["value"].as_str().unwrap().to_string(),
+                l["waiting"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(waiting, [("ann".to_string(), 3), ("bob".to_string(), 2)]);
+
+    let id = jobs[1]["id"].as_str().unwrap().to_string();
+    let job = ctl.json(&["show", &id]);
+    assert_eq!(job["state"], "waiting");
+    assert_eq!(job["meta"]["target"], "/mid/1");
+    assert_eq!(job["body_bytes"], 7);
+    let (_, text, _) = ctl.run(&["show", &id, "--body"]);
+    assert!(
+        text.contains("request:  POST /mid/1")
+            && text.contains("x-user: bob")
+            && text.contains("payload"),
+        "{text}"
+    );
+
+    // Clear errors, one line each.
+    let (code, _, err) = ctl.run(&["show", "nope"]);
+    assert_eq!((code, err.trim()), (2, "thrctl: no job `nope`"));
+    let (code, _, err) = ctl.run(&["queue", "nosuch"]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let unreachable = Command::new(testkit::bins::binary("thrctl"))
+        .args(["--redis", "redis://127.0.0.1:1", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&unreachable.stderr);
+    assert!(
+        err.starts_with("thrctl: cannot reach Redis at redis://127.0.0.1:1")
+            && err.lines().count() == 1,
+        "{err}"
+    );
+
+    for c in clients {
+        c.abort();
+    }
+    thr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_answers_503_and_pause_holds_without_losing_anything() {
+    let (redis, backend, mut thr, path, waiting) = backlog().await;
+    let ctl = Ctl::new(&redis, Some(&path));
+    // Purge the low-priority ones: their clients get 503 at once.
+    let purged = ctl.json(&["purge", "default", "--priority-above", "50", "--yes"]);
+    assert_eq!(purged["purged"], 3);
+    let mut statuses = Vec::new();
+    let mut rest = Vec::new();
+    for (i, w) in waiting.into_iter().enumerate() {
+        if [0, 1, 4].contains(&i) {
+            statuses.push(w.await.unwrap().status);
+        } else {
+            rest.push(w);
+        }
+    }
+    assert_eq!(statuses, [503, 503, 503]);
+    assert_eq!(ctl.json(&["queues"])[0]["waiting"], 2);
+
+    // Pause, then a worker comes: nothing runs; resume: everything runs.
+    assert_eq!(ctl.run(&["pause", "default"]).0, 0);
+    thr.add_worker();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(backend.count(), 0, "a paused queue is not claimed");
+    assert!(ctl.json(&["queues"])[0]["paused"].as_bool().unwrap());
+    let (_, text, _) = ctl.run(&["resume", "default"]);
+    assert!(text.contains("`default` resumed"), "{text}");
+    for w in rest {
+        assert_eq!(w.await.unwrap().status, 200, "held, not lost");
+    }
+    assert_eq!(backend.count(), 2);
+    thr.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_dead_letters_retry_and_top() {
+    testkit::init_logs();
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let text = config_text(&redis.url(), &backend.url(), "");
+    let thr = Thr::start(parse_config(&text), 1).await;
+    let ctl = Ctl::new(&redis, None);
+    let slow = tokio::spawn({
+        let url = thr.url();
+        async move { get(&url, "/slow-report?delay=2500").await }
+    });
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let running = ctl.json(&["running"]);
+    assert_eq!(running[0]["target"], "/slow-report?delay=2500");
+    assert!(running[0]["age_ms"].as_u64().unwrap() >= 900);
+    assert!(running[0]["lease_left_ms"].as_i64().unwrap() > 20_000);
+    let (_, table, _) = ctl.run(&["running"]);
+    assert!(
+        table.contains("/slow-report") && table.contains("LEASE LEFT"),
+        "{table}"
+    );
+
+    // A poisoned job lands in the dead letters; retrying it says why not.
+    let b = thr_broker::RedisBroker::new(&redis.url(), Duration::from_secs(1)).unwrap();
+    use thr_broker::Broker;
+    b.enqueue(thr_broker::NewJob {
+        queue: "default",
+        id: "poison-1",
+        priority: 1,
+        frame: bytes::Bytes::from_static(b"THRQ\x07garbage"),
+        timeout: Duration::from_secs(30),
+        flow: "-",
+        flow_definition: "",
+        max_waiting: None,
+        max_wait_boost: None,
+        front: "",
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let dead = loop {
+        let dead = ctl.json(&["dead-letters"]);
+        if !dead.as_array().unwrap().is_empty() {
+            break dead;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(dead[0]["id"], "poison-1");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("wire version 7")
+    );
+    let (code, _, err) = ctl.run(&["retry", "poison-1"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot be decoded"), "{err}");
+    assert_eq!(ctl.run(&["retry", "nope"]).0, 2);
+
+    // `top`, rendered once into a test backend.
+    let cx = thrctl::Context {
+        broker: thr_broker::RedisBroker::new(&redis.url(), Duration::from_secs(1)).unwrap(),
+        config: Some(parse_config(&text)),
+        queues: vec!["default".into()],
+        json: false,
+    };
+    let snapshot = thrctl::top::snapshot(&cx).await.unwrap();
+    let mut terminal = Terminal::new(TestBackend::new(100, 20)).unwrap();
+    terminal.draw(|f| thrctl::top::draw(f, &snapshot)).unwrap();
+    let screen: String = terminal
+        .backend()
+        .buffer()
+        .content()
+        .chunks(100)
+        .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+        .collect();
+    assert!(screen.contains("thr: queues"), "{screen}");
+    assert!(screen.contains("default"), "{screen}");
+    assert!(
+        screen.contains("http2redis") && screen.contains("redis2http"),
+        "{screen}"
+    );
+    assert!(screen.contains("saturated quotas"), "{screen}");
+
+    assert_eq!(slow.await.unwrap().status, 200);
+    thr.stop().await;
+}
+
+mod metrics {
+    //! The admin listener of both daemons, as real processes (the metrics
+    //! recorder is per process).
+
+    use std::time::{Duration, Instant};
+
+    use testkit::bins::Process;
+
+    use crate::support::*;
+
+    async fn scrape(port: u16, path: &str) -> Option<Seen> {
+        try_send(
+            &client(),
+            &format!("http://127.0.0.1:{port}"),
+            &Req::new("GET", path),
+        )
+        .await
+    }
+
+    fn value(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{text}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn metrics_health_and_readiness_after_a_known_sequence() {
+        testkit::init_logs();
+        let mut redis = RedisServer::start();
+        let backend = SlowBackend::builder().start().await;
+        let (port, front_admin, worker_admin) = (
+            testkit::redis::free_port(),
+            testkit::redis::free_port(),
+            testkit::redis::free_port(),
+        );
+        let text = config_text(
+            &redis.url(),
+            &backend.url(),
+            "[[rules]]\nwhen = { path = \"/no\" }\nthen = { status = 403 }\n",
+        )
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:{front_admin}\""),
+        )
+        .replace(
+            "[redis2http]",
+            &format!("[redis2http]\nadmin = \"127.0.0.1:{worker_admin}\""),
+        );
+        let dir = std::env::temp_dir().join(format!("thr-metrics-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("thr.toml");
+        std::fs::write(&path, &text).unwrap();
+        let path = path.display().to_string();
+        let _front = Process::spawn("http2redis", &["--config", &path]);
+        let _worker = Process::spawn("redis2http", &["--config", &path]);
+        let url = format!("http://127.0.0.1:{port}");
+        let started = Instant::now();
+        while try_send(&client(), &url, &Req::new("GET", "/warm"))
+            .await
+            .is_none()
+        {
+            assert!(started.elapsed() < Duration::from_secs(10));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for i in 0..3 {
+            assert_eq!(get(&url, &format!("/ok/{i}")).await.status, 200);
+        }
+        assert_eq!(get(&url, "/no").await.status, 403);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+
+        let front = scrape(front_admin, "/metrics")
+            .await
+            .expect("front metrics");
+        let text = String::from_utf8_lossy(&front.body).into_owned();
+        assert_eq!(
+            value(
+                &text,
+                "thr_requests_total{queue=\"default\",status=\"200\"}"
+            ),
+            4.0,
+            "3 + the warm-up"
+        );
+        assert_eq!(
+            value(&text, "thr_requests_total{queue=\"-\",status=\"403\"}"),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "thr_backend_seconds_count{queue=\"default\"}"),
+            4.0
+        );
+        assert_eq!(
+            value(&text, "thr_queue_wait_seconds_count{queue=\"default\"}"),
+            4.0
+        );
+        assert_eq!(value(&text, "thr_requests_waiting"), 0.0);
+
+        let worker = scrape(worker_admin, "/metrics")
+            .await
+            .expect("worker metrics");
+        let text = String::from_utf8_lossy(&worker.body).into_owned();
+        assert_eq!(
+            value(&text, "thr_jobs_total{queue=\"default\",status=\"200\"}"),
+            4.0
+        );
+        assert_eq!(value(&text, "thr_jobs_running{queue=\"default\"}"), 0.0);
+        assert_eq!(value(&text, "thr_jobs_waiting{queue=\"default\"}"), 0.0);
+
+        for admin in [front_admin, worker_admin] {
+            assert_eq!(scrape(admin, "/healthz").await.unwrap().status, 200);
+            assert_eq!(scrape(admin, "/readyz").await.unwrap().status, 200);
+        }
+        redis.kill();
+        assert_eq!(scrape(front_admin, "/readyz").await.unwrap().status, 503);
+        assert_eq!(
+            scrape(front_admin, "/healthz").await.unwrap().status,
+            200,
+            "up, just not ready"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = backend;
+    }
+}

@@ -54,19 +54,6 @@ async fn burst(
     (started.elapsed(), statuses)
 }
 
-fn write_config(text: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "thr-limits-{}-{}",
-        std::process::id(),
-        testkit::redis::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("thr.toml");
-    std::fs::write(&path, text).unwrap();
-    let shown = path.display().to_string();
-    (dir, shown)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thr_example_with_one_worker() {
     let backend = SlowBackend::builder()
@@ -96,7 +83,7 @@ async fn thr_example_with_three_worker_processes_is_still_global() {
         .start()
         .await;
     let text = config_text(&redis.url(), &backend.url(), THR_EXAMPLE);
-    let (dir, path) = write_config(&text);
+    let (dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let workers: Vec<Process> = (0..3)
         .map(|_| Process::spawn("redis2http", &["--config", &path]))
@@ -398,7 +385,7 @@ async fn max_inflight_total_holds_across_three_workers() {
         "max_inflight = 64",
         "max_inflight = 4\nmax_inflight_total = 2",
     );
-    let (dir, path) = write_config(&text);
+    let (dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let workers: Vec<Process> = (0..3)
         .map(|_| Process::spawn("redis2http", &["--config", &path]))
@@ -428,7 +415,7 @@ async fn a_killed_workers_quota_slots_come_back_when_its_lease_expires() {
     )
     .replace("max_inflight = 64", "max_inflight = 4\nlease = \"2s\"")
     .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (dir, path) = write_config(&text);
+    let (dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut doomed = Process::spawn("redis2http", &["--config", &path]);
     let client = client();

@@ -7,20 +7,6 @@ use testkit::bins::Process;
 
 use crate::support::*;
 
-/// Writes `text` to a private config file; returns (dir, path).
-fn config_file(text: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "thr-rec-{}-{}",
-        std::process::id(),
-        testkit::redis::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("thr.toml");
-    std::fs::write(&path, text).unwrap();
-    let shown = path.display().to_string();
-    (dir, shown)
-}
-
 async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let started = Instant::now();
     while !check() {

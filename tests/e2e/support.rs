@@ -141,3 +141,18 @@ impl Stack {
         self.thr.url()
     }
 }
+
+/// Writes `text` to a config file in a private directory; returns the
+/// directory (to remove) and the file's path as text.
+pub fn config_file(text: &str) -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "thr-cfg-{}-{}",
+        std::process::id(),
+        testkit::redis::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("thr.toml");
+    std::fs::write(&path, text).unwrap();
+    let shown = path.display().to_string();
+    (dir, shown)
+}

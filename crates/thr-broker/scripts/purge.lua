@@ -30,14 +30,7 @@ for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
     end
     waiting_add(KEYS[7], quotas, -1)
     if front and front ~= '' then
-      local meta = cjson.encode({
-        id = id, status = 503, worker = 'thrctl', backend_ms = 0, chunked = false,
-        headers = {{'content-type', 'text/plain; charset=utf-8'}, {'retry-after', '60'}},
-      })
-      local n = #meta
-      local frame = 'THRR' .. string.char(1,
-        math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
-        math.floor(n / 256) % 256, n % 256) .. meta .. 'thr: request purged by an operator\n'
+      local frame = reply_frame(id, 503, 'thr: request purged by an operator\n', 'thrctl', {{'retry-after', '60'}})
       local list = 'thr:{f:' .. front .. '}:replies'
       redis.call('LPUSH', list, frame)
       redis.call('EXPIRE', list, ARGV[4])

@@ -109,3 +109,21 @@ local function drain_rate(hash, sec)
   end
   return n / (sec - first + 1)
 end
+
+-- A reply frame with a plain-text body (thr_core::envelope::Reply), for
+-- the scripts that answer a client themselves (reaper, purge). `extra` is
+-- a list of {name, value} header pairs.
+local function reply_frame(id, status, text, who, extra)
+  local headers = {{'content-type', 'text/plain; charset=utf-8'}}
+  for _, h in ipairs(extra) do
+    headers[#headers + 1] = h
+  end
+  local meta = cjson.encode({
+    id = id, status = status, worker = who, backend_ms = 0, chunked = false,
+    headers = headers,
+  })
+  local n = #meta
+  return 'THRR' .. string.char(1,
+    math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256) .. meta .. text
+end

@@ -36,18 +36,6 @@ local function meta_of(job)
   return nil
 end
 
--- A reply frame with a plain-text body (thr_core::envelope::Reply).
-local function reply_frame(id, status, text)
-  local meta = cjson.encode({
-    id = id, status = status, worker = 'reaper', backend_ms = 0, chunked = false,
-    headers = {{'content-type', 'text/plain; charset=utf-8'}},
-  })
-  local n = #meta
-  return 'THRR' .. string.char(1,
-    math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
-    math.floor(n / 256) % 256, n % 256) .. meta .. text
-end
-
 local function forget(id)
   redis.call('HDEL', KEYS[2], id)
   redis.call('ZREM', KEYS[3], id)
@@ -118,7 +106,7 @@ for i = 1, #leases, 2 do
               ' request was lost; it may or may not have been applied\n'
           end
           local list = 'thr:{f:' .. meta.front .. '}:replies'
-          redis.call('LPUSH', list, reply_frame(id, 502, text))
+          redis.call('LPUSH', list, reply_frame(id, 502, text, 'reaper', {}))
           redis.call('EXPIRE', list, ARGV[6])
           answered = answered + 1
         end

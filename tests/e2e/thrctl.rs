@@ -454,3 +454,65 @@ mod metrics {
         let _ = backend;
     }
 }
+
+#[test]
+fn check_config_and_explain_share_the_daemons_code() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let thrctl = testkit::bins::binary("thrctl");
+    let ok = Command::new(&thrctl)
+        .arg("check-config")
+        .arg(root.join("config/thr.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (1 queues, 5 rules, 2 limits)"));
+
+    let (dir, path) = config_file("[[queues]]\nname = \"q\"\nbakend = \"http://x:1\"\n");
+    let bad = Command::new(&thrctl)
+        .args(["check-config", &path])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("thr.toml:3:1: `queues[0].bakend`: unknown key"),
+        "{err}"
+    );
+    // A config that does not parse: one line, non-zero, no panic.
+    let broken = Command::new(&thrctl)
+        .args(["--config", &path, "status"])
+        .output()
+        .unwrap();
+    assert_eq!(broken.status.code(), Some(2));
+    assert_eq!(String::from_utf8_lossy(&broken.stderr).lines().count(), 1);
+
+    let out = Command::new(&thrctl)
+        .arg("--config")
+        .arg(root.join("config/thr.toml"))
+        .args([
+            "explain",
+            "GET",
+            "http://app.example/reports/q1",
+            "-H",
+            "X-Priority: high",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("urgent") && text.contains("reports") && text.contains("priority: 80"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

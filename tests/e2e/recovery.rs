@@ -518,4 +518,22 @@ async fn redis_over_tls_works() {
     assert_eq!(seen.status, 200, "{seen:?}");
     assert_eq!(backend.count(), 1);
     thr.stop().await;
+
+    // Verified against a private CA instead of `#insecure`.
+    let verified = redis.tls_url().replace("/#insecure", "");
+    let text = config_text(&verified, &backend.url(), "").replace(
+        "[http2redis]",
+        &format!(
+            "tls_ca_file = \"{}\"\n\n[http2redis]",
+            redis.tls_ca().display()
+        ),
+    );
+    let thr = Thr::start(parse_config(&text), 1).await;
+    assert_eq!(get(&thr.url(), "/verified").await.status, 200);
+    thr.stop().await;
+    // Without the CA, the certificate is refused: 503, not a silent pass.
+    let text = config_text(&verified, &backend.url(), "");
+    let thr = Thr::start(parse_config(&text), 0).await;
+    assert_eq!(get(&thr.url(), "/untrusted").await.status, 503);
+    thr.stop().await;
 }

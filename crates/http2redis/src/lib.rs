@@ -46,7 +46,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let initial = config.borrow_and_update().clone();
-    let broker = RedisBroker::new(&initial.redis.url, initial.redis.command_timeout)?;
+    let broker = RedisBroker::from_settings(&initial.redis)?;
     tracing::info!(
         listen = %initial.front.listen,
         redis = broker.display_url(),

@@ -26,16 +26,11 @@ pub async fn run(
     config: watch::Receiver<Arc<Config>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let (url, timeout, queues, admin) = {
+    let (redis, queues, admin) = {
         let c = config.borrow();
-        (
-            c.redis.url.clone(),
-            c.redis.command_timeout,
-            c.queues.len(),
-            c.worker.admin,
-        )
+        (c.redis.clone(), c.queues.len(), c.worker.admin)
     };
-    let broker = RedisBroker::new(&url, timeout)?;
+    let broker = RedisBroker::from_settings(&redis)?;
     let admin = match admin {
         Some(addr) => {
             let probe = broker.clone();

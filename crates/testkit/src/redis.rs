@@ -89,7 +89,7 @@ impl RedisServer {
                 .arg("--tls-key-file")
                 .arg(&key)
                 .arg("--tls-ca-cert-file")
-                .arg(&cert);
+                .arg(self.dir.join("ca.crt"));
         }
         let mut child = command
             .args(["--port", &self.port.to_string()])
@@ -140,44 +140,87 @@ impl RedisServer {
             && &buf == b"+PONG\r\n"
     }
 
-    /// Starts a server that also speaks TLS, with a self-signed certificate
-    /// made by `openssl`; see [`RedisServer::tls_url`].
+    /// Starts a server that also speaks TLS, with a certificate signed by a
+    /// private CA made by `openssl`; see [`RedisServer::tls_url`].
     pub fn start_tls() -> RedisServer {
         let mut server = RedisServer::start();
         server.kill();
-        let (cert, key) = (server.dir.join("redis.crt"), server.dir.join("redis.key"));
-        let made = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(made.success(), "openssl could not make a certificate");
+        let dir = server.dir.clone();
+        let openssl = |args: &[&str]| {
+            let ok = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run openssl")
+                .success();
+            assert!(ok, "openssl {args:?} failed");
+        };
+        // A private CA, and a server certificate for 127.0.0.1 signed by it.
+        std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=thr test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "redis.key",
+            "-out",
+            "redis.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "redis.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "redis.crt",
+        ]);
         server.tls_port = Some(free_port());
         server.restart();
         server
     }
 
-    /// `rediss://127.0.0.1:TLS_PORT/#insecure` (the certificate is self-signed).
+    /// `rediss://127.0.0.1:TLS_PORT/#insecure` (the CA is not a system root).
     pub fn tls_url(&self) -> String {
         format!(
             "rediss://127.0.0.1:{}/#insecure",
             self.tls_port.expect("started with start_tls")
         )
+    }
+
+    /// The CA that signed a [`RedisServer::start_tls`] server's certificate.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
     }
 
     /// `redis://127.0.0.1:PORT` (with the password when there is one).

@@ -188,7 +188,13 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         .clone()
         .or_else(|| config.as_ref().map(|c| c.redis.url.clone()))
         .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
-    let broker = RedisBroker::new(&url, Duration::from_secs(3))
+    let ca = config
+        .as_ref()
+        .and_then(|c| c.redis.tls_ca_file.as_ref())
+        .map(std::fs::read)
+        .transpose();
+    let ca = ca.map_err(|e| Failure::usage(format!("cannot read the TLS CA file: {e}")))?;
+    let broker = RedisBroker::with_tls_ca(&url, Duration::from_secs(3), ca)
         .map_err(|e| Failure::usage(e.to_string()))?;
     broker.ping().await.map_err(|e| Failure {
         message: format!(

@@ -77,12 +77,44 @@ impl RedisBroker {
     /// A broker for `url`; no connection is made until the first command, so
     /// a daemon starts (and answers 503) while Redis is down.
     pub fn new(url: &str, command_timeout: Duration) -> Result<RedisBroker, BrokerError> {
+        RedisBroker::with_tls_ca(url, command_timeout, None)
+    }
+
+    /// A broker for the `[redis]` settings (URL, timeout, TLS CA file).
+    pub fn from_settings(
+        settings: &thr_core::config::RedisSettings,
+    ) -> Result<RedisBroker, BrokerError> {
+        let ca = match &settings.tls_ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                BrokerError::Failed(format!("cannot read {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        RedisBroker::with_tls_ca(&settings.url, settings.command_timeout, ca)
+    }
+
+    /// Like [`RedisBroker::new`]; `rediss://` connections trust the CA in
+    /// `ca_pem` (PEM) instead of the system's roots.
+    pub fn with_tls_ca(
+        url: &str,
+        command_timeout: Duration,
+        ca_pem: Option<Vec<u8>>,
+    ) -> Result<RedisBroker, BrokerError> {
         let display_url = redact_url(url);
         let info = url
             .into_connection_info()
             .map_err(|e| BrokerError::Failed(format!("invalid Redis URL {display_url}: {e}")))?
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        let client = Client::open(info)?;
+        let client = match ca_pem {
+            Some(root_cert) => Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => Client::open(info)?,
+        };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(command_timeout))
             .set_response_timeout(Some(command_timeout))

@@ -215,6 +215,19 @@ pub fn compile(
             Duration::from_millis(750),
             |s| positive_duration(s),
         ),
+        tls_ca_file: c.value(
+            &key(&["redis", "tls_ca_file"]),
+            &raw.redis.tls_ca_file,
+            None,
+            |s| {
+                let path = PathBuf::from(s);
+                if path.is_file() {
+                    Ok(Some(path))
+                } else {
+                    Err(format!("`{s}` is not a readable file"))
+                }
+            },
+        ),
     };
 
     let f = &raw.http2redis;

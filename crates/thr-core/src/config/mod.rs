@@ -71,6 +71,9 @@ pub struct RedisSettings {
     /// when Redis does not answer within it, so it bounds how long a client
     /// waits to learn that Redis is down.
     pub command_timeout: Duration,
+    /// For `rediss://`: a PEM file of the CA that signed Redis's
+    /// certificate, instead of the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `[http2redis]`: the front that accepts clients.

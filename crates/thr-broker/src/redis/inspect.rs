@@ -168,16 +168,38 @@ impl RedisBroker {
         .await
     }
 
+    /// Keys matching `pattern`, found with SCAN: unlike KEYS, it never
+    /// blocks a busy Redis for the whole keyspace at once.
+    async fn scan(&self, pattern: &str) -> Result<Vec<String>, BrokerError> {
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = self
+                .run(|mut conn| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            found.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
     /// Names of the queues that have held jobs (found by key).
     pub async fn queue_names(&self) -> Result<Vec<String>, BrokerError> {
-        let found: Vec<String> = self
-            .run(|mut conn| async move {
-                redis::cmd("KEYS")
-                    .arg("thr:{q:*}:seq")
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
+        let found = self.scan("thr:{q:*}:seq").await?;
         let mut names: Vec<String> = found
             .iter()
             .filter_map(|k| {
@@ -382,21 +404,14 @@ impl RedisBroker {
     pub async fn quota_usage(&self) -> Result<Vec<QuotaUsage>, BrokerError> {
         let now = self.now_ms().await?;
         let prefix = keys::QUOTA_PREFIX;
-        let (sems, gcras, waiting): (Vec<String>, Vec<String>, BTreeMap<String, u64>) = self
+        let sems = self.scan(&format!("{prefix}sem:*")).await?;
+        let gcras = self.scan(&format!("{prefix}gcra:*")).await?;
+        let waiting: BTreeMap<String, u64> = self
             .run(|mut conn| async move {
-                let sems: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{prefix}sem:*"))
-                    .query_async(&mut conn)
-                    .await?;
-                let gcras: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{prefix}gcra:*"))
-                    .query_async(&mut conn)
-                    .await?;
-                let waiting: BTreeMap<String, u64> = redis::cmd("HGETALL")
+                redis::cmd("HGETALL")
                     .arg(keys::quota_waiting())
                     .query_async(&mut conn)
-                    .await?;
-                Ok((sems, gcras, waiting))
+                    .await
             })
             .await?;
         let mut usage: BTreeMap<String, QuotaUsage> = BTreeMap::new();

@@ -7,14 +7,6 @@ use testkit::bins::Process;
 
 use crate::support::*;
 
-async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "{what}: not after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_worker_with_20_gets_in_flight_loses_nothing() {
     testkit::init_logs();
@@ -243,7 +235,12 @@ async fn sigterm_on_the_front_answers_what_it_holds_then_exits_0() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until(
+        Duration::from_secs(10),
+        "the five held requests run",
+        || backend.count() >= 6,
+    )
+    .await;
     front.signal("TERM");
     for h in held {
         assert_eq!(h.await.unwrap(), 200, "a held request was dropped");
@@ -444,7 +441,7 @@ async fn header_values_cannot_inject_into_redis_key_names() {
             .status
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_running(&stack.backend, 1).await;
     let mut conn = stack.redis.conn();
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("thr:{quota}:sem:*")

@@ -28,7 +28,7 @@ async fn reply_timeout_answers_504_and_the_backend_never_sees_the_job() {
         let url = stack.url();
         async move { get(&url, "/slow?delay=2000").await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_running(&stack.backend, 1).await;
     // ...while a client of an impatient front (1 s) waits behind it.
     let text = config_text(&stack.redis.url(), &stack.backend.url(), "")
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"1s\"");
@@ -73,10 +73,10 @@ async fn a_slot_stays_taken_until_the_backend_answers_even_if_the_client_left() 
     // A legacy backend keeps working on a request whose client went away:
     // the worker must not send it another one meanwhile.
     let stack = one_slot_stack("1s").await;
-    assert_eq!(get(&stack.url(), "/slow?delay=2500").await.status, 504);
-    // This one's client gives up at about 2 s, before the slot frees at 2.5 s.
+    assert_eq!(get(&stack.url(), "/slow?delay=3000").await.status, 504);
+    // This one's client gives up at about 2 s, before the slot frees at 3 s.
     assert_eq!(get(&stack.url(), "/while-busy").await.status, 504);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(get(&stack.url(), "/after").await.status, 200);
     let targets: Vec<String> = stack
         .backend
@@ -84,7 +84,7 @@ async fn a_slot_stays_taken_until_the_backend_answers_even_if_the_client_left() 
         .into_iter()
         .map(|r| r.target)
         .collect();
-    assert_eq!(targets, ["/slow?delay=2500", "/after"]);
+    assert_eq!(targets, ["/slow?delay=3000", "/after"]);
     assert_eq!(stack.backend.peak_concurrency(), 1);
     stack.thr.stop().await;
 }
@@ -97,7 +97,7 @@ async fn a_client_that_disconnects_cancels_its_job() {
         let url = url.clone();
         async move { get(&url, "/slow?delay=1500").await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_running(&stack.backend, 1).await;
     let addr = stack.thr.addr();
     tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();

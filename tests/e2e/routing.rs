@@ -117,16 +117,16 @@ async fn jobs_of_one_priority_leave_in_arrival_order() {
     let url = stack.url();
     let first = tokio::spawn({
         let url = url.clone();
-        async move { get(&url, "/first?delay=500").await }
+        async move { get(&url, "/first?delay=1500").await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    until_running(&stack.backend, 1).await;
     let mut later = Vec::new();
     for i in 0..6 {
         let url = url.clone();
         later.push(tokio::spawn(
             async move { get(&url, &format!("/n/{i}")).await },
         ));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        until_enqueued(&stack.redis, "default", i + 2).await;
     }
     first.await.unwrap();
     for r in later {
@@ -141,7 +141,7 @@ async fn jobs_of_one_priority_leave_in_arrival_order() {
     assert_eq!(
         order,
         [
-            "/first?delay=500",
+            "/first?delay=1500",
             "/n/0",
             "/n/1",
             "/n/2",

@@ -115,16 +115,16 @@ async fn priorities_reach_the_queue() {
     // one priority-1 request: it must be the next to start.
     let first = tokio::spawn({
         let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/hold?delay=600")).await }
+        async move { send(&client, &url, &Req::new("GET", "/hold?delay=1500")).await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    until_running(&stack.backend, 1).await;
     let mut later = Vec::new();
     for i in 0..5 {
         let (client, url) = (client.clone(), url.clone());
         later.push(tokio::spawn(async move {
             send(&client, &url, &Req::new("GET", format!("/reports/{i}"))).await
         }));
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        until_enqueued(&stack.redis, "default", i + 2).await;
     }
     let urgent = {
         let (client, url) = (client.clone(), url.clone());
@@ -137,7 +137,7 @@ async fn priorities_reach_the_queue() {
             .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_enqueued(&stack.redis, "default", 7).await;
     // While they wait, Redis holds them with their priorities.
     let mut conn = stack.redis.conn();
     let scores: Vec<(String, f64)> = redis::cmd("ZRANGE")
@@ -167,7 +167,7 @@ async fn priorities_reach_the_queue() {
     assert_eq!(
         order,
         [
-            "/hold?delay=600",
+            "/hold?delay=1500",
             "/urgent",
             "/reports/0",
             "/reports/1",

@@ -156,3 +156,36 @@ pub fn config_file(text: &str) -> (std::path::PathBuf, String) {
     let shown = path.display().to_string();
     (dir, shown)
 }
+
+/// Polls `check` every 20 ms; fails the test with `what` after `limit`.
+pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what}: not after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `queue` has accepted `n` jobs since Redis started (its
+/// sequence counter), so that tests can order submissions without sleeping.
+pub async fn until_enqueued(redis: &RedisServer, queue: &str, n: u64) {
+    let mut conn = redis.conn();
+    let key = format!("thr:{{q:{queue}}}:seq");
+    until(
+        Duration::from_secs(10),
+        &format!("{n} jobs enqueued"),
+        || {
+            let seq: Option<u64> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
+            seq.unwrap_or(0) >= n
+        },
+    )
+    .await;
+}
+
+/// Waits until the backend is handling exactly `n` requests.
+pub async fn until_running(backend: &SlowBackend, n: usize) {
+    until(Duration::from_secs(10), &format!("{n} running"), || {
+        backend.active() == n
+    })
+    .await;
+}

@@ -252,7 +252,8 @@ async fn running_dead_letters_retry_and_top() {
         let url = thr.url();
         async move { get(&url, "/slow-report?delay=2500").await }
     });
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    until_running(&backend, 1).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let running = ctl.json(&["running"]);
     assert_eq!(running[0]["target"], "/slow-report?delay=2500");
     assert!(running[0]["age_ms"].as_u64().unwrap() >= 900);

@@ -220,6 +220,11 @@ impl SlowBackend {
         self.state.recorded.lock().expect("lock").len()
     }
 
+    /// Requests being handled right now (past the worker limit, inside the delay).
+    pub fn active(&self) -> usize {
+        self.state.active.load(Ordering::SeqCst)
+    }
+
     /// Most requests ever handled at once.
     pub fn peak_concurrency(&self) -> usize {
         self.state.peak.load(Ordering::SeqCst)

@@ -127,7 +127,7 @@ async fn blocking_pops_longer_than_500ms_still_deliver() {
         let b = b.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(900)).await;
-            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"), &[])
+            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"), 0, &[])
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(900)).await;
@@ -160,6 +160,7 @@ async fn replies_come_in_batches() {
             "f",
             &format!("j{i}"),
             Bytes::from(format!("r{i}")),
+            0,
             &[],
         )
         .await

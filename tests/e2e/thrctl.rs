@@ -302,6 +302,18 @@ async fn running_dead_letters_retry_and_top() {
     assert!(err.contains("cannot be decoded"), "{err}");
     assert_eq!(ctl.run(&["retry", "nope"]).0, 2);
 
+    // Served jobs give the queue latency percentiles (Redis-side samples).
+    assert_eq!(slow.await.unwrap().status, 200);
+    let latency = ctl.json(&["queues"])[0]["latency"].clone();
+    assert_eq!(latency["samples"], 1, "{latency}");
+    for field in ["total_p50", "total_p99", "backend_p50"] {
+        let v = latency[field].as_u64().unwrap();
+        assert!((2500..4000).contains(&v), "{field} {v}");
+    }
+    assert!(latency["wait_p50"].as_u64().unwrap() < 1000, "{latency}");
+    let (_, table, _) = ctl.run(&["queues"]);
+    assert!(table.contains("P50/P90/P99"), "{table}");
+
     // `top`, rendered once into a test backend.
     let cx = thrctl::Context {
         broker: thr_broker::RedisBroker::new(&redis.url(), Duration::from_secs(1)).unwrap(),
@@ -326,8 +338,11 @@ async fn running_dead_letters_retry_and_top() {
         "{screen}"
     );
     assert!(screen.contains("saturated quotas"), "{screen}");
-
-    assert_eq!(slow.await.unwrap().status, 200);
+    assert!(screen.contains("P50/P90/P99"), "{screen}");
+    assert!(
+        screen.contains("s/2."),
+        "latency percentiles shown: {screen}"
+    );
     thr.stop().await;
 }
 

@@ -485,7 +485,14 @@ impl<B: Broker> QueueRunner<B> {
             for attempt in 1..=REPLY_ATTEMPTS {
                 match self
                     .broker
-                    .reply(queue, &job.meta.front, &job.meta.id, frame.clone(), &job.meta.semaphores)
+                    .reply(
+                        queue,
+                        &job.meta.front,
+                        &job.meta.id,
+                        frame.clone(),
+                        backend_ms,
+                        &job.meta.semaphores,
+                    )
                     .await
                 {
                     Ok(()) => return,

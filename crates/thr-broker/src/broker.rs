@@ -162,13 +162,15 @@ pub trait Broker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
 
     /// Sends a reply to the front that waits for job `id`, then releases the
-    /// job and its quota slots (`semaphores`: the tokens it holds).
+    /// job and its quota slots (`semaphores`: the tokens it holds), and
+    /// records its latency (`backend_ms`: time spent at the backend).
     fn reply(
         &self,
         queue: &str,
         front: &str,
         id: &str,
         frame: Bytes,
+        backend_ms: u64,
         semaphores: &[String],
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 

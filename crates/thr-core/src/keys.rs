@@ -44,7 +44,15 @@ pub struct QueueKeys {
     pub attempts: String,
     /// Set while the queue is paused (`thrctl pause`): workers do not claim.
     pub paused: String,
+    /// List of the latest served jobs, newest first, capped at
+    /// [`LATENCY_SAMPLES`]: `second<TAB>total_ms<TAB>backend_ms`, where
+    /// total runs from enqueue to reply (Redis clock). Operators' latency
+    /// percentiles come from it, whichever worker served the job.
+    pub latency: String,
 }
+
+/// How many served jobs each queue keeps for latency percentiles.
+pub const LATENCY_SAMPLES: usize = 1024;
 
 impl QueueKeys {
     /// Keys of queue `name`.
@@ -67,6 +75,7 @@ impl QueueKeys {
             owners: k("owners"),
             attempts: k("attempts"),
             paused: k("paused"),
+            latency: k("latency"),
         }
     }
 
@@ -131,6 +140,7 @@ mod tests {
             &k.wake,
             &k.dead,
             &k.dead_reasons,
+            &k.latency,
         ] {
             assert!(key.starts_with("thr:{q:default}:"), "{key}");
         }

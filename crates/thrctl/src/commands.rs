@@ -75,6 +75,18 @@ fn by_priority(o: &QueueOverview) -> String {
         .join(" ")
 }
 
+/// Total latency percentiles over the last minute, `-` when idle.
+pub fn latency(o: &QueueOverview) -> String {
+    o.latency.as_ref().map_or("-".into(), |l| {
+        format!(
+            "{}/{}/{}",
+            age(l.total_p50),
+            age(l.total_p90),
+            age(l.total_p99)
+        )
+    })
+}
+
 fn queue_rows(overviews: &[QueueOverview]) -> String {
     let rows: Vec<Vec<String>> = overviews
         .iter()
@@ -85,6 +97,7 @@ fn queue_rows(overviews: &[QueueOverview]) -> String {
                 o.running.to_string(),
                 format!("{:.1}/s", o.drain_per_second),
                 o.oldest_waiting_ms.map_or("-".into(), age),
+                latency(o),
                 o.dead_letters.to_string(),
                 by_priority(o),
             ]
@@ -97,6 +110,7 @@ fn queue_rows(overviews: &[QueueOverview]) -> String {
             "RUNNING",
             "DRAIN",
             "OLDEST",
+            "P50/P90/P99",
             "DEAD",
             "BY PRIORITY",
         ],

@@ -1,5 +1,5 @@
-//! `thrctl top`: queues, rates, saturated quotas and daemons, refreshed
-//! every second (q or Esc to quit).
+//! `thrctl top`: queues, rates, latency percentiles, saturated quotas and
+//! daemons, refreshed every second (q or Esc to quit).
 
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Borders, Row, Table};
 use thr_broker::redis::{DaemonInfo, QueueOverview, QuotaUsage};
 
-use crate::commands::{overviews, saturated};
+use crate::commands::{latency, overviews, saturated};
 use crate::table::age;
 use crate::{Context, Failure};
 
@@ -51,22 +51,30 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot) {
             q.running.to_string(),
             format!("{:.1}/s", q.drain_per_second),
             q.oldest_waiting_ms.map_or("-".into(), age),
+            latency(q),
             q.dead_letters.to_string(),
         ])
     });
     let widths = [
-        Constraint::Percentage(30),
-        Constraint::Percentage(14),
-        Constraint::Percentage(14),
-        Constraint::Percentage(14),
-        Constraint::Percentage(14),
-        Constraint::Percentage(14),
+        Constraint::Percentage(22),
+        Constraint::Percentage(11),
+        Constraint::Percentage(11),
+        Constraint::Percentage(11),
+        Constraint::Percentage(11),
+        Constraint::Percentage(24),
+        Constraint::Percentage(10),
     ];
     frame.render_widget(
         Table::new(rows, widths)
             .header(
                 Row::new(vec![
-                    "QUEUE", "WAITING", "RUNNING", "DRAIN", "OLDEST", "DEAD",
+                    "QUEUE",
+                    "WAITING",
+                    "RUNNING",
+                    "DRAIN",
+                    "OLDEST",
+                    "P50/P90/P99",
+                    "DEAD",
                 ])
                 .style(bold),
             )

@@ -33,6 +33,77 @@ pub struct QueueOverview {
     pub paused: bool,
     /// Jobs in its dead letters.
     pub dead_letters: u64,
+    /// Latency of the jobs served over the last minute (None: none served).
+    pub latency: Option<Latency>,
+}
+
+/// Latency percentiles of a queue's recently served jobs, in ms. `total`
+/// runs from enqueue to reply; `wait` is the part spent before the backend
+/// (queueing, quotas, thr's own overhead).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Latency {
+    /// Jobs the percentiles are taken over.
+    pub samples: u64,
+    /// Median total time.
+    pub total_p50: u64,
+    /// 90th percentile of the total time.
+    pub total_p90: u64,
+    /// 99th percentile of the total time.
+    pub total_p99: u64,
+    /// Median wait before the backend.
+    pub wait_p50: u64,
+    /// 99th percentile of the wait before the backend.
+    pub wait_p99: u64,
+    /// Median time at the backend.
+    pub backend_p50: u64,
+    /// 99th percentile of the time at the backend.
+    pub backend_p99: u64,
+}
+
+impl Latency {
+    /// Percentiles over samples `second<TAB>total_ms<TAB>backend_ms` (see
+    /// [`QueueKeys::latency`]) taken in the minute up to second `now_sec`.
+    pub fn from_samples<'a>(
+        samples: impl IntoIterator<Item = &'a str>,
+        now_sec: u64,
+    ) -> Option<Latency> {
+        let (mut total, mut wait, mut backend) = (Vec::new(), Vec::new(), Vec::new());
+        for sample in samples {
+            let mut f = sample.split('\t').map(|v| v.parse::<u64>().ok());
+            let (Some(Some(sec)), Some(Some(t)), Some(Some(b))) = (f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            if sec + 60 <= now_sec || sec > now_sec + 1 {
+                continue;
+            }
+            total.push(t);
+            backend.push(b);
+            wait.push(t.saturating_sub(b));
+        }
+        if total.is_empty() {
+            return None;
+        }
+        for v in [&mut total, &mut wait, &mut backend] {
+            v.sort_unstable();
+        }
+        Some(Latency {
+            samples: total.len() as u64,
+            total_p50: percentile(&total, 50),
+            total_p90: percentile(&total, 90),
+            total_p99: percentile(&total, 99),
+            wait_p50: percentile(&wait, 50),
+            wait_p99: percentile(&wait, 99),
+            backend_p50: percentile(&backend, 50),
+            backend_p99: percentile(&backend, 99),
+        })
+    }
+}
+
+/// Nearest-rank percentile of sorted, non-empty values.
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
 }
 
 /// A waiting job.
@@ -216,12 +287,13 @@ impl RedisBroker {
     pub async fn queue_overview(&self, name: &str) -> Result<QueueOverview, BrokerError> {
         let k = QueueKeys::new(name);
         let now = self.now_ms().await?;
-        let (ids, running, drained, paused, dead): (
+        let (ids, running, drained, paused, dead, samples): (
             Vec<String>,
             u64,
             BTreeMap<u64, u64>,
             bool,
             u64,
+            Vec<String>,
         ) = self
             .run(|mut conn| async move {
                 redis::pipe()
@@ -230,6 +302,7 @@ impl RedisBroker {
                     .hgetall(&k.drained)
                     .exists(&k.paused)
                     .hlen(&k.dead)
+                    .lrange(&k.latency, 0, -1)
                     .query_async(&mut conn)
                     .await
             })
@@ -260,6 +333,7 @@ impl RedisBroker {
             oldest_waiting_ms: oldest,
             paused,
             dead_letters: dead,
+            latency: Latency::from_samples(samples.iter().map(String::as_str), sec),
         })
     }
 
@@ -701,5 +775,32 @@ impl RedisBroker {
             return Ok(Some(queue.clone()));
         }
         Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_over_the_last_minute_only() {
+        let mut samples: Vec<String> = (1..=100)
+            .map(|ms| format!("1000\t{}\t{}", ms + 5, ms))
+            .collect();
+        // Older than a minute, and garbage: ignored.
+        samples.push("900\t99999\t1".into());
+        samples.push("not a sample".into());
+        let l = Latency::from_samples(samples.iter().map(String::as_str), 1030).unwrap();
+        assert_eq!(l.samples, 100);
+        assert_eq!((l.total_p50, l.total_p90, l.total_p99), (55, 95, 104));
+        assert_eq!((l.backend_p50, l.backend_p99), (50, 99));
+        assert_eq!((l.wait_p50, l.wait_p99), (5, 5));
+        assert_eq!(Latency::from_samples(["1000\t5\t1"], 1100), None);
+    }
+
+    #[test]
+    fn a_single_sample_is_every_percentile() {
+        let l = Latency::from_samples(["7\t40\t30"], 7).unwrap();
+        assert_eq!((l.total_p50, l.total_p99, l.wait_p99), (40, 40, 10));
     }
 }

@@ -318,6 +318,7 @@ impl Broker for RedisBroker {
         front: &str,
         id: &str,
         frame: Bytes,
+        backend_ms: u64,
         semaphores: &[String],
     ) -> Result<(), BrokerError> {
         let k = QueueKeys::new(queue);
@@ -331,7 +332,8 @@ impl Broker for RedisBroker {
                 .key(&k.jobinfo)
                 .key(&k.wake)
                 .key(&replies)
-                .key(&k.attempts);
+                .key(&k.attempts)
+                .key(&k.latency);
             for token in semaphores {
                 invocation.key(keys::semaphore(token));
             }
@@ -339,6 +341,8 @@ impl Broker for RedisBroker {
                 .arg(id)
                 .arg(frame.as_ref())
                 .arg(REPLY_TTL.as_secs())
+                .arg(backend_ms)
+                .arg(keys::LATENCY_SAMPLES)
                 .invoke_async(&mut conn)
                 .await?;
             Ok(())

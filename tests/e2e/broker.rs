@@ -34,11 +34,15 @@ const OPTIONS: ClaimOptions = ClaimOptions {
     max_inflight_total: None,
     max_wait_boost: None,
     worker: "",
+    max_jobs: 1,
 };
 
 async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {
     match b.claim(queue, OPTIONS).await.unwrap() {
-        ClaimOutcome::Job(c) => Some(c),
+        ClaimOutcome::Jobs(mut c) => {
+            assert_eq!(c.len(), 1, "one job asked for");
+            Some(c.remove(0))
+        }
         ClaimOutcome::Idle { .. } => None,
     }
 }
@@ -224,4 +228,48 @@ async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
         .unwrap();
     assert!(why.unwrap().contains("wire version 9"));
     stack.thr.stop().await;
+}
+
+#[tokio::test]
+async fn one_claim_starts_several_jobs_in_dispatch_order_within_their_quotas() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    // Three jobs of a flow limited to one at a time, then three free ones.
+    for (i, id) in ["q1", "q2", "q3"].into_iter().enumerate() {
+        b.enqueue(NewJob {
+            flow: "one=x",
+            flow_definition: "one=x\t1\t0\t0\t0\n",
+            ..job(id, 10 + i as u8)
+        })
+        .await
+        .unwrap();
+    }
+    for (id, prio) in [("low", 90), ("mid", 50), ("high", 5)] {
+        b.enqueue(job(id, prio)).await.unwrap();
+    }
+    let ids = |outcome: ClaimOutcome| match outcome {
+        ClaimOutcome::Jobs(jobs) => jobs.into_iter().map(|c| c.id).collect::<Vec<_>>(),
+        ClaimOutcome::Idle { .. } => Vec::new(),
+    };
+    let batch = |n| ClaimOptions {
+        max_jobs: n,
+        ..OPTIONS
+    };
+    // Priority order; the limited flow gives one job, its others wait.
+    let first = ids(b.claim("q", batch(3)).await.unwrap());
+    assert_eq!(first, ["high", "q1", "mid"]);
+    let rest = ids(b.claim("q", batch(10)).await.unwrap());
+    assert_eq!(rest, ["low"], "q2 and q3 wait for q1's slot");
+    assert!(ids(b.claim("q", batch(10)).await.unwrap()).is_empty());
+    b.reply(
+        "q",
+        "f",
+        "q1",
+        Bytes::from_static(b"done"),
+        1,
+        &["one=x".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids(b.claim("q", batch(10)).await.unwrap()), ["q2"]);
 }

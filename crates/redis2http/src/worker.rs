@@ -29,6 +29,9 @@ use tracing::Instrument;
 const POLL: Duration = Duration::from_secs(1);
 /// Most attempts to deliver a reply while Redis hiccups.
 const REPLY_ATTEMPTS: u32 = 8;
+/// Most jobs one claim call starts. Bounds the time one script holds Redis
+/// (each start is a walk over flows).
+const CLAIM_BATCH: usize = 16;
 
 /// A worker process's state: its id, its broker and its queues.
 pub struct Worker<B> {
@@ -217,6 +220,15 @@ impl<B: Broker> QueueRunner<B> {
             if *stop.borrow() {
                 break;
             }
+            // Every free slot at once: one claim fills them all when a
+            // backlog waits, instead of one round trip per job.
+            let mut permits = vec![permit];
+            while permits.len() < CLAIM_BATCH {
+                match self.room.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
             let options = {
                 let q = self.queue.load();
                 ClaimOptions {
@@ -224,22 +236,32 @@ impl<B: Broker> QueueRunner<B> {
                     max_inflight_total: q.max_inflight_total,
                     max_wait_boost: self.scheduling.load().max_wait_boost,
                     worker: &self.worker_id,
+                    max_jobs: permits.len(),
                 }
             };
             match self.broker.claim(&name, options).await {
-                Ok(ClaimOutcome::Job(claimed)) => {
+                Ok(ClaimOutcome::Jobs(claimed)) => {
                     failures = 0;
-                    self.busy.fetch_add(1, Ordering::SeqCst);
-                    self.inflight.fetch_add(1, Ordering::Relaxed);
-                    let id = claimed.id.clone();
-                    // Registered before it runs, so it is always found to remove.
-                    let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-                    let task = tokio::spawn(self.clone().run_job(claimed, permit));
-                    jobs.insert(id, task.abort_handle());
+                    for claimed in claimed {
+                        let Some(permit) = permits.pop() else {
+                            // A broker never starts more than asked; if one
+                            // did, another worker gets the job at once.
+                            tracing::error!(queue = %name, job = %claimed.id, "claimed more jobs than free slots; handing one back");
+                            let _ = self.broker.hand_back(&name, &claimed.id).await;
+                            continue;
+                        };
+                        self.busy.fetch_add(1, Ordering::SeqCst);
+                        self.inflight.fetch_add(1, Ordering::Relaxed);
+                        let id = claimed.id.clone();
+                        // Registered before it runs, so it is always found to remove.
+                        let mut jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                        let task = tokio::spawn(self.clone().run_job(claimed, permit));
+                        jobs.insert(id, task.abort_handle());
+                    }
                 }
                 Ok(ClaimOutcome::Idle { retry_in }) => {
                     failures = 0;
-                    drop(permit);
+                    drop(permits);
                     // A rate quota frees up on its own schedule, without a doorbell.
                     let wait = retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL));
                     let rang = tokio::select! {
@@ -255,7 +277,7 @@ impl<B: Broker> QueueRunner<B> {
                     }
                 }
                 Err(err) => {
-                    drop(permit);
+                    drop(permits);
                     failures += 1;
                     metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http")
                         .increment(1);

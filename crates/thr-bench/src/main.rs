@@ -290,9 +290,9 @@ async fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Claims per second of free jobs, with `blocked` jobs waiting behind a
-/// saturated concurrency quota.
-async fn claim_rate(blocked: usize) -> f64 {
+/// Jobs started per second of free jobs, with `blocked` jobs waiting behind
+/// a saturated concurrency quota, starting up to `per_call` jobs per claim.
+async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
     use futures_util::future::join_all;
     use thr_broker::{Broker, ClaimOptions, ClaimOutcome, NewJob, RedisBroker};
 
@@ -321,6 +321,11 @@ async fn claim_rate(blocked: usize) -> f64 {
         max_inflight_total: None,
         max_wait_boost: None,
         worker: "",
+        max_jobs: 1,
+    };
+    let batched = ClaimOptions {
+        max_jobs: per_call,
+        ..options
     };
     const BLOCKED_FLOW: &str = "foo_bar=bar";
     const BLOCKED_DEF: &str = "foo_bar=bar\t2\t0\t0\t0\n";
@@ -337,7 +342,7 @@ async fn claim_rate(blocked: usize) -> f64 {
         for _ in 0..2 {
             assert!(matches!(
                 broker.claim("bench", options).await,
-                Ok(ClaimOutcome::Job(_))
+                Ok(ClaimOutcome::Jobs(_))
             ));
         }
     }
@@ -349,8 +354,8 @@ async fn claim_rate(blocked: usize) -> f64 {
     // Eight claimers at once, as eight worker loops would.
     let claimers = (0..8).map(|_| async {
         let mut n = 0usize;
-        while let Ok(ClaimOutcome::Job(_)) = broker.claim("bench", options).await {
-            n += 1;
+        while let Ok(ClaimOutcome::Jobs(jobs)) = broker.claim("bench", batched).await {
+            n += jobs.len();
         }
         n
     });
@@ -362,14 +367,26 @@ async fn claim_rate(blocked: usize) -> f64 {
 }
 
 async fn claim_scenario() {
-    println!("\nscenario `claim`: claims/s of 5,000 free jobs, 8 claimers");
-    let free = claim_rate(0).await;
-    println!("  {:>6} blocked jobs  {free:>9.0} claims/s", 0);
-    let busy = claim_rate(10_000).await;
+    println!("\nscenario `claim`: jobs started/s of 5,000 free jobs, 8 claimers");
+    let free = claim_rate(0, 1).await;
+    println!("  {:>6} blocked jobs, 1 per call   {free:>9.0} starts/s", 0);
+    let busy = claim_rate(10_000, 1).await;
     println!(
-        "  {:>6} blocked jobs  {busy:>9.0} claims/s   x{:.2} vs none blocked",
+        "  {:>6} blocked jobs, 1 per call   {busy:>9.0} starts/s   x{:.2} vs none blocked",
         10_000,
         busy / free
+    );
+    let batched = claim_rate(0, 16).await;
+    println!(
+        "  {:>6} blocked jobs, 16 per call  {batched:>9.0} starts/s   x{:.2} vs 1 per call",
+        0,
+        batched / free
+    );
+    let batched_busy = claim_rate(10_000, 16).await;
+    println!(
+        "  {:>6} blocked jobs, 16 per call  {batched_busy:>9.0} starts/s   x{:.2} vs none blocked",
+        10_000,
+        batched_busy / batched
     );
 }
 

@@ -59,6 +59,9 @@ pub struct ClaimOptions<'a> {
     pub max_wait_boost: Option<Duration>,
     /// The claiming worker (its heartbeat vouches for the lease); "" for none.
     pub worker: &'a str,
+    /// Most jobs to start in this call (the worker's free slots; 0 counts
+    /// as 1). One call for many jobs saves round trips under a backlog.
+    pub max_jobs: usize,
 }
 
 /// How long a daemon may stay silent before it counts as dead: a lease of
@@ -100,8 +103,8 @@ pub struct Reaped {
 /// What a claim found.
 #[derive(Debug, Clone)]
 pub enum ClaimOutcome {
-    /// A job to run.
-    Job(Claimed),
+    /// Jobs to run (at least one, at most `max_jobs`), in dispatch order.
+    Jobs(Vec<Claimed>),
     /// Nothing can run now; a rate quota may allow something after `retry_in`.
     Idle {
         /// When a rate-limited flow may run (None: wait for the doorbell).

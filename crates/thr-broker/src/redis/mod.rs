@@ -31,8 +31,8 @@ use crate::{
 pub use blocking::{RedisDoorbell, RedisReplies};
 use scripts::Scripts;
 
-/// Most flows one claim looks at: a claim costs at most this many steps,
-/// however many jobs wait behind full quotas.
+/// Most flows one claim call looks at, however many jobs it starts and
+/// however many wait behind full quotas: a call costs at most this many steps.
 const CLAIM_SCAN: u32 = 1000;
 
 /// Aging step in ms: a priority level is worth `max_wait_boost / 98` of
@@ -257,6 +257,7 @@ impl Broker for RedisBroker {
                     .arg(CLAIM_SCAN)
                     .arg(options.worker)
                     .arg(HEARTBEAT_TIMEOUT.as_millis() as u64)
+                    .arg(options.max_jobs.max(1))
                     .invoke_async(&mut conn)
                     .await
             })
@@ -276,17 +277,22 @@ impl Broker for RedisBroker {
                 retry_in: u64::try_from(hint).ok().map(Duration::from_millis),
             });
         }
-        let mut rest = items.into_iter().skip(1);
-        let mut next = || rest.next().unwrap_or(redis::Value::Nil);
-        let frame: Vec<u8> = redis::from_redis_value(next()).map_err(BrokerError::from)?;
-        let remaining: i64 = redis::from_redis_value(next()).map_err(BrokerError::from)?;
-        let flow: String = redis::from_redis_value(next()).map_err(BrokerError::from)?;
-        Ok(ClaimOutcome::Job(Claimed {
-            id,
-            frame: Bytes::from(frame),
-            remaining: Duration::from_millis(remaining.max(0) as u64),
-            flow,
-        }))
+        // Four items per job started: id, frame, ms left, flow.
+        let mut jobs = Vec::with_capacity(items.len() / 4);
+        for job in items.chunks(4) {
+            let field = |i: usize| job.get(i).cloned().unwrap_or(redis::Value::Nil);
+            let id: String = redis::from_redis_value(field(0)).map_err(BrokerError::from)?;
+            let frame: Vec<u8> = redis::from_redis_value(field(1)).map_err(BrokerError::from)?;
+            let remaining: i64 = redis::from_redis_value(field(2)).map_err(BrokerError::from)?;
+            let flow: String = redis::from_redis_value(field(3)).map_err(BrokerError::from)?;
+            jobs.push(Claimed {
+                id,
+                frame: Bytes::from(frame),
+                remaining: Duration::from_millis(remaining.max(0) as u64),
+                flow,
+            });
+        }
+        Ok(ClaimOutcome::Jobs(jobs))
     }
 
     async fn renew(

@@ -208,7 +208,7 @@ async fn scripts_survive_a_redis_restart() {
 #[tokio::test]
 async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
     use crate::support::*;
-    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    let stack = Binaries::start(SlowBackend::builder().start().await, 1, "").await;
     let b = broker(&stack.redis);
     b.enqueue(NewJob {
         queue: "default",
@@ -221,13 +221,23 @@ async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
     .unwrap();
     assert_eq!(get(&stack.url(), "/fine").await.status, 200);
     let mut conn = stack.redis.conn();
-    let why: Option<String> = redis::cmd("HGET")
-        .arg("thr:{q:default}:dead:reasons")
-        .arg("poison")
-        .query(&mut conn)
-        .unwrap();
+    let mut why: Option<String> = None;
+    until(
+        Duration::from_secs(10),
+        "the poison is dead-lettered",
+        || {
+            why = redis::cmd("HGET")
+                .arg("thr:{q:default}:dead:reasons")
+                .arg("poison")
+                .query(&mut conn)
+                .unwrap();
+            why.is_some()
+        },
+    )
+    .await;
     assert!(why.unwrap().contains("wire version 9"));
-    stack.thr.stop().await;
+    assert_eq!(get(&stack.url(), "/still-fine").await.status, 200);
+    stack.stop();
 }
 
 #[tokio::test]

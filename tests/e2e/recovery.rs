@@ -318,14 +318,19 @@ async fn a_rolling_restart_of_every_worker_loses_nothing_and_returns_no_5xx() {
 
 #[tokio::test]
 async fn slowloris_is_cut_off_by_the_header_read_timeout() {
-    let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |t| {
-        t.replace(
-            "reply_timeout = \"10s\"",
-            "reply_timeout = \"10s\"\nheader_read_timeout = \"1s\"",
-        )
-    })
+    let stack = Binaries::start_with(
+        RedisServer::start(),
+        SlowBackend::builder().start().await,
+        1,
+        |t| {
+            t.replace(
+                "reply_timeout = \"10s\"",
+                "reply_timeout = \"10s\"\nheader_read_timeout = \"1s\"",
+            )
+        },
+    )
     .await;
-    let addr = stack.thr.addr();
+    let addr = stack.addr();
     let took = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(200)))
@@ -350,7 +355,8 @@ async fn slowloris_is_cut_off_by_the_header_read_timeout() {
     .unwrap();
     assert!(took < Duration::from_secs(4), "cut after {took:?}");
     assert_eq!(stack.backend.count(), 0);
-    stack.thr.stop().await;
+    assert_eq!(get(&stack.url(), "/still-serving").await.status, 200);
+    stack.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,12 +407,17 @@ async fn redis_with_a_password_works_and_the_password_never_reaches_the_logs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_grace_holds_requests_until_redis_is_back() {
-    let mut stack = Stack::start_with(SlowBackend::builder().start().await, 1, |t| {
-        t.replace(
-            "reply_timeout = \"10s\"",
-            "reply_timeout = \"10s\"\nredis_down_grace = \"5s\"",
-        )
-    })
+    let mut stack = Binaries::start_with(
+        RedisServer::start(),
+        SlowBackend::builder().start().await,
+        1,
+        |t| {
+            t.replace(
+                "reply_timeout = \"10s\"",
+                "reply_timeout = \"10s\"\nredis_down_grace = \"5s\"",
+            )
+        },
+    )
     .await;
     assert_eq!(get(&stack.url(), "/before").await.status, 200);
     stack.redis.kill();
@@ -416,12 +427,12 @@ async fn redis_down_grace_holds_requests_until_redis_is_back() {
     stack.redis.restart();
     let seen = held.await.unwrap();
     assert_eq!(seen.status, 200, "held through the outage: {seen:?}");
-    stack.thr.stop().await;
+    stack.stop();
 }
 
 #[tokio::test]
 async fn header_values_cannot_inject_into_redis_key_names() {
-    let stack = Stack::start(
+    let stack = Binaries::start(
         SlowBackend::builder().start().await,
         1,
         "[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n",
@@ -457,7 +468,7 @@ async fn header_values_cannot_inject_into_redis_key_names() {
     .await;
     assert_eq!(other.status, 200, "not blocked by the other user's slot");
     assert_eq!(hold.await.unwrap(), 200);
-    stack.thr.stop().await;
+    stack.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,34 +514,31 @@ async fn a_stopping_worker_hands_back_what_it_cannot_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_works() {
-    testkit::init_logs();
     let redis = RedisServer::start_tls();
-    let backend = SlowBackend::builder().start().await;
-    let thr = Thr::start(
-        parse_config(&config_text(&redis.tls_url(), &backend.url(), "")),
-        1,
-    )
+    let (plain, insecure, ca) = (redis.url(), redis.tls_url(), redis.tls_ca());
+    let verified = insecure.replace("/#insecure", "");
+    let stack = Binaries::start_with(redis, SlowBackend::builder().start().await, 1, |t| {
+        t.replace(&plain, &insecure)
+    })
     .await;
-    let seen = get(&thr.url(), "/over-tls?cookies=1").await;
+    let seen = get(&stack.url(), "/over-tls?cookies=1").await;
     assert_eq!(seen.status, 200, "{seen:?}");
-    assert_eq!(backend.count(), 1);
-    thr.stop().await;
+    assert_eq!(stack.backend.count(), 1);
+    let (redis, backend) = stack.stop();
 
     // Verified against a private CA instead of `#insecure`.
-    let verified = redis.tls_url().replace("/#insecure", "");
-    let text = config_text(&verified, &backend.url(), "").replace(
-        "[http2redis]",
-        &format!(
-            "tls_ca_file = \"{}\"\n\n[http2redis]",
-            redis.tls_ca().display()
-        ),
-    );
-    let thr = Thr::start(parse_config(&text), 1).await;
-    assert_eq!(get(&thr.url(), "/verified").await.status, 200);
-    thr.stop().await;
+    let stack = Binaries::start_with(redis, backend, 1, |t| {
+        t.replace(&plain, &verified).replace(
+            "[http2redis]",
+            &format!("tls_ca_file = \"{}\"\n\n[http2redis]", ca.display()),
+        )
+    })
+    .await;
+    assert_eq!(get(&stack.url(), "/verified").await.status, 200);
+    let (redis, backend) = stack.stop();
+
     // Without the CA, the certificate is refused: 503, not a silent pass.
-    let text = config_text(&verified, &backend.url(), "");
-    let thr = Thr::start(parse_config(&text), 0).await;
-    assert_eq!(get(&thr.url(), "/untrusted").await.status, 503);
-    thr.stop().await;
+    let stack = Binaries::start_with(redis, backend, 0, |t| t.replace(&plain, &verified)).await;
+    assert_eq!(get(&stack.url(), "/untrusted").await.status, 503);
+    stack.stop();
 }

@@ -126,7 +126,7 @@ async fn a_client_that_disconnects_cancels_its_job() {
 
 #[tokio::test]
 async fn redis_down_gives_a_fast_503_and_thr_recovers_by_itself() {
-    let mut stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    let mut stack = Binaries::start(SlowBackend::builder().start().await, 1, "").await;
     let url = stack.url();
     assert_eq!(get(&url, "/before").await.status, 200);
 
@@ -159,7 +159,7 @@ async fn redis_down_gives_a_fast_503_and_thr_recovers_by_itself() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(stack.backend.requests().last().unwrap().target, "/after");
-    stack.thr.stop().await;
+    stack.stop();
 }
 
 #[tokio::test]
@@ -244,8 +244,8 @@ fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn malformed_and_oversized_heads_get_4xx_and_the_front_lives_on() {
-    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
-    let addr = stack.thr.addr();
+    let stack = Binaries::start(SlowBackend::builder().start().await, 1, "").await;
+    let addr = stack.addr();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"NOT HTTP AT ALL\r\n\r\n".to_vec(), "HTTP/1.1 400"),
         (
@@ -297,7 +297,7 @@ async fn malformed_and_oversized_heads_get_4xx_and_the_front_lives_on() {
         1,
         "no bad request reached the backend"
     );
-    stack.thr.stop().await;
+    stack.stop();
 }
 
 #[tokio::test]

@@ -189,3 +189,88 @@ pub async fn until_running(backend: &SlowBackend, n: usize) {
     })
     .await;
 }
+
+/// Redis, a backend and thr as the real binaries (one front, `workers`
+/// workers) reading a config file: for behaviour that must hold for the
+/// shipped processes, not only for the libraries run in-process.
+pub struct Binaries {
+    pub redis: RedisServer,
+    pub backend: SlowBackend,
+    pub front: testkit::bins::Process,
+    pub workers: Vec<testkit::bins::Process>,
+    port: u16,
+    _dir: RemoveOnDrop,
+}
+
+/// A temporary directory, removed when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Binaries {
+    /// Everything with default settings and `extra` TOML appended.
+    pub async fn start(backend: SlowBackend, workers: usize, extra: &str) -> Binaries {
+        Binaries::start_with(RedisServer::start(), backend, workers, |text| text + extra).await
+    }
+
+    /// Everything on `redis`, the configuration text passed through `edit`
+    /// (its `[redis] url` is `redis.url()`); returns once the front accepts
+    /// connections.
+    pub async fn start_with(
+        redis: RedisServer,
+        backend: SlowBackend,
+        workers: usize,
+        edit: impl FnOnce(String) -> String,
+    ) -> Binaries {
+        use testkit::bins::Process;
+        testkit::init_logs();
+        let port = testkit::redis::free_port();
+        let text = edit(config_text(&redis.url(), &backend.url(), "")).replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+        let (dir, path) = config_file(&text);
+        let front = Process::spawn("http2redis", &["--config", &path]);
+        let workers = (0..workers)
+            .map(|_| Process::spawn("redis2http", &["--config", &path]))
+            .collect();
+        until(Duration::from_secs(15), "the front listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await;
+        Binaries {
+            redis,
+            backend,
+            front,
+            workers,
+            port,
+            _dir: RemoveOnDrop(dir),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// SIGTERM to every daemon; each must exit 0. Gives back Redis and the
+    /// backend for a next stack.
+    pub fn stop(mut self) -> (RedisServer, SlowBackend) {
+        self.front.signal("TERM");
+        for w in &self.workers {
+            w.signal("TERM");
+        }
+        assert_eq!(self.front.wait(), Some(0), "http2redis exit code");
+        for w in &mut self.workers {
+            assert_eq!(w.wait(), Some(0), "redis2http exit code");
+        }
+        (self.redis, self.backend)
+    }
+}

@@ -283,3 +283,44 @@ async fn one_claim_starts_several_jobs_in_dispatch_order_within_their_quotas() {
     .unwrap();
     assert_eq!(ids(b.claim("q", batch(10)).await.unwrap()), ["q2"]);
 }
+
+#[tokio::test]
+async fn served_jobs_leave_a_bounded_trail_of_latency_samples() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let ids: Vec<String> = (0..1200).map(|i| format!("j{i}")).collect();
+    for id in &ids {
+        b.enqueue(job(id, 50)).await.unwrap();
+    }
+    let mut served = 0;
+    while let ClaimOutcome::Jobs(jobs) = b
+        .claim(
+            "q",
+            ClaimOptions {
+                max_jobs: 16,
+                ..OPTIONS
+            },
+        )
+        .await
+        .unwrap()
+    {
+        for c in jobs {
+            b.reply("q", "f", &c.id, Bytes::from_static(b"r"), 7, &[])
+                .await
+                .unwrap();
+            served += 1;
+        }
+    }
+    assert_eq!(served, 1200);
+    let mut conn = redis.conn();
+    let kept: usize = redis::cmd("LLEN")
+        .arg("thr:{q:q}:latency")
+        .query(&mut conn)
+        .unwrap();
+    assert!((1024..=1088).contains(&kept), "{kept} samples kept");
+    let overview = b.queue_overview("q").await.unwrap();
+    let latency = overview.latency.expect("jobs were served");
+    assert_eq!(latency.samples as usize, kept);
+    assert_eq!((latency.backend_p50, latency.backend_p99), (7, 7));
+    assert!(latency.total_p99 >= 7);
+}

@@ -44,8 +44,8 @@ pub struct QueueKeys {
     pub attempts: String,
     /// Set while the queue is paused (`thrctl pause`): workers do not claim.
     pub paused: String,
-    /// List of the latest served jobs, newest first, capped at
-    /// [`LATENCY_SAMPLES`]: `second<TAB>total_ms<TAB>backend_ms`, where
+    /// List of the latest served jobs, newest first, trimmed back to
+    /// [`LATENCY_SAMPLES`] every 64 pushes: `second<TAB>total_ms<TAB>backend_ms`, where
     /// total runs from enqueue to reply (Redis clock). Operators' latency
     /// percentiles come from it, whichever worker served the job.
     pub latency: String,

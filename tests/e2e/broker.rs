@@ -324,3 +324,41 @@ async fn served_jobs_leave_a_bounded_trail_of_latency_samples() {
     assert_eq!((latency.backend_p50, latency.backend_p99), (7, 7));
     assert!(latency.total_p99 >= 7);
 }
+
+#[tokio::test]
+async fn a_fresh_claim_by_a_worker_with_no_heartbeat_yet_is_not_reaped() {
+    // After Redis restarts empty, a live worker's claims precede its next
+    // heartbeat: they must not be taken for a dead worker's.
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let policy = thr_broker::RetryPolicy {
+        methods: vec!["GET".into()],
+        max_attempts: 3,
+    };
+    b.enqueue(job("fresh", 50)).await.unwrap();
+    let worker = ClaimOptions {
+        worker: "w-just-reconnected",
+        ..OPTIONS
+    };
+    assert!(matches!(
+        b.claim("q", worker).await.unwrap(),
+        ClaimOutcome::Jobs(_)
+    ));
+    let reaped = b.reap("q", &policy).await.unwrap();
+    assert_eq!(reaped.requeued + reaped.answered + reaped.dead_lettered, 0);
+
+    // The same claim, made long ago by a worker never heard of: lost.
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg("thr:{q:q}:owners")
+        .arg("fresh")
+        .arg("w-gone\t1000")
+        .query(&mut conn)
+        .unwrap();
+    let reaped = b.reap("q", &policy).await.unwrap();
+    assert_eq!(
+        reaped.requeued + reaped.answered + reaped.dead_lettered,
+        1,
+        "{reaped:?}"
+    );
+}

@@ -3,7 +3,7 @@
 -- answers their clients. Any live worker may run it; it is atomic, so two
 -- reapers never handle one job twice.
 -- KEYS[1]  leases     KEYS[2] jobs       KEYS[3] deadlines  KEYS[4] jobinfo
--- KEYS[5]  owners     hash id -> worker running it
+-- KEYS[5]  owners     hash id -> "worker<TAB>claimed ms"
 -- KEYS[6]  pending    KEYS[7] flows      KEYS[8] flowdefs   KEYS[9] waiting
 -- KEYS[10] attempts   hash id -> times a worker was lost running it
 -- KEYS[11] dead       KEYS[12] dead_reasons                 KEYS[13] wake
@@ -47,13 +47,22 @@ local leases = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 for i = 1, #leases, 2 do
   local id, until_ms = leases[i], tonumber(leases[i + 1])
   local lost = until_ms <= now
-  local owner = redis.call('HGET', KEYS[5], id)
-  if owner then
-    owner = string.match(owner, '^([^\t]*)')
+  local owner, claimed = nil, nil
+  local held = redis.call('HGET', KEYS[5], id)
+  if held then
+    owner, claimed = string.match(held, '^([^\t]*)\t?(%d*)')
+    claimed = tonumber(claimed)
   end
   if not lost and owner then
     local beat = tonumber(redis.call('ZSCORE', KEYS[14], owner))
-    lost = (not beat) or beat < now - stale
+    if beat then
+      lost = beat < now - stale
+    else
+      -- No heartbeat on record: a dead worker, or Redis restarted empty
+      -- under a live one that has not beaten since. Only a claim older
+      -- than the timeout tells them apart.
+      lost = (not claimed) or claimed < now - stale
+    end
   end
   if lost then
     redis.call('ZREM', KEYS[1], id)

@@ -76,7 +76,7 @@ fn by_priority(o: &QueueOverview) -> String {
 }
 
 /// Total latency percentiles over the last minute, `-` when idle.
-pub fn latency(o: &QueueOverview) -> String {
+fn latency(o: &QueueOverview) -> String {
     o.latency.as_ref().map_or("-".into(), |l| {
         format!(
             "{}/{}/{}",
@@ -87,35 +87,42 @@ pub fn latency(o: &QueueOverview) -> String {
     })
 }
 
+/// Column titles of a queue's line, in `status`, `queues` and `top`.
+pub const QUEUE_COLUMNS: [&str; 7] = [
+    "QUEUE",
+    "WAITING",
+    "RUNNING",
+    "DRAIN",
+    "OLDEST",
+    "P50/P90/P99",
+    "DEAD",
+];
+
+/// A queue's line under [`QUEUE_COLUMNS`].
+pub fn queue_cells(o: &QueueOverview) -> Vec<String> {
+    vec![
+        o.name.clone() + if o.paused { " (paused)" } else { "" },
+        o.waiting.to_string(),
+        o.running.to_string(),
+        format!("{:.1}/s", o.drain_per_second),
+        o.oldest_waiting_ms.map_or("-".into(), age),
+        latency(o),
+        o.dead_letters.to_string(),
+    ]
+}
+
 fn queue_rows(overviews: &[QueueOverview]) -> String {
     let rows: Vec<Vec<String>> = overviews
         .iter()
         .map(|o| {
-            vec![
-                o.name.clone() + if o.paused { " (paused)" } else { "" },
-                o.waiting.to_string(),
-                o.running.to_string(),
-                format!("{:.1}/s", o.drain_per_second),
-                o.oldest_waiting_ms.map_or("-".into(), age),
-                latency(o),
-                o.dead_letters.to_string(),
-                by_priority(o),
-            ]
+            let mut cells = queue_cells(o);
+            cells.push(by_priority(o));
+            cells
         })
         .collect();
-    render(
-        &[
-            "QUEUE",
-            "WAITING",
-            "RUNNING",
-            "DRAIN",
-            "OLDEST",
-            "P50/P90/P99",
-            "DEAD",
-            "BY PRIORITY",
-        ],
-        &rows,
-    )
+    let mut columns = QUEUE_COLUMNS.to_vec();
+    columns.push("BY PRIORITY");
+    render(&columns, &rows)
 }
 
 /// Every queue's overview.

@@ -10,7 +10,7 @@ use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Borders, Row, Table};
 use thr_broker::redis::{DaemonInfo, QueueOverview, QuotaUsage};
 
-use crate::commands::{latency, overviews, saturated};
+use crate::commands::{QUEUE_COLUMNS, overviews, queue_cells, saturated};
 use crate::table::age;
 use crate::{Context, Failure};
 
@@ -44,17 +44,7 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot) {
     .split(frame.area());
     let bold = Style::default().add_modifier(Modifier::BOLD);
 
-    let rows = s.queues.iter().map(|q| {
-        Row::new(vec![
-            q.name.clone() + if q.paused { " (paused)" } else { "" },
-            q.waiting.to_string(),
-            q.running.to_string(),
-            format!("{:.1}/s", q.drain_per_second),
-            q.oldest_waiting_ms.map_or("-".into(), age),
-            latency(q),
-            q.dead_letters.to_string(),
-        ])
-    });
+    let rows = s.queues.iter().map(|q| Row::new(queue_cells(q)));
     let widths = [
         Constraint::Percentage(22),
         Constraint::Percentage(11),
@@ -66,18 +56,7 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot) {
     ];
     frame.render_widget(
         Table::new(rows, widths)
-            .header(
-                Row::new(vec![
-                    "QUEUE",
-                    "WAITING",
-                    "RUNNING",
-                    "DRAIN",
-                    "OLDEST",
-                    "P50/P90/P99",
-                    "DEAD",
-                ])
-                .style(bold),
-            )
+            .header(Row::new(QUEUE_COLUMNS).style(bold))
             .block(
                 Block::default()
                     .borders(Borders::ALL)

@@ -346,6 +346,59 @@ async fn running_dead_letters_retry_and_top() {
     thr.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_quotas_show_without_the_configuration() {
+    // Built before the clock starts for the running request.
+    testkit::bins::binary("thrctl");
+    let stack = Stack::start(
+        SlowBackend::builder().start().await,
+        1,
+        "[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n",
+    )
+    .await;
+    let client = client();
+    let tasks: Vec<_> = ["/a?delay=4000", "/b"]
+        .into_iter()
+        .map(|target| {
+            let (client, url) = (client.clone(), stack.url());
+            tokio::spawn(async move {
+                send(
+                    &client,
+                    &url,
+                    &Req::new("GET", target).header("x-user", "eve"),
+                )
+                .await
+            })
+        })
+        .collect();
+    until_running(&stack.backend, 1).await;
+    until_enqueued(&stack.redis, "default", 2).await;
+    // No --config: the cap comes from what the waiting job recorded.
+    let ctl = Ctl::new(&stack.redis, None);
+    let limits = ctl.json(&["limits"]);
+    assert_eq!(limits[0]["value"], "eve", "{limits}");
+    assert_eq!(
+        (
+            &limits[0]["running"],
+            &limits[0]["waiting"],
+            &limits[0]["max"]
+        ),
+        (&1.into(), &1.into(), &1.into()),
+        "{limits}"
+    );
+    let status = ctl.json(&["status"]);
+    assert_eq!(
+        status["saturated_quotas"][0]["limit"], "per_user",
+        "{status}"
+    );
+    let (_, text, _) = ctl.run(&["limits"]);
+    assert!(text.contains("1/1"), "{text}");
+    for t in tasks {
+        assert_eq!(t.await.unwrap().status, 200);
+    }
+    stack.thr.stop().await;
+}
+
 mod metrics {
     //! The admin listener of both daemons, as real processes (the metrics
     //! recorder is per process).

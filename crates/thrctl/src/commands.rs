@@ -134,20 +134,22 @@ pub async fn overviews(cx: &Context) -> Result<Vec<QueueOverview>, Failure> {
     Ok(out)
 }
 
-/// Quotas whose running count reached their `max_concurrent` (needs --config).
+/// Quotas whose running count reached their `max_concurrent`: the cap from
+/// `--config` when given, else the one recorded with the jobs waiting for it.
 pub fn saturated(config: Option<&Config>, usage: &[QuotaUsage]) -> Vec<QuotaUsage> {
-    let Some(config) = config else {
-        return Vec::new();
-    };
     usage
         .iter()
         .filter(|u| {
-            config
-                .limits
-                .iter()
-                .find(|l| l.name == u.limit)
-                .and_then(|l| l.max_concurrent)
-                .is_some_and(|max| u.running >= max.get() as u64)
+            let max = match config {
+                Some(config) => config
+                    .limits
+                    .iter()
+                    .find(|l| l.name == u.limit)
+                    .and_then(|l| l.max_concurrent)
+                    .map(|m| m.get() as u64),
+                None => u.max,
+            };
+            max.is_some_and(|max| u.running >= max)
         })
         .cloned()
         .collect()
@@ -325,11 +327,13 @@ async fn running(cx: &Context, name: Option<&str>) -> Result<(), Failure> {
 async fn limits(cx: &Context) -> Result<(), Failure> {
     let usage = cx.broker.quota_usage().await?;
     emit(cx, &usage, || {
-        let max = |limit: &str| {
+        let max = |u: &QuotaUsage| {
             cx.config
                 .as_ref()
-                .and_then(|c| c.limits.iter().find(|l| l.name == limit))
+                .and_then(|c| c.limits.iter().find(|l| l.name == u.limit))
                 .and_then(|l| l.max_concurrent)
+                .map(|m| m.get() as u64)
+                .or(u.max)
                 .map_or("-".to_string(), |m| m.to_string())
         };
         let rows: Vec<Vec<String>> = usage
@@ -338,7 +342,7 @@ async fn limits(cx: &Context) -> Result<(), Failure> {
                 vec![
                     u.limit.clone(),
                     u.value.clone(),
-                    format!("{}/{}", u.running, max(&u.limit)),
+                    format!("{}/{}", u.running, max(u)),
                     u.waiting.to_string(),
                     if u.rate_busy_ms > 0 {
                         format!("busy {}", age(u.rate_busy_ms))

@@ -157,6 +157,10 @@ pub struct QuotaUsage {
     pub waiting: u64,
     /// Ms until the rate quota is back to a full burst (0: idle).
     pub rate_busy_ms: u64,
+    /// Its `max_concurrent`, as recorded with the jobs waiting for it (None:
+    /// nobody waits, or no concurrency cap). Lets an operator see saturation
+    /// without the configuration file.
+    pub max: Option<u64>,
 }
 
 /// A live daemon.
@@ -522,6 +526,7 @@ impl RedisBroker {
                     running: 0,
                     waiting: 0,
                     rate_busy_ms: 0,
+                    max: None,
                 });
         };
         for key in &sems {
@@ -559,7 +564,47 @@ impl RedisBroker {
             entry(&mut usage, &token);
             usage.get_mut(&token).expect("inserted").waiting = n;
         }
+        // Caps travel with the waiting jobs' flow definitions (one line per
+        // quota: token, max_concurrent, interval, burst, max_waiting).
+        for queue in self.queue_names().await? {
+            for (_, definition) in self.hscan(&QueueKeys::new(&queue).flowdefs).await? {
+                for line in definition.lines() {
+                    let mut fields = line.split('\t');
+                    let (Some(token), Some(max)) = (fields.next(), fields.next()) else {
+                        continue;
+                    };
+                    if let (Some(u), Ok(max @ 1..)) = (usage.get_mut(token), max.parse::<u64>()) {
+                        u.max = Some(max);
+                    }
+                }
+            }
+        }
         Ok(usage.into_values().collect())
+    }
+
+    /// Every field and value of hash `key`, read with HSCAN so that a big
+    /// hash never blocks Redis at once.
+    async fn hscan(&self, key: &str) -> Result<Vec<(String, String)>, BrokerError> {
+        let mut found = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<(String, String)>) = self
+                .run(|mut conn| async move {
+                    redis::cmd("HSCAN")
+                        .arg(key)
+                        .arg(cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await?;
+            found.extend(batch);
+            if next == 0 {
+                return Ok(found);
+            }
+            cursor = next;
+        }
     }
 
     /// Live fronts and workers.

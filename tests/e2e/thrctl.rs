@@ -353,7 +353,7 @@ async fn saturated_quotas_show_without_the_configuration() {
     let stack = Stack::start(
         SlowBackend::builder().start().await,
         1,
-        "[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n",
+        "[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n[[limits]]\nname = \"pace\"\nby = { header = \"X-User\" }\nrate = \"1/min\"\nburst = 2\n",
     )
     .await;
     let client = client();
@@ -376,16 +376,25 @@ async fn saturated_quotas_show_without_the_configuration() {
     // No --config: the cap comes from what the waiting job recorded.
     let ctl = Ctl::new(&stack.redis, None);
     let limits = ctl.json(&["limits"]);
-    assert_eq!(limits[0]["value"], "eve", "{limits}");
+    let limit = |name: &str| {
+        limits
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["limit"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {limits}"))
+            .clone()
+    };
+    let per_user = limit("per_user");
+    assert_eq!(per_user["value"], "eve");
     assert_eq!(
-        (
-            &limits[0]["running"],
-            &limits[0]["waiting"],
-            &limits[0]["max"]
-        ),
+        (&per_user["running"], &per_user["waiting"], &per_user["max"]),
         (&1.into(), &1.into(), &1.into()),
         "{limits}"
     );
+    // One of a burst of two spent at 1/min: busy for about a minute.
+    let busy = limit("pace")["rate_busy_ms"].as_u64().unwrap();
+    assert!((50_000..=60_000).contains(&busy), "{limits}");
     let status = ctl.json(&["status"]);
     assert_eq!(
         status["saturated_quotas"][0]["limit"], "per_user",

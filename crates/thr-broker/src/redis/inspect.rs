@@ -529,35 +529,39 @@ impl RedisBroker {
                     max: None,
                 });
         };
-        for key in &sems {
-            let token = key.trim_start_matches(&format!("{prefix}sem:")).to_string();
-            let live: u64 = self
+        // Pipelined by pages: thousands of per-user keys are a few round
+        // trips, not thousands.
+        for page in sems.chunks(500) {
+            let counts: Vec<u64> = self
                 .run(|mut conn| async move {
-                    redis::cmd("ZCOUNT")
-                        .arg(key)
-                        .arg(format!("({now}"))
-                        .arg("+inf")
-                        .query_async(&mut conn)
-                        .await
+                    let mut pipe = redis::pipe();
+                    for key in page {
+                        pipe.zcount(key, format!("({now}"), "+inf");
+                    }
+                    pipe.query_async(&mut conn).await
                 })
                 .await?;
-            if live > 0 {
-                entry(&mut usage, &token);
-                usage.get_mut(&token).expect("inserted").running = live;
+            for (key, live) in page.iter().zip(counts) {
+                if live > 0 {
+                    let token = &key[prefix.len() + "sem:".len()..];
+                    entry(&mut usage, token);
+                    usage.get_mut(token).expect("inserted").running = live;
+                }
             }
         }
-        for key in &gcras {
-            let token = key
-                .trim_start_matches(&format!("{prefix}gcra:"))
-                .to_string();
-            let tat: Option<f64> =
+        for page in gcras.chunks(500) {
+            let tats: Vec<Option<f64>> =
                 self.run(|mut conn| async move {
-                    redis::cmd("GET").arg(key).query_async(&mut conn).await
+                    redis::cmd("MGET").arg(page).query_async(&mut conn).await
                 })
                 .await?;
-            if let Some(tat) = tat.filter(|t| *t > now as f64) {
-                entry(&mut usage, &token);
-                usage.get_mut(&token).expect("inserted").rate_busy_ms = (tat - now as f64) as u64;
+            for (key, tat) in page.iter().zip(tats) {
+                if let Some(tat) = tat.filter(|t| *t > now as f64) {
+                    let token = &key[prefix.len() + "gcra:".len()..];
+                    entry(&mut usage, token);
+                    usage.get_mut(token).expect("inserted").rate_busy_ms =
+                        (tat - now as f64) as u64;
+                }
             }
         }
         for (token, n) in waiting {

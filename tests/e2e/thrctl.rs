@@ -357,21 +357,21 @@ async fn saturated_quotas_show_without_the_configuration() {
     )
     .await;
     let client = client();
-    let tasks: Vec<_> = ["/a?delay=4000", "/b"]
-        .into_iter()
-        .map(|target| {
-            let (client, url) = (client.clone(), stack.url());
-            tokio::spawn(async move {
-                send(
-                    &client,
-                    &url,
-                    &Req::new("GET", target).header("x-user", "eve"),
-                )
-                .await
-            })
+    let send_as_eve = |target: &'static str| {
+        let (client, url) = (client.clone(), stack.url());
+        tokio::spawn(async move {
+            send(
+                &client,
+                &url,
+                &Req::new("GET", target).header("x-user", "eve"),
+            )
+            .await
         })
-        .collect();
+    };
+    // The long one first, then one that must wait behind it.
+    let long = send_as_eve("/a?delay=4000");
     until_running(&stack.backend, 1).await;
+    let short = send_as_eve("/b");
     until_enqueued(&stack.redis, "default", 2).await;
     // No --config: the cap comes from what the waiting job recorded.
     let ctl = Ctl::new(&stack.redis, None);
@@ -402,7 +402,7 @@ async fn saturated_quotas_show_without_the_configuration() {
     );
     let (_, text, _) = ctl.run(&["limits"]);
     assert!(text.contains("1/1"), "{text}");
-    for t in tasks {
+    for t in [long, short] {
         assert_eq!(t.await.unwrap().status, 200);
     }
     stack.thr.stop().await;

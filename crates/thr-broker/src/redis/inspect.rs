@@ -364,18 +364,21 @@ impl RedisBroker {
         })
     }
 
-    async fn job_infos(
+    /// The values of `ids` in one of a queue's per-job hashes (`hash`
+    /// picks it: job infos, frames), in one HMGET.
+    async fn per_job<T: redis::FromRedisValue>(
         &self,
         queue: &str,
+        hash: fn(&QueueKeys) -> &String,
         ids: &[String],
-    ) -> Result<Vec<Option<String>>, BrokerError> {
+    ) -> Result<Vec<Option<T>>, BrokerError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let k = QueueKeys::new(queue);
         self.run(|mut conn| async move {
             redis::cmd("HMGET")
-                .arg(&k.jobinfo)
+                .arg(hash(&k))
                 .arg(ids)
                 .query_async(&mut conn)
                 .await
@@ -383,23 +386,20 @@ impl RedisBroker {
         .await
     }
 
+    async fn job_infos(
+        &self,
+        queue: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, BrokerError> {
+        self.per_job(queue, |k| &k.jobinfo, ids).await
+    }
+
     async fn job_frames(
         &self,
         queue: &str,
         ids: &[String],
     ) -> Result<Vec<Option<Vec<u8>>>, BrokerError> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let k = QueueKeys::new(queue);
-        self.run(|mut conn| async move {
-            redis::cmd("HMGET")
-                .arg(&k.jobs)
-                .arg(ids)
-                .query_async(&mut conn)
-                .await
-        })
-        .await
+        self.per_job(queue, |k| &k.jobs, ids).await
     }
 
     /// Waiting jobs of `name`, by priority then arrival (flows blocked by a

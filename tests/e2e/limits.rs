@@ -120,10 +120,7 @@ async fn a_priority_one_job_submitted_last_starts_next() {
     .await;
     let url = stack.url();
     let client = client();
-    let hold = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/hold?delay=1000")).await }
-    });
+    let hold = spawn_send(&client, &url, Req::new("GET", "/hold?delay=1000"));
     until_running(&stack.backend, 1).await;
     let low: Vec<_> = (0..50)
         .map(|i| {
@@ -320,14 +317,8 @@ async fn over_max_waiting_answers_503_with_a_measured_retry_after() {
     }
     // The single slot is taken before the burst arrives, so exactly ten
     // can wait whatever the timing.
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/first?delay=2000")).await }
-    });
-    until(Duration::from_secs(10), "the first job runs", || {
-        stack.backend.active() == 1
-    })
-    .await;
+    let first = spawn_send(&client, &url, Req::new("GET", "/first?delay=2000"));
+    until_running(&stack.backend, 1).await;
     let tasks: Vec<_> = (0..14)
         .map(|i| {
             let (client, url) = (client.clone(), url.clone());
@@ -355,14 +346,8 @@ async fn over_max_waiting_answers_503_with_a_measured_retry_after() {
     }
 
     // Per key: a user may have three waiting.
-    let hold = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/hold?delay=1500")).await }
-    });
-    until(Duration::from_secs(10), "the hold job runs", || {
-        stack.backend.active() == 1
-    })
-    .await;
+    let hold = spawn_send(&client, &url, Req::new("GET", "/hold?delay=1500"));
+    until_running(&stack.backend, 1).await;
     let tasks: Vec<_> = (0..5)
         .map(|i| {
             let (client, url) = (client.clone(), url.clone());
@@ -436,17 +421,11 @@ async fn a_killed_workers_quota_slots_come_back_when_its_lease_expires() {
     let url = front.url();
     // A POST is not run again when its worker dies (its client gets a 502),
     // so the slot it held must simply come back.
-    let stuck = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move {
-            send(
-                &client,
-                &url,
-                &Req::new("POST", "/stuck?delay=20000").header("foo", "x"),
-            )
-            .await
-        }
-    });
+    let stuck = spawn_send(
+        &client,
+        &url,
+        Req::new("POST", "/stuck?delay=20000").header("foo", "x"),
+    );
     let started = Instant::now();
     while backend.count() == 0 {
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -532,15 +511,9 @@ async fn aging_lets_a_long_waiting_low_priority_job_go_first() {
     .await;
     let url = stack.url();
     let client = client();
-    let hold = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/hold?delay=4000")).await }
-    });
+    let hold = spawn_send(&client, &url, Req::new("GET", "/hold?delay=4000"));
     until_running(&stack.backend, 1).await;
-    let low = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/low")).await }
-    });
+    let low = spawn_send(&client, &url, Req::new("GET", "/low"));
     until_enqueued(&stack.redis, "default", 2).await;
     tokio::time::sleep(Duration::from_millis(2400)).await;
     let fresh = send(

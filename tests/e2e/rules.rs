@@ -113,10 +113,7 @@ async fn priorities_reach_the_queue() {
     let client = client();
     // Occupy the only slot, then queue five priority-80 reports and, last,
     // one priority-1 request: it must be the next to start.
-    let first = tokio::spawn({
-        let (client, url) = (client.clone(), url.clone());
-        async move { send(&client, &url, &Req::new("GET", "/hold?delay=1500")).await }
-    });
+    let first = spawn_send(&client, &url, Req::new("GET", "/hold?delay=1500"));
     until_running(&stack.backend, 1).await;
     let mut later = Vec::new();
     for i in 0..5 {

@@ -274,3 +274,14 @@ impl Binaries {
         (self.redis, self.backend)
     }
 }
+
+/// Sends `req` to `base` on a task of its own (a client that waits while the
+/// test goes on).
+pub fn spawn_send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    base: &str,
+    req: Req,
+) -> tokio::task::JoinHandle<Seen> {
+    let (client, base) = (client.clone(), base.to_string());
+    tokio::spawn(async move { send(&client, &base, &req).await })
+}

@@ -357,16 +357,12 @@ async fn saturated_quotas_show_without_the_configuration() {
     )
     .await;
     let client = client();
-    let send_as_eve = |target: &'static str| {
-        let (client, url) = (client.clone(), stack.url());
-        tokio::spawn(async move {
-            send(
-                &client,
-                &url,
-                &Req::new("GET", target).header("x-user", "eve"),
-            )
-            .await
-        })
+    let send_as_eve = |target: &str| {
+        spawn_send(
+            &client,
+            &stack.url(),
+            Req::new("GET", target).header("x-user", "eve"),
+        )
     };
     // The long one first, then one that must wait behind it.
     let long = send_as_eve("/a?delay=4000");

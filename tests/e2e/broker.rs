@@ -1,18 +1,34 @@
-//! The Redis broker on its own: ordering, cancellation, deadlines, blocking
-//! pops that outlive redis-rs's default response timeout, restarts.
+//! The Redis broker on its own: ordering, withdrawal, deadlines, blocking
+//! pops that outlive redis-rs's default response timeout, restarts. The
+//! trait's whole contract is in `conformance.rs`; these are the parts that
+//! are about Redis itself.
 
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use thr_broker::protocol::keys::{Keyspace, QueueKeys};
 use thr_broker::{
     Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell, NewJob, RedisBroker, ReplyStream,
+    Withdrawal,
 };
+use thr_core::quota::{Flow, QuotaKey};
 
 use crate::support::RedisServer;
 
 fn broker(redis: &RedisServer) -> RedisBroker {
-    RedisBroker::new(&redis.url(), Duration::from_millis(750)).unwrap()
+    // Generous: these tests are about what the broker does, not about how
+    // fast a loaded CI machine lets it answer.
+    RedisBroker::new(&redis.url(), Duration::from_secs(2)).unwrap()
 }
+
+/// The keys of queue `q` in the default namespace.
+fn keys(queue: &str) -> QueueKeys {
+    Keyspace::new("default").queue(queue)
+}
+
+static FREE: LazyLock<Flow> = LazyLock::new(Flow::default);
 
 fn job<'a>(id: &'a str, priority: u8) -> NewJob<'a> {
     NewJob {
@@ -21,24 +37,33 @@ fn job<'a>(id: &'a str, priority: u8) -> NewJob<'a> {
         priority,
         frame: Bytes::from(format!("frame-{id}")),
         timeout: Duration::from_secs(30),
-        flow: "-",
-        flow_definition: "",
+        flow: &FREE,
         max_waiting: None,
         max_wait_boost: None,
-        front: "",
+        front: "f",
+        method: "GET",
     }
 }
 
-const OPTIONS: ClaimOptions = ClaimOptions {
-    lease: Duration::from_secs(30),
-    max_inflight_total: None,
-    max_wait_boost: None,
-    worker: "",
-    max_jobs: 1,
-};
+/// A claim token never used before.
+fn token() -> &'static str {
+    static N: AtomicU64 = AtomicU64::new(0);
+    Box::leak(format!("t{}", N.fetch_add(1, Ordering::Relaxed)).into_boxed_str())
+}
+
+fn options() -> ClaimOptions<'static> {
+    ClaimOptions {
+        token: token(),
+        lease: Duration::from_secs(30),
+        max_inflight_total: None,
+        max_wait_boost: None,
+        worker: "",
+        max_jobs: 1,
+    }
+}
 
 async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {
-    match b.claim(queue, OPTIONS).await.unwrap() {
+    match b.claim(queue, options()).await.unwrap() {
         ClaimOutcome::Jobs(mut c) => {
             assert_eq!(c.len(), 1, "one job asked for");
             Some(c.remove(0))
@@ -50,8 +75,8 @@ async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {
 async fn claim_all(b: &RedisBroker) -> Vec<String> {
     let mut ids = Vec::new();
     while let Some(c) = claim(b, "q").await {
-        assert_eq!(c.frame, Bytes::from(format!("frame-{}", c.id)));
-        ids.push(c.id);
+        assert_eq!(c.frame, Bytes::from(format!("frame-{}", c.id())));
+        ids.push(c.id().to_string());
     }
     ids
 }
@@ -74,23 +99,28 @@ async fn claims_by_priority_then_arrival() {
     assert_eq!(claim_all(&b).await, ["c", "f", "a", "d", "g", "b", "e"]);
     let mut conn = redis.conn();
     let leased: usize = redis::cmd("ZCARD")
-        .arg("thr:{q:q}:leases")
+        .arg(&keys("q").leases)
         .query(&mut conn)
         .unwrap();
     assert_eq!(leased, 7, "every claimed job holds a lease");
 }
 
 #[tokio::test]
-async fn cancel_withdraws_waiting_jobs_only() {
+async fn withdraw_removes_waiting_jobs_only() {
     let redis = RedisServer::start();
     let b = broker(&redis);
+    let remember = Duration::from_secs(30);
     b.enqueue(job("x", 50)).await.unwrap();
     b.enqueue(job("y", 50)).await.unwrap();
-    assert!(b.cancel("q", "y", "-").await.unwrap());
+    assert_eq!(
+        b.withdraw("q", "y", remember).await.unwrap(),
+        Withdrawal::Withdrawn
+    );
     let claimed = claim(&b, "q").await.unwrap();
-    assert_eq!(claimed.id, "x");
-    assert!(
-        !b.cancel("q", "x", "-").await.unwrap(),
+    assert_eq!(claimed.id(), "x");
+    assert_eq!(
+        b.withdraw("q", "x", remember).await.unwrap(),
+        Withdrawal::Started,
         "a running job cannot be withdrawn"
     );
     assert!(claim(&b, "q").await.is_none());
@@ -109,13 +139,13 @@ async fn jobs_past_their_clients_deadline_are_never_claimed() {
     b.enqueue(job("fresh", 50)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
     let claimed = claim(&b, "q").await.unwrap();
-    assert_eq!(claimed.id, "fresh");
+    assert_eq!(claimed.id(), "fresh");
     assert!(
         claimed.remaining > Duration::from_secs(25) && claimed.remaining <= Duration::from_secs(30)
     );
     let mut conn = redis.conn();
     let jobs: usize = redis::cmd("HLEN")
-        .arg("thr:{q:q}:jobs")
+        .arg(&keys("q").jobs)
         .query(&mut conn)
         .unwrap();
     assert_eq!(jobs, 1, "the stale job's payload is gone");
@@ -125,13 +155,21 @@ async fn jobs_past_their_clients_deadline_are_never_claimed() {
 async fn blocking_pops_longer_than_500ms_still_deliver() {
     let redis = RedisServer::start();
     let b = broker(&redis);
+    b.enqueue(NewJob {
+        front: "front1",
+        ..job("j1", 50)
+    })
+    .await
+    .unwrap();
+    let j1 = claim(&b, "q").await.unwrap();
     let mut replies = b.replies("front1");
     let mut doorbell = b.doorbell("q");
+    // The enqueue's doorbell token was spent by the claim.
     let pusher = {
         let b = b.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(900)).await;
-            b.reply("q", "front1", "j1", Bytes::from_static(b"reply-1"), 0, &[])
+            b.reply(&j1.lease, Bytes::from_static(b"reply-1"), 0)
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(900)).await;
@@ -142,13 +180,15 @@ async fn blocking_pops_longer_than_500ms_still_deliver() {
     let batch = replies.next_batch(Duration::from_secs(3)).await.unwrap();
     assert_eq!(batch, vec![Bytes::from_static(b"reply-1")]);
     assert!(started.elapsed() >= Duration::from_millis(800));
+    // The release rang the doorbell too (a slot is free); take that token.
+    assert!(doorbell.wait(Duration::from_secs(1)).await.unwrap());
     let rang = doorbell.wait(Duration::from_secs(3)).await.unwrap();
     assert!(rang, "the doorbell rang after a wait of about 900 ms");
     pusher.await.unwrap();
     // Nothing was left behind in Redis by a timed-out client-side read.
     let mut conn = redis.conn();
     let left: usize = redis::cmd("LLEN")
-        .arg("thr:{f:front1}:replies")
+        .arg(Keyspace::new("default").replies("front1"))
         .query(&mut conn)
         .unwrap();
     assert_eq!(left, 0);
@@ -158,17 +198,16 @@ async fn blocking_pops_longer_than_500ms_still_deliver() {
 async fn replies_come_in_batches() {
     let redis = RedisServer::start();
     let b = broker(&redis);
-    for i in 0..300 {
-        b.reply(
-            "q",
-            "f",
-            &format!("j{i}"),
-            Bytes::from(format!("r{i}")),
-            0,
-            &[],
-        )
-        .await
-        .unwrap();
+    let ids: Vec<String> = (0..300).map(|i| format!("j{i:03}")).collect();
+    for id in &ids {
+        b.enqueue(job(id, 50)).await.unwrap();
+    }
+    for id in &ids {
+        let c = claim(&b, "q").await.unwrap();
+        assert_eq!(c.id(), id);
+        b.reply(&c.lease, Bytes::from(format!("r{id}")), 0)
+            .await
+            .unwrap();
     }
     let mut replies = b.replies("f");
     let mut got = Vec::new();
@@ -180,7 +219,7 @@ async fn replies_come_in_batches() {
     assert!(calls <= 3, "{calls} round trips for 300 replies");
     assert_eq!(
         got[0],
-        Bytes::from_static(b"r0"),
+        Bytes::from_static(b"rj000"),
         "first pushed, first popped"
     );
 }
@@ -227,7 +266,7 @@ async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
         "the poison is dead-lettered",
         || {
             why = redis::cmd("HGET")
-                .arg("thr:{q:default}:dead:reasons")
+                .arg(&keys("default").dead_reasons)
                 .arg("poison")
                 .query(&mut conn)
                 .unwrap();
@@ -245,10 +284,18 @@ async fn one_claim_starts_several_jobs_in_dispatch_order_within_their_quotas() {
     let redis = RedisServer::start();
     let b = broker(&redis);
     // Three jobs of a flow limited to one at a time, then three free ones.
+    let one = Flow {
+        quotas: vec![QuotaKey {
+            token: "one=x".into(),
+            max_concurrent: 1,
+            interval_ms: 0.0,
+            burst: 0,
+            max_waiting: 0,
+        }],
+    };
     for (i, id) in ["q1", "q2", "q3"].into_iter().enumerate() {
         b.enqueue(NewJob {
-            flow: "one=x",
-            flow_definition: "one=x\t1\t0\t0\t0\n",
+            flow: &one,
             ..job(id, 10 + i as u8)
         })
         .await
@@ -257,30 +304,31 @@ async fn one_claim_starts_several_jobs_in_dispatch_order_within_their_quotas() {
     for (id, prio) in [("low", 90), ("mid", 50), ("high", 5)] {
         b.enqueue(job(id, prio)).await.unwrap();
     }
-    let ids = |outcome: ClaimOutcome| match outcome {
-        ClaimOutcome::Jobs(jobs) => jobs.into_iter().map(|c| c.id).collect::<Vec<_>>(),
+    let jobs = |outcome: ClaimOutcome| match outcome {
+        ClaimOutcome::Jobs(jobs) => jobs,
         ClaimOutcome::Idle { .. } => Vec::new(),
+    };
+    let ids = |outcome: ClaimOutcome| {
+        jobs(outcome)
+            .iter()
+            .map(|c| c.id().to_string())
+            .collect::<Vec<_>>()
     };
     let batch = |n| ClaimOptions {
         max_jobs: n,
-        ..OPTIONS
+        ..options()
     };
     // Priority order; the limited flow gives one job, its others wait.
-    let first = ids(b.claim("q", batch(3)).await.unwrap());
-    assert_eq!(first, ["high", "q1", "mid"]);
+    let first = jobs(b.claim("q", batch(3)).await.unwrap());
+    let first_ids: Vec<&str> = first.iter().map(|c| c.id()).collect();
+    assert_eq!(first_ids, ["high", "q1", "mid"]);
+    assert_eq!(first[1].lease.holds, ["one=x"], "q1 holds its quota slot");
     let rest = ids(b.claim("q", batch(10)).await.unwrap());
     assert_eq!(rest, ["low"], "q2 and q3 wait for q1's slot");
     assert!(ids(b.claim("q", batch(10)).await.unwrap()).is_empty());
-    b.reply(
-        "q",
-        "f",
-        "q1",
-        Bytes::from_static(b"done"),
-        1,
-        &["one=x".into()],
-    )
-    .await
-    .unwrap();
+    b.reply(&first[1].lease, Bytes::from_static(b"done"), 1)
+        .await
+        .unwrap();
     assert_eq!(ids(b.claim("q", batch(10)).await.unwrap()), ["q2"]);
 }
 
@@ -298,14 +346,14 @@ async fn served_jobs_leave_a_bounded_trail_of_latency_samples() {
             "q",
             ClaimOptions {
                 max_jobs: 16,
-                ..OPTIONS
+                ..options()
             },
         )
         .await
         .unwrap()
     {
         for c in jobs {
-            b.reply("q", "f", &c.id, Bytes::from_static(b"r"), 7, &[])
+            b.reply(&c.lease, Bytes::from_static(b"r"), 7)
                 .await
                 .unwrap();
             served += 1;
@@ -314,7 +362,7 @@ async fn served_jobs_leave_a_bounded_trail_of_latency_samples() {
     assert_eq!(served, 1200);
     let mut conn = redis.conn();
     let kept: usize = redis::cmd("LLEN")
-        .arg("thr:{q:q}:latency")
+        .arg(&keys("q").latency)
         .query(&mut conn)
         .unwrap();
     assert!((1024..=1088).contains(&kept), "{kept} samples kept");
@@ -338,21 +386,33 @@ async fn a_fresh_claim_by_a_worker_with_no_heartbeat_yet_is_not_reaped() {
     b.enqueue(job("fresh", 50)).await.unwrap();
     let worker = ClaimOptions {
         worker: "w-just-reconnected",
-        ..OPTIONS
+        ..options()
     };
-    assert!(matches!(
-        b.claim("q", worker).await.unwrap(),
-        ClaimOutcome::Jobs(_)
-    ));
+    let ClaimOutcome::Jobs(claimed) = b.claim("q", worker).await.unwrap() else {
+        panic!("the job is claimed");
+    };
     let reaped = b.reap("q", &policy).await.unwrap();
     assert_eq!(reaped.requeued + reaped.answered + reaped.dead_lettered, 0);
 
-    // The same claim, made long ago by a worker never heard of: lost.
+    // The same claim, made long ago by a worker never heard of, long after
+    // Redis last resumed (a fresh Redis gives everyone a full timeout to
+    // beat first): lost.
     let mut conn = redis.conn();
     let _: () = redis::cmd("HSET")
-        .arg("thr:{q:q}:owners")
+        .arg(&Keyspace::new("default").liveness)
+        .arg("resumed")
+        .arg(1000)
+        .query(&mut conn)
+        .unwrap();
+    let owner = thr_broker::protocol::records::Owner {
+        worker: "w-gone".into(),
+        token: claimed[0].lease.token.clone(),
+        claimed_ms: 1000,
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(&keys("q").owners)
         .arg("fresh")
-        .arg("w-gone\t1000")
+        .arg(owner.encode())
         .query(&mut conn)
         .unwrap();
     let reaped = b.reap("q", &policy).await.unwrap();

@@ -137,7 +137,7 @@ async fn a_priority_one_job_submitted_last_starts_next() {
     let started = Instant::now();
     loop {
         let n: usize = redis::cmd("ZCARD")
-            .arg("thr:{q:default}:pending")
+            .arg(&keys("default").pending)
             .query(&mut conn)
             .unwrap();
         if n == 50 {
@@ -204,7 +204,7 @@ async fn a_full_quota_never_delays_other_jobs() {
     let started = Instant::now();
     loop {
         let n: usize = redis::cmd("ZCARD")
-            .arg("thr:{q:default}:pending")
+            .arg(&keys("default").pending)
             .query(&mut conn)
             .unwrap();
         if n >= 990 {
@@ -444,11 +444,7 @@ async fn a_killed_workers_quota_slots_come_back_when_its_lease_expires() {
         killed_at.elapsed()
     );
     let mut conn = redis.conn();
-    let holders: usize = redis::cmd("ZCARD")
-        .arg("thr:{quota}:sem:one=x")
-        .query(&mut conn)
-        .unwrap();
-    assert_eq!(holders, 0, "nothing stays locked");
+    assert_eq!(quota_held(&mut conn, "one=x"), 0, "nothing stays locked");
     assert_eq!(stuck.await.unwrap().status, 502);
     front.stop().await;
     let _ = std::fs::remove_dir_all(dir);

@@ -5,7 +5,10 @@ mod support;
 
 mod broker;
 mod config;
+mod conformance;
+mod faults;
 mod limits;
+mod protocol;
 mod quota_lua;
 mod recovery;
 mod resilience;

@@ -61,12 +61,9 @@ async fn kill_9_of_a_worker_with_20_gets_in_flight_loses_nothing() {
     );
     assert_eq!(backend.count(), 40, "each request ran again exactly once");
     let mut conn = redis.conn();
-    let holders: usize = redis::cmd("ZCARD")
-        .arg("thr:{quota}:sem:all=t")
-        .query(&mut conn)
-        .unwrap();
+    let holders = quota_held(&mut conn, "all=t");
     let leases: usize = redis::cmd("ZCARD")
-        .arg("thr:{q:default}:leases")
+        .arg(&keys("default").leases)
         .query(&mut conn)
         .unwrap();
     assert_eq!(
@@ -130,7 +127,7 @@ async fn unsafe_jobs_of_a_lost_worker_get_502_and_exhausted_ones_are_dead_letter
     assert_eq!(backend.count(), 2, "neither ran again");
     let mut conn = redis.conn();
     let dead: Vec<String> = redis::cmd("HVALS")
-        .arg("thr:{q:default}:dead:reasons")
+        .arg(&keys("default").dead_reasons)
         .query(&mut conn)
         .unwrap();
     assert_eq!(dead, ["worker lost 1 times"]);
@@ -167,7 +164,7 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
     let mut conn = redis.conn();
     until(Duration::from_secs(5), "5 jobs waiting", || {
         redis::cmd("ZCARD")
-            .arg("thr:{q:default}:pending")
+            .arg(&keys("default").pending)
             .query::<usize>(&mut conn)
             .unwrap()
             == 5
@@ -184,7 +181,7 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
     .await;
     until(Duration::from_secs(5), "the orphans dropped", || {
         redis::cmd("ZCARD")
-            .arg("thr:{q:default}:pending")
+            .arg(&keys("default").pending)
             .query::<usize>(&mut conn)
             .unwrap()
             == 0
@@ -454,11 +451,16 @@ async fn header_values_cannot_inject_into_redis_key_names() {
     });
     until_running(&stack.backend, 1).await;
     let mut conn = stack.redis.conn();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("thr:{quota}:sem:*")
+    let tokens: Vec<String> = redis::cmd("HKEYS")
+        .arg(&keyspace().held)
         .query(&mut conn)
         .unwrap();
-    assert_eq!(keys, ["thr:{quota}:sem:per_user=a%7D%3Ab%7B"]);
+    assert_eq!(tokens, ["per_user=a%7D%3Ab%7B"]);
+    let all: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(
+        all.iter().all(|k| k.starts_with("thr:{default}:")),
+        "a request value never makes a key of its own: {all:?}"
+    );
     // A value that looks like the escape of another stays distinct.
     let other = send(
         &client,

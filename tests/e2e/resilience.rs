@@ -56,11 +56,11 @@ async fn reply_timeout_answers_504_and_the_backend_never_sees_the_job() {
     // Redis holds nothing of it any more.
     let mut conn = stack.redis.conn();
     let pending: usize = redis::cmd("ZCARD")
-        .arg("thr:{q:default}:pending")
+        .arg(&keys("default").pending)
         .query(&mut conn)
         .unwrap();
     let jobs: usize = redis::cmd("HLEN")
-        .arg("thr:{q:default}:jobs")
+        .arg(&keys("default").jobs)
         .query(&mut conn)
         .unwrap();
     assert_eq!((pending, jobs), (0, 0));

@@ -89,7 +89,7 @@ async fn a_thousand_waiting_clients_use_a_handful_of_redis_connections() {
         let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut conn).unwrap();
         peak_clients = peak_clients.max(list.lines().count());
         let waiting: usize = redis::cmd("ZCARD")
-            .arg("thr:{q:default}:pending")
+            .arg(&keys("default").pending)
             .query(&mut conn)
             .unwrap();
         peak_waiting = peak_waiting.max(waiting);

@@ -138,7 +138,7 @@ async fn priorities_reach_the_queue() {
     // While they wait, Redis holds them with their priorities.
     let mut conn = stack.redis.conn();
     let scores: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg("thr:{q:default}:pending")
+        .arg(&keys("default").pending)
         .arg(0)
         .arg(-1)
         .arg("WITHSCORES")

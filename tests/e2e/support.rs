@@ -166,11 +166,31 @@ pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool)
     }
 }
 
+/// The keys of the default deployment (tests run in the default namespace).
+pub fn keyspace() -> thr_broker::protocol::keys::Keyspace {
+    thr_broker::protocol::keys::Keyspace::new(thr_broker::protocol::keys::DEFAULT_NAMESPACE)
+}
+
+/// The keys of queue `queue`.
+pub fn keys(queue: &str) -> thr_broker::protocol::keys::QueueKeys {
+    keyspace().queue(queue)
+}
+
+/// Jobs running under concurrency quota `token`, across every worker.
+pub fn quota_held(conn: &mut redis::Connection, token: &str) -> u64 {
+    let held: Option<u64> = redis::cmd("HGET")
+        .arg(&keyspace().held)
+        .arg(token)
+        .query(conn)
+        .unwrap();
+    held.unwrap_or(0)
+}
+
 /// Waits until `queue` has accepted `n` jobs since Redis started (its
 /// sequence counter), so that tests can order submissions without sleeping.
 pub async fn until_enqueued(redis: &RedisServer, queue: &str, n: u64) {
     let mut conn = redis.conn();
-    let key = format!("thr:{{q:{queue}}}:seq");
+    let key = keys(queue).seq;
     until(
         Duration::from_secs(10),
         &format!("{n} jobs enqueued"),

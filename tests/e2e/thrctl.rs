@@ -87,7 +87,7 @@ async fn backlog() -> (
     let mut conn = redis.conn();
     let started = Instant::now();
     while redis::cmd("ZCARD")
-        .arg("thr:{q:default}:pending")
+        .arg(&keys("default").pending)
         .query::<usize>(&mut conn)
         .unwrap()
         < 5
@@ -273,11 +273,11 @@ async fn running_dead_letters_retry_and_top() {
         priority: 1,
         frame: bytes::Bytes::from_static(b"THRQ\x07garbage"),
         timeout: Duration::from_secs(30),
-        flow: "-",
-        flow_definition: "",
+        flow: &thr_core::quota::Flow::default(),
         max_waiting: None,
         max_wait_boost: None,
         front: "",
+        method: "GET",
     })
     .await
     .unwrap();
@@ -402,6 +402,196 @@ async fn saturated_quotas_show_without_the_configuration() {
         assert_eq!(t.await.unwrap().status, 200);
     }
     stack.thr.stop().await;
+}
+
+/// 100,000 waiting jobs purged (no worker) while another client PINGs
+/// Redis on its own connection: the purge goes a slice at a time, so Redis
+/// answers every PING within 20 ms throughout and no command of thr's
+/// reaches the slow log (10 ms). Every client gets its 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_100_000_waiting_jobs_never_blocks_redis() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use futures_util::StreamExt;
+    use thr_broker::{Admission, Broker, NewJob, RedisBroker};
+    use thr_core::envelope::{HeaderList, Job, JobMeta, Reply};
+    use thr_core::quota::{Flow, QuotaKey};
+
+    const JOBS: usize = 100_000;
+    testkit::init_logs();
+    testkit::bins::binary("thrctl");
+    let redis = RedisServer::start();
+    let broker = RedisBroker::new(&redis.url(), Duration::from_secs(10)).unwrap();
+    // Ten tenants with a concurrency quota each, so that the purge also
+    // takes their waiting counts back; every priority, so that the walk
+    // crosses the whole score range.
+    let flows: Vec<Flow> = (0..10)
+        .map(|u| Flow {
+            quotas: vec![QuotaKey {
+                token: format!("per_user=u{u}"),
+                max_concurrent: 1,
+                interval_ms: 0.0,
+                burst: 0,
+                max_waiting: 0,
+            }],
+        })
+        .collect();
+    let job = |i: usize| {
+        let meta = JobMeta {
+            id: format!("job-{i}"),
+            request_id: format!("job-{i}"),
+            queue: "bulk".into(),
+            priority: (i % 99 + 1) as u8,
+            front: "f1".into(),
+            method: "GET".into(),
+            target: format!("/bulk/{i}"),
+            headers: HeaderList(vec![("host".into(), b"app.example".to_vec())]),
+            timeout_ms: 600_000,
+            flow: flows[i % 10].id(),
+            flow_def: String::new(),
+        };
+        (meta.id.clone(), meta.priority, Job::encode(&meta, b"x"))
+    };
+    // Many enqueues in flight at once: the shared connection pipelines them.
+    let started = Instant::now();
+    let admitted: Vec<Admission> = futures_util::stream::iter(0..JOBS)
+        .map(|i| {
+            let (broker, flow) = (&broker, &flows[i % 10]);
+            let (id, priority, frame) = job(i);
+            async move {
+                broker
+                    .enqueue(NewJob {
+                        queue: "bulk",
+                        id: &id,
+                        priority,
+                        frame,
+                        timeout: Duration::from_secs(600),
+                        flow,
+                        max_waiting: None,
+                        max_wait_boost: None,
+                        front: "f1",
+                        method: "GET",
+                    })
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    assert!(admitted.iter().all(|a| *a == Admission::Queued));
+    eprintln!("enqueued {JOBS} jobs in {:?}", started.elapsed());
+    let q = keys("bulk");
+    let mut conn = redis.conn();
+    let count = |conn: &mut redis::Connection, cmd: &str, key: &str| -> u64 {
+        redis::cmd(cmd).arg(key).query(conn).unwrap()
+    };
+    assert_eq!(count(&mut conn, "ZCARD", &q.pending), JOBS as u64);
+
+    // Anything over 10 ms from now on lands in the slow log.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(10_000)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pinger = std::thread::spawn({
+        let (stop, mut conn) = (stop.clone(), redis.conn());
+        move || {
+            let (mut worst, mut pings) = (Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let sent = Instant::now();
+                let pong: String = redis::cmd("PING").query(&mut conn).unwrap();
+                assert_eq!(pong, "PONG");
+                worst = worst.max(sent.elapsed());
+                pings += 1;
+            }
+            (worst, pings)
+        }
+    });
+    let ctl = Ctl::new(&redis, None);
+    let started = Instant::now();
+    let purged = ctl.json(&["purge", "bulk", "--yes"]);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let (worst, pings) = pinger.join().unwrap();
+    eprintln!(
+        "purged {JOBS} waiting jobs in {took:?} (thrctl process included); \
+         {pings} PINGs meanwhile, slowest {worst:?}"
+    );
+    let slow: Vec<(u64, u64, u64, Vec<Vec<u8>>)> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(128)
+        .query::<Vec<redis::Value>>(&mut conn)
+        .unwrap()
+        .into_iter()
+        .map(|entry| {
+            let redis::Value::Array(fields) = entry else {
+                panic!("slow log entry: {entry:?}")
+            };
+            redis::from_redis_value(redis::Value::Array(fields[..4].to_vec())).unwrap()
+        })
+        .collect();
+    let described: Vec<String> = slow
+        .iter()
+        .map(|(_, _, micros, args)| {
+            let words: Vec<String> = args
+                .iter()
+                .take(3)
+                .map(|a| String::from_utf8_lossy(a).chars().take(40).collect())
+                .collect();
+            format!("{micros} µs: {}", words.join(" "))
+        })
+        .collect();
+    assert_eq!(purged["purged"], JOBS);
+    assert!(described.is_empty(), "over 10 ms: {described:#?}");
+    assert!(pings >= 100, "the pinger ran throughout: {pings} PINGs");
+    assert!(worst < Duration::from_millis(20), "a PING waited {worst:?}");
+
+    // Nothing left behind; every client answered 503, once.
+    for (cmd, key) in [
+        ("ZCARD", &q.pending),
+        ("ZCARD", &q.flow_jobs),
+        ("ZCARD", &q.flows),
+        ("HLEN", &q.flowdefs),
+        ("HLEN", &q.jobs),
+        ("HLEN", &q.info),
+        ("HLEN", &keyspace().quota_waiting),
+    ] {
+        assert_eq!(count(&mut conn, cmd, key), 0, "{cmd} {key}");
+    }
+    let replies = keyspace().replies("f1");
+    assert_eq!(count(&mut conn, "LLEN", &replies), JOBS as u64);
+    let frame: Vec<u8> = redis::cmd("LINDEX")
+        .arg(&replies)
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    let reply = Reply::decode(bytes::Bytes::from(frame)).unwrap();
+    assert_eq!(reply.meta.status, 503);
+    assert_eq!(reply.meta.headers.get("retry-after"), Some(&b"60"[..]));
+    // A purged job is settled: a late enqueue of it (a lost answer asked
+    // again) does not bring it back.
+    let (id, priority, frame) = job(7);
+    let again = broker
+        .enqueue(NewJob {
+            queue: "bulk",
+            id: &id,
+            priority,
+            frame,
+            timeout: Duration::from_secs(600),
+            flow: &flows[7],
+            max_waiting: None,
+            max_wait_boost: None,
+            front: "f1",
+            method: "GET",
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, Admission::Settled);
 }
 
 mod metrics {

@@ -1,5 +1,5 @@
 //! Transparency: what goes through thr arrives as if sent directly, both
-//! ways (DESIGN.md "Transparency").
+//! ways (ARCHITECTURE.md "Transparency").
 
 use std::time::Duration;
 

@@ -21,6 +21,11 @@ pub enum FrontError {
     AuthUnavailable,
     /// No reply within `reply_timeout`.
     ReplyTimeout,
+    /// Redis did not say in time whether it took the job (it may run).
+    BrokerTimeout,
+    /// The job was lost by Redis before it ran (data lost, or dropped
+    /// while this front looked dead): it never ran; safe to try again.
+    JobLost,
     /// The front is stopping and will not get the reply.
     ShuttingDown,
     /// A reply that cannot be turned into a response.
@@ -54,6 +59,14 @@ impl FrontError {
                 "authentication unavailable, try again",
             ),
             FrontError::ReplyTimeout => (StatusCode::GATEWAY_TIMEOUT, "no reply in time"),
+            FrontError::BrokerTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "the queue did not answer in time",
+            ),
+            FrontError::JobLost => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the queue lost this request before it ran, try again",
+            ),
             FrontError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "server shutting down"),
             FrontError::BadReply => (StatusCode::BAD_GATEWAY, "invalid reply from backend"),
             FrontError::QueueFull { .. } => (

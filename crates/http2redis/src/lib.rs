@@ -6,9 +6,13 @@
 //!
 //! - [`server`] accepts connections (TCP or unix, HTTP/1.1 and h2c) and
 //!   drains them on shutdown;
-//! - [`front`] is the request handler: envelope, enqueue, wait, answer;
+//! - [`front`] is the request handler, as named phases: admit, read,
+//!   rules, authorize, dispatch, respond;
+//! - [`queueing`] puts a job on its queue and waits for its answer, never
+//!   telling a client "try again" for a job that may run;
+//! - [`audit`] answers waiting clients whose jobs Redis lost;
 //! - [`replies`] is the one loop per process that pops replies from Redis
-//!   and hands each to the request waiting for it (DESIGN.md decision 1);
+//!   and hands each to the request waiting for it (ARCHITECTURE.md decision 1);
 //! - [`edge`] sheds abusive clients with 429 before any Redis round trip;
 //! - [`auth`] asks an external service before queueing, when a rule says so;
 //! - [`forwarded`] writes the proxy headers (X-Forwarded-*, X-Request-Id);
@@ -16,6 +20,7 @@
 //! - [`explain`] shows operators what the rules do to a request;
 //! - [`error`] decides, in one place, which status each failure gets.
 
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod edge;
@@ -23,6 +28,7 @@ pub mod error;
 pub mod explain;
 pub mod forwarded;
 pub mod front;
+pub mod queueing;
 pub mod replies;
 pub mod server;
 

@@ -1,29 +1,77 @@
-//! Reply routing (DESIGN.md decision 1): every request waiting at this front
+//! Reply routing (ARCHITECTURE.md decision 1): every request waiting at this front
 //! registers a oneshot channel under its job id; a single loop pops this
-//! front's reply list in batches and completes the matching channel. A
-//! thousand waiting clients cost one Redis connection, not a thousand.
-//! Replies nobody waits for any more (timed out, duplicates) are dropped.
+//! front's list in batches and completes the matching channel. A thousand
+//! waiting clients cost one Redis connection, not a thousand. Messages
+//! nobody waits for any more (timed out, duplicates) are dropped.
+//!
+//! The router also knows, per waiting request, whether its job is known to
+//! be queued and whether a worker said it started: that is what an audit
+//! ([`crate::audit`]) needs to tell clients whose jobs were lost (and never
+//! ran) from those that must wait for their reply.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thr_broker::ReplyStream;
-use thr_core::envelope::Reply;
+use thr_broker::backoff::backoff;
+use thr_core::envelope::{FrontMessage, Reply};
 use tokio::sync::{oneshot, watch};
 
+/// How a waiting request ends.
+#[derive(Debug)]
+pub enum Answer {
+    /// Its reply.
+    Reply(Reply),
+    /// Its job is gone from the broker and never ran (Redis lost its data,
+    /// or the job was dropped while this front looked dead).
+    Lost,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Answer>,
+    queue: String,
+    /// The broker confirmed the job is queued.
+    queued: bool,
+    /// A worker said it started.
+    started: bool,
+}
+
 /// Job id → the request waiting for its reply.
-#[derive(Debug, Default, Clone)]
+#[derive(Default, Clone)]
 pub struct ReplyRouter {
-    waiting: Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>,
+    waiting: Arc<Mutex<HashMap<String, Waiter>>>,
+}
+
+impl std::fmt::Debug for ReplyRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyRouter")
+            .field("waiting", &self.len())
+            .finish()
+    }
 }
 
 impl ReplyRouter {
-    /// Registers a waiter for job `id`.
-    pub fn register(&self, id: &str) -> oneshot::Receiver<Reply> {
+    /// Registers a waiter for job `id` of `queue`.
+    pub fn register(&self, id: &str, queue: &str) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id.to_string(), tx);
+        self.lock().insert(
+            id.to_string(),
+            Waiter {
+                tx,
+                queue: queue.to_string(),
+                queued: false,
+                started: false,
+            },
+        );
         rx
+    }
+
+    /// The broker confirmed that job `id` is queued.
+    pub fn confirm(&self, id: &str) {
+        if let Some(w) = self.lock().get_mut(id) {
+            w.queued = true;
+        }
     }
 
     /// Forgets job `id` (its client was answered some other way).
@@ -31,13 +79,39 @@ impl ReplyRouter {
         self.lock().remove(id);
     }
 
-    /// Hands a reply to its waiter; false when nobody waits for it.
-    pub fn deliver(&self, reply: Reply) -> bool {
-        let waiter = self.lock().remove(&reply.meta.id);
+    /// Routes one message; false when nobody waits for it.
+    pub fn deliver(&self, message: FrontMessage) -> bool {
+        match message {
+            FrontMessage::Started(s) => match self.lock().get_mut(&s.id) {
+                Some(w) => {
+                    w.started = true;
+                    true
+                }
+                None => false,
+            },
+            FrontMessage::Reply(reply) => self.answer(&reply.meta.id.clone(), Answer::Reply(reply)),
+        }
+    }
+
+    /// Completes job `id`'s wait with `answer`; false when nobody waits.
+    pub fn answer(&self, id: &str, answer: Answer) -> bool {
+        let waiter = self.lock().remove(id);
         match waiter {
-            Some(tx) => tx.send(reply).is_ok(),
+            Some(w) => w.tx.send(answer).is_ok(),
             None => false,
         }
+    }
+
+    /// Queue → ids of the jobs known to be queued that no worker said it
+    /// started: those an audit asks the broker about.
+    pub fn auditable(&self) -> HashMap<String, Vec<String>> {
+        let mut out: HashMap<String, Vec<String>> = HashMap::new();
+        for (id, w) in self.lock().iter() {
+            if w.queued && !w.started {
+                out.entry(w.queue.clone()).or_default().push(id.clone());
+            }
+        }
+        out
     }
 
     /// Requests waiting now.
@@ -50,14 +124,14 @@ impl ReplyRouter {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Reply>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// Pops replies until `stop` turns true. Each pop is allowed to finish (a
-/// popped reply must not be dropped half-way), so stopping takes up to
+/// Pops messages until `stop` turns true. Each pop is allowed to finish (a
+/// popped message must not be dropped half-way), so stopping takes up to
 /// `block` seconds.
 pub async fn run_loop<R: ReplyStream>(
     mut stream: R,
@@ -65,17 +139,17 @@ pub async fn run_loop<R: ReplyStream>(
     mut stop: watch::Receiver<bool>,
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
-    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0;
     while !*stop.borrow_and_update() {
         match stream.next_batch(BLOCK).await {
             Ok(batch) => {
-                backoff = Duration::from_millis(50);
+                failures = 0;
                 for frame in batch {
-                    match Reply::decode(frame) {
-                        Ok(reply) => {
-                            let id = reply.meta.id.clone();
-                            if !router.deliver(reply) {
-                                tracing::debug!(job = %id, "reply for a request no longer waiting");
+                    match FrontMessage::decode(frame) {
+                        Ok(message) => {
+                            let id = message.id().to_string();
+                            if !router.deliver(message) {
+                                tracing::debug!(job = %id, "message for a request no longer waiting");
                             }
                         }
                         Err(err) => tracing::warn!(%err, "undecodable reply dropped"),
@@ -83,12 +157,13 @@ pub async fn run_loop<R: ReplyStream>(
                 }
             }
             Err(err) => {
-                tracing::warn!(%err, "reply loop: redis error, retrying in {backoff:?}");
+                failures += 1;
+                let pause = backoff(failures);
+                tracing::warn!(%err, "reply loop: redis error, retrying in {pause:?}");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop.changed() => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
             }
         }
     }

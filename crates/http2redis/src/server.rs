@@ -85,6 +85,18 @@ pub async fn serve<B: Broker>(
         front.router().clone(),
         stop_rx.clone(),
     ));
+    let (beats_tx, beats) = tokio::sync::mpsc::channel(4);
+    let audits = tokio::spawn({
+        let front = front.clone();
+        let stop = stop_rx.clone();
+        async move { crate::audit::run(front.broker(), front.router(), beats, stop).await }
+    });
+    // Known alive before taking requests: a front that never beat is
+    // taken for alive, but one whose beats lag is not.
+    let _ = front
+        .broker()
+        .heartbeat(Daemon::Front, front.id(), "{}")
+        .await;
     let presence = tokio::spawn({
         let front = front.clone();
         let started = thr_broker::presence::unix_now();
@@ -110,6 +122,10 @@ pub async fn serve<B: Broker>(
                 Daemon::Front,
                 front.id(),
                 info,
+                move |beat| {
+                    // A full channel means an audit is under way already.
+                    let _ = beats_tx.try_send(beat);
+                },
                 stop_rx,
             )
             .await;
@@ -191,6 +207,8 @@ pub async fn serve<B: Broker>(
     let _ = stop_replies.send(true);
     let _ = reply_loop.await;
     let _ = presence.await;
+    let _ = audits.await;
+    front.finish_withdrawals().await;
     tracing::info!("http2redis stopped");
     Ok(())
 }

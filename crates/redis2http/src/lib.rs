@@ -1,13 +1,25 @@
 //! redis2http, thr's worker.
 //!
-//! For every configured queue, a loop claims the most urgent job (at most
-//! `max_inflight` running at once in this process), forwards it to the
-//! queue's backend over a pooled keep-alive connection and pushes the reply
-//! to the list of the front that waits for it.
+//! For every configured queue, a claim loop takes the most urgent jobs (at
+//! most `max_inflight` running at once in this process), a job runner
+//! forwards each to the queue's backend over a pooled keep-alive connection
+//! while keeping its lease alive, and pushes the reply to the front that
+//! waits for it. A reaper takes back the jobs of lost workers.
 //!
-//! - [`worker`] holds the claim loops and runs each job; the backend call
-//!   itself is [`thr_backend::Forwarder`]'s.
+//! - [`worker`]: the process: heartbeat, the queues it serves, shutdown.
+//! - [`reload`]: applies a new configuration queue by queue.
+//! - [`queue`]: one queue's shared state (room, running jobs, drain).
+//! - [`claim_loop`]: claims jobs into free slots.
+//! - [`job`]: runs one job: backend call, lease renewal, reply delivery.
+//! - [`reaper`]: takes back lost workers' jobs, exports queue gauges.
+//!
+//! ARCHITECTURE.md has the whole flow.
 
+pub mod claim_loop;
+pub mod job;
+pub mod queue;
+pub mod reaper;
+pub mod reload;
 pub mod worker;
 
 use std::future::Future;

@@ -100,6 +100,8 @@ impl RedisServer {
             .args(["--appendonly", "no"])
             .args(["--protected-mode", "no"])
             .args(["--loglevel", "warning"])
+            // Fault tests slow Redis down with DEBUG SLEEP.
+            .args(["--enable-debug-command", "local"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null())

@@ -13,7 +13,7 @@
 //!   is for; thr and HAProxy both hold the excess in a queue;
 //! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
 //!   behind a full quota: claim cost must not grow with blocked jobs
-//!   (DESIGN.md decision 5);
+//!   (ARCHITECTURE.md decision 5);
 //! - `soak` (only when asked): `--soak-duration` (10 min) of mixed load while
 //!   a worker is killed with SIGKILL every minute and Redis is restarted
 //!   once; prints requests sent, answered, 5xx, lost and the daemons' memory.
@@ -295,12 +295,13 @@ async fn main() {
 async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
     use futures_util::future::join_all;
     use thr_broker::{Broker, ClaimOptions, ClaimOutcome, NewJob, RedisBroker};
+    use thr_core::quota::{Flow, QuotaKey};
 
     const FREE: usize = 5000;
     let redis = RedisServer::start();
     let broker = RedisBroker::new(&redis.url(), Duration::from_secs(5)).expect("broker");
     let broker = &broker;
-    let job = |id: String, flow: &'static str, def: &'static str| async move {
+    let job = |id: String, flow: &'static Flow| async move {
         let frame = bytes::Bytes::from_static(b"THRQ-bench");
         let job = NewJob {
             queue: "bench",
@@ -309,53 +310,74 @@ async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
             frame,
             timeout: Duration::from_secs(600),
             flow,
-            flow_definition: def,
             max_waiting: None,
             max_wait_boost: None,
             front: "",
+            method: "GET",
         };
         broker.enqueue(job).await.expect("enqueue");
     };
-    let options = ClaimOptions {
-        lease: Duration::from_secs(600),
-        max_inflight_total: None,
-        max_wait_boost: None,
-        worker: "",
-        max_jobs: 1,
+    // Every claim call has a token of its own (a repeated token would
+    // return the first call's jobs again).
+    let tokens = std::sync::atomic::AtomicU64::new(0);
+    fn options(max_jobs: usize, token: &str) -> ClaimOptions<'_> {
+        ClaimOptions {
+            token,
+            lease: Duration::from_secs(600),
+            max_inflight_total: None,
+            max_wait_boost: None,
+            worker: "",
+            max_jobs,
+        }
+    }
+    let next_token = || {
+        format!(
+            "t{}",
+            tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
     };
-    let batched = ClaimOptions {
-        max_jobs: per_call,
-        ..options
-    };
-    const BLOCKED_FLOW: &str = "foo_bar=bar";
-    const BLOCKED_DEF: &str = "foo_bar=bar\t2\t0\t0\t0\n";
+    static FREE_FLOW: std::sync::LazyLock<Flow> = std::sync::LazyLock::new(Flow::default);
+    static BLOCKED: std::sync::LazyLock<Flow> = std::sync::LazyLock::new(|| Flow {
+        quotas: vec![QuotaKey {
+            token: "foo_bar=bar".into(),
+            max_concurrent: 2,
+            interval_ms: 0.0,
+            burst: 0,
+            max_waiting: 0,
+        }],
+    });
     // Two running jobs fill the quota; the rest of the flow waits behind it.
     if blocked > 0 {
         for chunk in (0..blocked + 2).collect::<Vec<_>>().chunks(200) {
             join_all(
                 chunk
                     .iter()
-                    .map(|i| job(format!("b{i}"), BLOCKED_FLOW, BLOCKED_DEF)),
+                    .map(|i| job(format!("b{i}"), &BLOCKED)),
             )
             .await;
         }
         for _ in 0..2 {
+            let token = next_token();
             assert!(matches!(
-                broker.claim("bench", options).await,
+                broker.claim("bench", options(1, &token)).await,
                 Ok(ClaimOutcome::Jobs(_))
             ));
         }
     }
     for chunk in (0..FREE).collect::<Vec<_>>().chunks(200) {
-        join_all(chunk.iter().map(|i| job(format!("f{i}"), "-", ""))).await;
+        join_all(chunk.iter().map(|i| job(format!("f{i}"), &FREE_FLOW))).await;
     }
     let started = Instant::now();
     let mut claimed = 0usize;
     // Eight claimers at once, as eight worker loops would.
     let claimers = (0..8).map(|_| async {
         let mut n = 0usize;
-        while let Ok(ClaimOutcome::Jobs(jobs)) = broker.claim("bench", batched).await {
-            n += jobs.len();
+        loop {
+            let token = next_token();
+            match broker.claim("bench", options(per_call, &token)).await {
+                Ok(ClaimOutcome::Jobs(jobs)) => n += jobs.len(),
+                _ => break,
+            }
         }
         n
     });

@@ -1,72 +1,108 @@
--- claim: starts the most urgent job whose quotas all have room, and leases it.
--- KEYS[1]  pending    KEYS[2] jobs       KEYS[3] deadlines
--- KEYS[4]  leases     sorted set id -> lease deadline: the running jobs
--- KEYS[5]  wake       doorbell list (one token is taken per job started)
--- KEYS[6]  flows      KEYS[7] flowdefs   KEYS[8] jobinfo     KEYS[9] drained
--- KEYS[10] waiting    KEYS[11] seq
--- KEYS[12] owners     hash id -> worker running it
--- KEYS[13] fronts     sorted set front -> last heartbeat (ms)
--- KEYS[14] paused     set while `thrctl pause` holds the queue
--- ARGV[1] lease ms
--- ARGV[2] flow key prefix (flow keys are PREFIX..flow, same hash tag)
--- ARGV[3] quota key prefix (sem:/gcra: keys are PREFIX..kind..token)
--- ARGV[4] max_inflight_total (0: none)
--- ARGV[5] aging step ms (0: strict priority)
--- ARGV[6] most flows to look at
--- ARGV[7] id of the claiming worker ("" for none)
--- ARGV[8] heartbeat timeout ms: a front silent for longer is gone
--- ARGV[9] most jobs to start (the claiming worker's free slots)
--- Returns {id, encoded job, ms left before the client's deadline, flow, ...}
--- (four items per job started, at least one job), or
--- {"", why, ms until a rate quota may allow (-1: unknown)}.
+-- claim: starts the most urgent jobs whose quotas all have room, and
+-- leases them to the claiming worker under its claim token. Repeated with
+-- the same token (its answer was lost), it returns what the first call
+-- leased instead of leasing more: no lease is stranded on a worker that
+-- never saw its job.
+-- includes: clock order records quota drain liveness
+local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_wake, K_drained, K_seq, K_paused = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
+local K_waiting = KEYS[21]
+local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local max_jobs, total, step = math.max(1, tonumber(ARGV[4])), tonumber(ARGV[5]), tonumber(ARGV[6])
+local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
+-- (five items per job, at least one job), or
+-- {generation, 'idle', why, ms until a rate quota may allow (-1: unknown)}.
 --
 -- The walk is over flows, not jobs: a thousand jobs behind one full quota
 -- are one flow, skipped in one step. A served flow goes behind the other
--- flows of its priority: round-robin between tenants. Starting several jobs
--- is several walks in one call: one round trip instead of many when a
--- worker has many free slots and a backlog waits.
+-- flows of its priority: round-robin between tenants.
 local now, sec = clock()
-local lease = tonumber(ARGV[1])
-local step = tonumber(ARGV[5])
+local gen = generation(K_generation, K_liveness, now)
 
-if redis.call('EXISTS', KEYS[14]) == 1 then
-  return {'', 'paused', -1}
+-- What a started job returns to the worker.
+local function started_entry(out, id, info)
+  out[#out + 1] = id
+  out[#out + 1] = redis.call('HGET', K_jobs, id)
+  out[#out + 1] = int(info.deadline - now)
+  out[#out + 1] = info.front
+  out[#out + 1] = info.def
 end
-local total = tonumber(ARGV[4])
+
+-- A repeated claim: the jobs still leased under this token.
+local prior = redis.call('LRANGE', K_claim, 0, -1)
+if #prior > 0 then
+  local out = {gen, 'jobs'}
+  for _, id in ipairs(prior) do
+    local owner = owner_unpack(redis.call('HGET', K_owners, id))
+    local info = info_unpack(redis.call('HGET', K_info, id))
+    if owner and owner.token == token and info then
+      started_entry(out, id, info)
+    end
+  end
+  if #out > 2 then
+    return out
+  end
+  return {gen, 'idle', 'claimed', -1}
+end
+
+if redis.call('EXISTS', K_paused) == 1 then
+  return {gen, 'idle', 'paused', -1}
+end
+sem_sweep(K_held, K_holders, now)
+gcra_sweep(K_gcra, K_gcra_expiry, now)
 
 local full = {}     -- quota tokens found saturated during this call
 local hint = -1
 -- Flows looked at, over the whole call: starting many jobs costs Redis no
 -- more time than one start may in the worst case.
 local looked = 0
-local budget = tonumber(ARGV[6])
+local out = {gen, 'jobs'}
 
--- Starts one job: returns {id, job, ms left, flow}, or nil and why not.
+-- True when a front is known and silent: nobody will read the reply.
+local function front_dead(front)
+  if front == '' then
+    return false
+  end
+  local beat = tonumber(redis.call('ZSCORE', K_fronts, front))
+  return beat ~= nil and is_silent(K_liveness, beat, nil, now, front_timeout)
+end
+
+-- Forgets a waiting job that must not run (client gone, front dead).
+local function drop(id)
+  redis.call('HDEL', K_jobs, id)
+  redis.call('HDEL', K_info, id)
+end
+
+-- Starts one job: true, or false and why not.
 local function claim_one()
   -- Expired leases are a dead worker's jobs: they no longer count as running.
-  if total > 0 and redis.call('ZCOUNT', KEYS[4], '(' .. now, '+inf') >= total then
-    return nil, 'max_inflight_total'
+  if total > 0 and redis.call('ZCOUNT', K_leases, '(' .. now, '+inf') >= total then
+    return false, 'max_inflight_total'
   end
   local offset = 0
   while looked < budget do
-    local batch = redis.call('ZRANGE', KEYS[6], offset, offset + 49)
+    local batch = redis.call('ZRANGE', K_flows, offset, offset + 49)
     if #batch == 0 then
       break
     end
     local removed = 0
     for _, flow in ipairs(batch) do
       looked = looked + 1
-      local quotas = parse_def(redis.call('HGET', KEYS[7], flow))
+      local quotas = parse_def(redis.call('HGET', K_flowdefs, flow))
       local ok = true
       local tats = {}
       for i, q in ipairs(quotas) do
         if full[q.token] then
           ok = false
-        elseif q.max > 0 and not sem_room(ARGV[3] .. 'sem:' .. q.token, now, q.max) then
+        elseif q.max > 0 and not sem_room(K_held, q.token, q.max) then
           full[q.token] = true
           ok = false
         elseif q.interval > 0 then
-          local allowed, v = gcra(ARGV[3] .. 'gcra:' .. q.token, now, q.interval, q.burst)
+          local allowed, v = gcra(K_gcra, q.token, now, q.interval, q.burst)
           if allowed then
             tats[i] = v
           else
@@ -82,84 +118,71 @@ local function claim_one()
         end
       end
       if ok then
-        local fkey = ARGV[2] .. flow
         while true do
-          local head = redis.call('ZPOPMIN', fkey)
-          if #head == 0 then
-            redis.call('ZREM', KEYS[6], flow)
-            redis.call('HDEL', KEYS[7], flow)
+          local head = flow_head(K_flow_jobs, flow)
+          if not head then
+            redis.call('ZREM', K_flows, flow)
+            redis.call('HDEL', K_flowdefs, flow)
             removed = removed + 1
             break
           end
-          local id = head[1]
-          redis.call('ZREM', KEYS[1], id)
-          waiting_add(KEYS[10], quotas, -1)
-          local deadline = tonumber(redis.call('ZSCORE', KEYS[3], id))
-          local job = redis.call('HGET', KEYS[2], id)
-          -- A job whose front died has nobody to answer: never run it.
-          local info = redis.call('HGET', KEYS[8], id) or ''
-          local front = string.match(info, '\t([^\t]*)$')
-          if front and front ~= '' then
-            local beat = tonumber(redis.call('ZSCORE', KEYS[13], front))
-            if beat and beat < now - tonumber(ARGV[8]) then
-              job = false
-            end
-          end
-          if job and deadline and deadline > now then
+          redis.call('ZREM', K_flow_jobs, head)
+          local _, id = member_parts(head)
+          redis.call('ZREM', K_pending, id)
+          waiting_add(K_waiting, quotas, -1)
+          local info = info_unpack(redis.call('HGET', K_info, id))
+          if info and info.deadline > now and not front_dead(info.front) then
             local until_ms = int(now + lease)
             for i, q in ipairs(quotas) do
               if q.max > 0 then
-                redis.call('ZADD', ARGV[3] .. 'sem:' .. q.token, until_ms, id)
+                sem_take(K_held, K_holders, q.token, id, until_ms)
               end
               if q.interval > 0 then
-                gcra_commit(ARGV[3] .. 'gcra:' .. q.token, now, tats[i], q.interval, q.burst)
+                gcra_commit(K_gcra, K_gcra_expiry, q.token, now, tats[i], q.interval, q.burst)
               end
             end
-            redis.call('ZADD', KEYS[4], until_ms, id)
-            if ARGV[7] ~= '' then
-              redis.call('HSET', KEYS[12], id, ARGV[7] .. '\t' .. int(now))
-            end
+            redis.call('ZADD', K_leases, until_ms, id)
+            redis.call('HSET', K_owners, id, worker .. '\t' .. token .. '\t' .. int(now))
+            redis.call('RPUSH', K_claim, id)
             -- This job's doorbell token is spent: idle workers are not woken for it.
-            redis.call('LPOP', KEYS[5])
-            count_start(KEYS[9], sec)
+            redis.call('LPOP', K_wake)
+            count_start(K_drained, sec)
+            started_entry(out, id, info)
             -- The flow's next turn: behind every flow of its priority.
-            local nxt = redis.call('ZRANGE', fkey, 0, 0)
-            if #nxt == 0 then
-              redis.call('ZREM', KEYS[6], flow)
-              redis.call('HDEL', KEYS[7], flow)
+            local nxt = flow_head(K_flow_jobs, flow)
+            if not nxt then
+              redis.call('ZREM', K_flows, flow)
+              redis.call('HDEL', K_flowdefs, flow)
             else
-              local info = redis.call('HGET', KEYS[8], nxt[1]) or '50'
-              local prio = tonumber(string.match(info, '^(%d+)')) or 50
-              local turn = order_score(prio, redis.call('INCR', KEYS[11]), now, step)
-              redis.call('ZADD', KEYS[6], int(turn), flow)
+              local nxt_score, nxt_id = member_parts(nxt)
+              local nxt_info = info_unpack(redis.call('HGET', K_info, nxt_id))
+              local prio = nxt_info and nxt_info.prio or 50
+              local turn = order_score(prio, redis.call('INCR', K_seq), now, step)
+              redis.call('ZADD', K_flows, int(turn), flow)
             end
-            return {id, job, deadline - now, flow}
+            return true
           end
-          -- Its client has given up (or the payload is gone): drop it.
-          redis.call('HDEL', KEYS[2], id)
-          redis.call('ZREM', KEYS[3], id)
-          redis.call('HDEL', KEYS[8], id)
+          -- Its client has given up, its front is dead, or its record is
+          -- gone: it never runs.
+          drop(id)
         end
       end
     end
     offset = offset + #batch - removed
   end
-  return nil, 'blocked'
+  return false, 'blocked'
 end
 
-local started = {}
 local why = 'blocked'
-for _ = 1, math.max(1, tonumber(ARGV[9])) do
-  local job, reason = claim_one()
-  if not job then
+for _ = 1, max_jobs do
+  local ok, reason = claim_one()
+  if not ok then
     why = reason
     break
   end
-  for _, v in ipairs(job) do
-    started[#started + 1] = v
-  end
 end
-if #started > 0 then
-  return started
+if #out > 2 then
+  redis.call('PEXPIRE', K_claim, int(lease))
+  return out
 end
-return {'', why, math.floor(hint)}
+return {gen, 'idle', why, math.floor(hint)}

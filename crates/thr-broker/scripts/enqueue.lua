@@ -1,57 +1,61 @@
--- enqueue: admits a job (max_waiting) and puts it in its flow.
--- KEYS[1]  pending    sorted set id -> order score (every waiting job)
--- KEYS[2]  seq        counter
--- KEYS[3]  jobs       hash id -> encoded job
--- KEYS[4]  deadlines  sorted set id -> client deadline (ms)
--- KEYS[5]  wake       doorbell list
--- KEYS[6]  flows      sorted set flow -> its turn (score of its next job)
--- KEYS[7]  flowdefs   hash flow -> definition
--- KEYS[8]  jobinfo    hash id -> "priority<TAB>score<TAB>flow<TAB>enqueued ms<TAB>front"
--- KEYS[9]  drained    hash second -> jobs started
--- KEYS[10] flow       this job's flow: sorted set id -> order score
--- KEYS[11] waiting    hash quota token -> waiting jobs
--- ARGV[1] job id         ARGV[2] priority 1..99     ARGV[3] encoded job
--- ARGV[4] timeout ms     ARGV[5] flow id            ARGV[6] flow definition
--- ARGV[7] queue max_waiting (0: none)               ARGV[8] aging step ms (0: strict)
--- ARGV[9] id of the front waiting for the reply
--- Returns {1, sequence} when queued, or {0, what is full, waiting, drain
--- rate per second} when refused.
+-- enqueue: admits a job (max_waiting) and queues it in its flow. Idempotent
+-- by job id: repeated (its answer was lost), it reports what became of the
+-- first one and changes nothing. With `from_dead`, it moves dead letter `id`
+-- back on the queue instead (thrctl retry), in the same atomic step.
+-- includes: clock order records quota drain
+local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_jobs, K_info, K_seq, K_wake = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_drained, K_waiting, K_settled, K_dead, K_reasons = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local id, prio, frame, timeout = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local flow, def, max_queue, step = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
+local front, method, from_dead = ARGV[9], ARGV[10], ARGV[11] == '1'
+-- Returns {'queued'}, {'settled'} (answered or withdrawn already), or
+-- {'refused', what is full, waiting, drain rate per second}; with
+-- `from_dead`, {'gone'} when there is no such dead letter.
+if from_dead then
+  if redis.call('HDEL', K_dead, id) == 0 then
+    return {'gone'}
+  end
+  redis.call('HDEL', K_reasons, id)
+  redis.call('DEL', K_settled)
+  max_queue = 0
+elseif redis.call('EXISTS', K_settled) == 1 then
+  return {'settled'}
+end
+if redis.call('HEXISTS', K_info, id) == 1 then
+  return {'queued'}
+end
 local now, sec = clock()
-local id, prio, flow = ARGV[1], tonumber(ARGV[2]), ARGV[5]
-local quotas = parse_def(ARGV[6])
-
-local max_queue = tonumber(ARGV[7])
+local quotas = parse_def(def)
 if max_queue > 0 then
-  local w = redis.call('ZCARD', KEYS[1])
+  local w = redis.call('ZCARD', K_pending)
   if w >= max_queue then
-    return {0, 'queue', w, tostring(drain_rate(KEYS[9], sec))}
+    return {'refused', 'queue', w, tostring(drain_rate(K_drained, sec))}
   end
 end
 for _, q in ipairs(quotas) do
-  if q.maxw > 0 then
-    local w = tonumber(redis.call('HGET', KEYS[11], q.token)) or 0
+  if q.maxw > 0 and not from_dead then
+    local w = tonumber(redis.call('HGET', K_waiting, q.token)) or 0
     if w >= q.maxw then
-      return {0, q.token, w, tostring(drain_rate(KEYS[9], sec))}
+      return {'refused', q.token, w, tostring(drain_rate(K_drained, sec))}
     end
   end
 end
 
-local seq = redis.call('INCR', KEYS[2])
-local score = order_score(prio, seq, now, tonumber(ARGV[8]))
-redis.call('ZADD', KEYS[1], int(score), id)
-redis.call('HSET', KEYS[3], id, ARGV[3])
-redis.call('ZADD', KEYS[4], int(now + tonumber(ARGV[4])), id)
-redis.call('HSET', KEYS[8], id, prio .. '\t' .. int(score) .. '\t' .. flow .. '\t' .. int(now) .. '\t' .. ARGV[9])
-redis.call('ZADD', KEYS[10], int(score), id)
-redis.call('HSET', KEYS[7], flow, ARGV[6])
+local score = order_score(prio, redis.call('INCR', K_seq), now, step)
+redis.call('ZADD', K_pending, int(score), id)
+redis.call('ZADD', K_flow_jobs, 0, flow_member(flow, score, id))
+redis.call('HSET', K_jobs, id, frame)
+redis.call('HSET', K_info, id, info_pack({
+  prio = prio, score = score, flow = flow, enqueued = now, deadline = now + timeout,
+  front = front, method = method, attempts = 0, def = def,
+}))
+redis.call('HSET', K_flowdefs, flow, def)
 -- A flow keeps its turn; a more urgent job can only bring it forward.
-local turn = tonumber(redis.call('ZSCORE', KEYS[6], flow))
+local turn = tonumber(redis.call('ZSCORE', K_flows, flow))
 if not turn or score < turn then
-  redis.call('ZADD', KEYS[6], int(score), flow)
+  redis.call('ZADD', K_flows, int(score), flow)
 end
-waiting_add(KEYS[11], quotas, 1)
--- One token per job wakes one idle worker; a handful is enough to wake them all.
-if redis.call('RPUSH', KEYS[5], 1) > 64 then
-  redis.call('LTRIM', KEYS[5], 0, 63)
-end
-return {1, seq}
+waiting_add(K_waiting, quotas, 1)
+ring(K_wake)
+return {'queued'}

@@ -1,9 +1,25 @@
 -- heartbeat: a daemon says it is alive (on Redis's clock) and what it does.
--- KEYS[1] sorted set id -> last heartbeat (ms)   KEYS[2] its info key
--- ARGV[1] id   ARGV[2] info (JSON)   ARGV[3] info lifetime (s)
--- Entries silent for an hour are forgotten.
+-- It also keeps the liveness record: when nobody could beat for `gap` ms
+-- (Redis paused, slowed or down), Redis has just resumed, and silence is
+-- counted from now for everyone.
+-- includes: clock liveness
+local K_beats, K_info, K_liveness, K_generation = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local id, info, info_ttl, gap = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- Returns {generation, ms since this daemon's previous beat (-1: none)}.
 local now = clock()
-redis.call('ZADD', KEYS[1], int(now), ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', int(now - 3600000))
-return 1
+local gen = generation(K_generation, K_liveness, now)
+local last = tonumber(redis.call('HGET', K_liveness, 'last'))
+if last and now - last > gap then
+  redis.call('HSET', K_liveness, 'resumed', int(now))
+end
+redis.call('HSET', K_liveness, 'last', int(now))
+local previous = tonumber(redis.call('ZSCORE', K_beats, id))
+redis.call('ZADD', K_beats, int(now), id)
+redis.call('SET', K_info, info, 'EX', info_ttl)
+-- Entries silent for an hour are forgotten.
+redis.call('ZREMRANGEBYSCORE', K_beats, '-inf', int(now - 3600000))
+local since = -1
+if previous then
+  since = int(now - counted_from(K_liveness, previous))
+end
+return {gen, since}

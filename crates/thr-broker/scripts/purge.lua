@@ -1,40 +1,37 @@
--- purge: cancels waiting jobs of a queue (thrctl purge); their clients get
--- a 503 through their front's reply list.
--- KEYS[1] pending   KEYS[2] jobs   KEYS[3] deadlines   KEYS[4] flows
--- KEYS[5] flowdefs  KEYS[6] jobinfo  KEYS[7] waiting
--- ARGV[1] flow key prefix
--- ARGV[2] only jobs waiting longer than this (ms, 0: any)
--- ARGV[3] only jobs of a priority above (less urgent than) this (0: any)
--- ARGV[4] reply list lifetime (s)
+-- purge: cancels a slice of waiting jobs chosen by the caller (thrctl
+-- purge); their clients get the caller's reply frame (a 503) through their
+-- front's list. A job claimed meanwhile is left alone. The caller walks the
+-- queue a slice at a time, so Redis is never blocked for long.
+-- includes: clock order records quota
+local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_jobs, K_info, K_waiting = KEYS[5], KEYS[6], KEYS[7]
+-- KEYS[8 + 2i], KEYS[9 + 2i]: the i-th job's settled marker and its front's
+-- reply list (i from 0).
+local reply_ttl = tonumber(ARGV[1])
+-- ARGV[2 + 2i], ARGV[3 + 2i]: the i-th job's id and reply frame.
 -- Returns the number of jobs purged.
 local now = clock()
-local older, above = tonumber(ARGV[2]), tonumber(ARGV[3])
 local purged = 0
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local info = redis.call('HGET', KEYS[6], id) or ''
-  local prio, _, flow, enqueued, front = string.match(info, '^(%d+)\t([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
-  prio, enqueued = tonumber(prio) or 50, tonumber(enqueued) or now
-  if (older == 0 or now - enqueued > older) and (above == 0 or prio > above) then
-    redis.call('ZREM', KEYS[1], id)
-    local quotas = parse_def(redis.call('HGET', KEYS[5], flow or ''))
-    redis.call('HDEL', KEYS[2], id)
-    redis.call('ZREM', KEYS[3], id)
-    redis.call('HDEL', KEYS[6], id)
-    if flow then
-      local fkey = ARGV[1] .. flow
-      redis.call('ZREM', fkey, id)
-      if redis.call('ZCARD', fkey) == 0 then
-        redis.call('ZREM', KEYS[4], flow)
-        redis.call('HDEL', KEYS[5], flow)
-      end
+local i = 0
+while ARGV[2 + 2 * i] do
+  local id, frame = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  local K_settled, K_replies = KEYS[8 + 2 * i], KEYS[9 + 2 * i]
+  i = i + 1
+  local info = info_unpack(redis.call('HGET', K_info, id))
+  if info and redis.call('ZREM', K_pending, id) == 1 then
+    redis.call('ZREM', K_flow_jobs, flow_member(info.flow, info.score, id))
+    redis.call('HDEL', K_jobs, id)
+    redis.call('HDEL', K_info, id)
+    waiting_add(K_waiting, parse_def(info.def), -1)
+    if not flow_head(K_flow_jobs, info.flow) then
+      redis.call('ZREM', K_flows, info.flow)
+      redis.call('HDEL', K_flowdefs, info.flow)
     end
-    waiting_add(KEYS[7], quotas, -1)
-    if front and front ~= '' then
-      local frame = reply_frame(id, 503, 'thr: request purged by an operator\n', 'thrctl', {{'retry-after', '60'}})
-      local list = 'thr:{f:' .. front .. '}:replies'
-      redis.call('LPUSH', list, frame)
-      redis.call('EXPIRE', list, ARGV[4])
+    if info.front ~= '' then
+      redis.call('LPUSH', K_replies, frame)
+      redis.call('EXPIRE', K_replies, reply_ttl)
     end
+    redis.call('SET', K_settled, 'purged', 'PX', int(math.max(1000, info.deadline - now)))
     purged = purged + 1
   end
 end

@@ -1,126 +1,79 @@
--- reap: takes back the jobs of workers that died (lease expired, or their
--- worker stopped heartbeating) and either puts them back in their place or
--- answers their clients. Any live worker may run it; it is atomic, so two
+-- reap: takes back jobs of lost workers found by reap_scan (phase two). For
+-- each, it checks again that the lease is the one found and still lost,
+-- then does what the caller decided: put it back in its place, answer its
+-- client, or set it aside in the dead letters and answer. Atomic, so two
 -- reapers never handle one job twice.
--- KEYS[1]  leases     KEYS[2] jobs       KEYS[3] deadlines  KEYS[4] jobinfo
--- KEYS[5]  owners     hash id -> "worker<TAB>claimed ms"
--- KEYS[6]  pending    KEYS[7] flows      KEYS[8] flowdefs   KEYS[9] waiting
--- KEYS[10] attempts   hash id -> times a worker was lost running it
--- KEYS[11] dead       KEYS[12] dead_reasons                 KEYS[13] wake
--- KEYS[14] workers    sorted set worker -> last heartbeat (ms)
--- ARGV[1] heartbeat timeout ms    ARGV[2] flow key prefix
--- ARGV[3] quota key prefix        ARGV[4] max attempts
--- ARGV[5] safe-to-retry methods, space-separated
--- ARGV[6] reply list lifetime (s)
--- Returns {requeued, answered with 502, set aside in dead letters}.
+-- includes: clock order records quota liveness
+local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_wake, K_dead, K_reasons, K_waiting = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local K_held, K_holders, K_workers, K_liveness = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+-- KEYS[17 + 2i], KEYS[18 + 2i]: the i-th job's settled marker and its
+-- front's reply list (i from 0).
+local timeout, reply_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- ARGV[3 + 4i ..]: id, token found, action ('requeue', 'answer', 'bury'),
+-- reply frame (for answer and bury).
+-- Returns {requeued, answered, buried}.
 local now = clock()
-local stale = tonumber(ARGV[1])
-local max_attempts = tonumber(ARGV[4])
-local retry = {}
-for m in string.gmatch(ARGV[5], '%S+') do
-  retry[m] = true
-end
 local requeued, answered, buried = 0, 0, 0
 
--- The JSON metadata of a job frame: "THR" kind version u32-length JSON body.
-local function meta_of(job)
-  if not job or #job < 9 or string.sub(job, 1, 3) ~= 'THR' then
-    return nil
-  end
-  local b1, b2, b3, b4 = string.byte(job, 6, 9)
-  local len = ((b1 * 256 + b2) * 256 + b3) * 256 + b4
-  local ok, meta = pcall(cjson.decode, string.sub(job, 10, 9 + len))
-  if ok and type(meta) == 'table' then
-    return meta
-  end
-  return nil
-end
-
 local function forget(id)
-  redis.call('HDEL', KEYS[2], id)
-  redis.call('ZREM', KEYS[3], id)
-  redis.call('HDEL', KEYS[4], id)
-  redis.call('HDEL', KEYS[10], id)
+  redis.call('ZREM', K_leases, id)
+  redis.call('HDEL', K_owners, id)
+  redis.call('HDEL', K_jobs, id)
+  redis.call('HDEL', K_info, id)
 end
 
-local leases = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-for i = 1, #leases, 2 do
-  local id, until_ms = leases[i], tonumber(leases[i + 1])
-  local lost = until_ms <= now
-  local owner, claimed = nil, nil
-  local held = redis.call('HGET', KEYS[5], id)
-  if held then
-    owner, claimed = string.match(held, '^([^\t]*)\t?(%d*)')
-    claimed = tonumber(claimed)
-  end
-  if not lost and owner then
-    local beat = tonumber(redis.call('ZSCORE', KEYS[14], owner))
-    if beat then
-      lost = beat < now - stale
-    else
-      -- No heartbeat on record: a dead worker, or Redis restarted empty
-      -- under a live one that has not beaten since. Only a claim older
-      -- than the timeout tells them apart.
-      lost = (not claimed) or claimed < now - stale
-    end
+local i = 0
+while ARGV[3 + 4 * i] do
+  local id, token, action, frame = ARGV[3 + 4 * i], ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i]
+  local K_settled, K_replies = KEYS[17 + 2 * i], KEYS[18 + 2 * i]
+  i = i + 1
+  local owner = owner_unpack(redis.call('HGET', K_owners, id))
+  local until_ms = tonumber(redis.call('ZSCORE', K_leases, id))
+  local lost = until_ms ~= nil and ((owner and owner.token or '') == token)
+  if lost and until_ms > now then
+    lost = owner ~= nil and is_silent(K_liveness,
+      tonumber(redis.call('ZSCORE', K_workers, owner.worker)), owner.claimed, now, timeout)
   end
   if lost then
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('HDEL', KEYS[5], id)
-    local job = redis.call('HGET', KEYS[2], id)
-    local info = redis.call('HGET', KEYS[4], id)
-    local meta = meta_of(job)
-    if not meta or not info then
-      if job then
-        redis.call('HSET', KEYS[11], id, job)
-        redis.call('HSET', KEYS[12], id, 'lost by its worker and undecodable')
+    local info = info_unpack(redis.call('HGET', K_info, id))
+    -- A lost worker cannot release its quota slots: free them now.
+    local quotas = parse_def(info and info.def)
+    for _, q in ipairs(quotas) do
+      if q.max > 0 then
+        sem_drop(K_held, K_holders, q.token, id)
+      end
+    end
+    if not info or info.deadline <= now then
+      -- Nobody waits for it any more.
+      forget(id)
+    elseif action == 'requeue' then
+      redis.call('ZREM', K_leases, id)
+      redis.call('HDEL', K_owners, id)
+      info.attempts = info.attempts + 1
+      redis.call('HSET', K_info, id, info_pack(info))
+      redis.call('ZADD', K_pending, int(info.score), id)
+      redis.call('ZADD', K_flow_jobs, 0, flow_member(info.flow, info.score, id))
+      redis.call('HSETNX', K_flowdefs, info.flow, info.def)
+      local turn = tonumber(redis.call('ZSCORE', K_flows, info.flow))
+      if not turn or info.score < turn then
+        redis.call('ZADD', K_flows, int(info.score), info.flow)
+      end
+      waiting_add(K_waiting, quotas, 1)
+      ring(K_wake)
+      requeued = requeued + 1
+    else
+      if action == 'bury' then
+        redis.call('HSET', K_dead, id, redis.call('HGET', K_jobs, id) or '')
+        redis.call('HSET', K_reasons, id, 'worker lost ' .. (info.attempts + 1) .. ' times')
         buried = buried + 1
       end
+      redis.call('LPUSH', K_replies, frame)
+      redis.call('EXPIRE', K_replies, reply_ttl)
+      redis.call('SET', K_settled, 'reaped', 'PX', int(math.max(1000, info.deadline - now)))
+      answered = answered + 1
       forget(id)
-    else
-      -- A dead worker cannot release its quota slots: free them now.
-      for _, token in ipairs(meta.semaphores or {}) do
-        redis.call('ZREM', ARGV[3] .. 'sem:' .. token, id)
-      end
-      local deadline = tonumber(redis.call('ZSCORE', KEYS[3], id))
-      local attempts = redis.call('HINCRBY', KEYS[10], id, 1)
-      local waiting = deadline and deadline > now
-      local safe = retry[meta.method] == true
-      if waiting and safe and attempts < max_attempts then
-        -- Back in its place: same score, same flow.
-        local prio, score, flow = string.match(info, '^(%d+)\t([^\t]+)\t([^\t]*)\t')
-        score = tonumber(score)
-        redis.call('ZADD', KEYS[6], int(score), id)
-        redis.call('ZADD', ARGV[2] .. flow, int(score), id)
-        redis.call('HSET', KEYS[8], flow, meta.flow_def or '')
-        local turn = tonumber(redis.call('ZSCORE', KEYS[7], flow))
-        if not turn or score < turn then
-          redis.call('ZADD', KEYS[7], int(score), flow)
-        end
-        waiting_add(KEYS[9], parse_def(meta.flow_def), 1)
-        if redis.call('RPUSH', KEYS[13], 1) > 64 then
-          redis.call('LTRIM', KEYS[13], 0, 63)
-        end
-        requeued = requeued + 1
-      else
-        if waiting then
-          local text
-          if safe then
-            text = 'thr: gave up after ' .. attempts .. ' attempts; the worker running it was lost each time\n'
-            redis.call('HSET', KEYS[11], id, job)
-            redis.call('HSET', KEYS[12], id, 'worker lost ' .. attempts .. ' times')
-            buried = buried + 1
-          else
-            text = 'thr: the worker running this ' .. meta.method ..
-              ' request was lost; it may or may not have been applied\n'
-          end
-          local list = 'thr:{f:' .. meta.front .. '}:replies'
-          redis.call('LPUSH', list, reply_frame(id, 502, text, 'reaper', {}))
-          redis.call('EXPIRE', list, ARGV[6])
-          answered = answered + 1
-        end
-        forget(id)
-      end
     end
   end
 end

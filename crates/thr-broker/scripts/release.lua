@@ -1,40 +1,54 @@
--- release: a job is done. Pushes its reply to the waiting front's list, then
--- drops its lease, frees its quota slots and rings the doorbell (a blocked
--- flow may now run). One script, so a reply and its release are one round
--- trip, and a worker dying cannot leave one without the other. It also
--- records the job's latency (enqueue to reply, on Redis's clock, so workers'
--- clocks do not matter) for operators' percentiles.
--- KEYS[1] leases   KEYS[2] owners    KEYS[3] jobs   KEYS[4] deadlines
--- KEYS[5] jobinfo  KEYS[6] wake      KEYS[7] the front's reply list
--- KEYS[8] attempts KEYS[9] latency   KEYS[10..] semaphores the job holds
--- ARGV[1] job id   ARGV[2] encoded reply   ARGV[3] reply list lifetime (s)
--- ARGV[4] ms spent at the backend   ARGV[5] latency samples kept
-redis.call('LPUSH', KEYS[7], ARGV[2])
-redis.call('EXPIRE', KEYS[7], ARGV[3])
-local info = redis.call('HGET', KEYS[5], ARGV[1])
+-- release: a job is done. Pushes its reply to the waiting front's list,
+-- settles the job (a late enqueue of its id is refused), drops its lease,
+-- frees its quota slots and rings the doorbell (a blocked flow may now
+-- run). Guarded by the lease: repeated (its answer was lost), or called
+-- after the job was reaped, it pushes nothing. It also records the job's
+-- latency (enqueue to reply, on Redis's clock) for operators' percentiles.
+-- includes: clock records quota order
+local K_leases, K_owners, K_jobs, K_info = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_wake, K_replies, K_latency, K_settled = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_generation, K_held, K_holders = KEYS[9], KEYS[10], KEYS[11]
+local id, token, frame, reply_ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local backend_ms, keep, generation = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+-- ARGV[8..] the concurrency tokens the job holds
+-- Returns 'delivered', 'again' (an earlier call delivered it) or 'lost'
+-- (the lease is no longer the job's: whoever took the job answers it).
+local owner = owner_unpack(redis.call('HGET', K_owners, id))
+if not owner then
+  if redis.call('GET', K_settled) == 'answered' then
+    return 'again'
+  end
+  if redis.call('GET', K_generation) == generation then
+    return 'lost'
+  end
+  -- Redis lost its data under the running job: nobody else can answer it.
+  redis.call('LPUSH', K_replies, frame)
+  redis.call('EXPIRE', K_replies, reply_ttl)
+  return 'delivered'
+end
+if owner.token ~= token then
+  return 'lost'
+end
+local now, sec = clock()
+redis.call('LPUSH', K_replies, frame)
+redis.call('EXPIRE', K_replies, reply_ttl)
+local info = info_unpack(redis.call('HGET', K_info, id))
+local remember = 1000
 if info then
-  -- jobinfo: priority, score, flow, enqueued ms, front (tab-separated)
-  local enqueued = tonumber(string.match(info, '^[^\t]*\t[^\t]*\t[^\t]*\t([^\t]*)'))
-  if enqueued and enqueued > 0 then
-    local now, sec = clock()
-    local total = math.max(now - enqueued, tonumber(ARGV[4]))
-    local keep = tonumber(ARGV[5])
-    -- Trimmed in steps of 64, not on every push: one call less per job.
-    if redis.call('LPUSH', KEYS[9], sec .. '\t' .. int(total) .. '\t' .. ARGV[4]) > keep + 64 then
-      redis.call('LTRIM', KEYS[9], 0, keep - 1)
-    end
+  remember = math.max(remember, info.deadline - now)
+  local total = math.max(now - info.enqueued, backend_ms)
+  -- Trimmed in steps of 64, not on every push: one call less per job.
+  if redis.call('LPUSH', K_latency, sec .. '\t' .. int(total) .. '\t' .. backend_ms) > keep + 64 then
+    redis.call('LTRIM', K_latency, 0, keep - 1)
   end
 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[5], ARGV[1])
-redis.call('HDEL', KEYS[8], ARGV[1])
-for i = 10, #KEYS do
-  redis.call('ZREM', KEYS[i], ARGV[1])
+redis.call('SET', K_settled, 'answered', 'PX', int(remember))
+redis.call('ZREM', K_leases, id)
+redis.call('HDEL', K_owners, id)
+redis.call('HDEL', K_jobs, id)
+redis.call('HDEL', K_info, id)
+for i = 8, #ARGV do
+  sem_drop(K_held, K_holders, ARGV[i], id)
 end
-if redis.call('RPUSH', KEYS[6], 1) > 64 then
-  redis.call('LTRIM', KEYS[6], 0, 63)
-end
-return 1
+ring(K_wake)
+return 'delivered'

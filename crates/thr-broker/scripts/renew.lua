@@ -1,13 +1,18 @@
--- renew: extends the lease of a running job and of the quota slots it holds.
--- KEYS[1] leases   KEYS[2..] semaphores the job holds
--- ARGV[1] job id   ARGV[2] lease ms
--- Returns 1, or 0 when the job holds no lease any more (it was reaped).
-local now = clock()
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+-- renew: extends a running job's lease and the quota slots it holds,
+-- guarded by the lease's token.
+-- includes: clock records
+local K_leases, K_owners, K_holders = KEYS[1], KEYS[2], KEYS[3]
+local id, token, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- ARGV[4..] the concurrency tokens the job holds
+-- Returns 1, or 0 when the lease is no longer the job's (reaped, handed back).
+local owner = owner_unpack(redis.call('HGET', K_owners, id))
+if not owner or owner.token ~= token then
   return 0
 end
-local until_ms = int(now + tonumber(ARGV[2]))
-for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', until_ms, ARGV[1])
+local now = clock()
+local until_ms = int(now + lease)
+redis.call('ZADD', K_leases, 'XX', until_ms, id)
+for i = 4, #ARGV do
+  redis.call('ZADD', K_holders, 'XX', until_ms, ARGV[i] .. '\t' .. id)
 end
 return 1

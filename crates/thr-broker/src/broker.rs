@@ -1,9 +1,21 @@
-//! The [`Broker`] trait: the operations a front and a worker need.
+//! The [`Broker`] trait: the operations a front and a worker need, and the
+//! contract every implementation keeps (checked by [`crate::conformance`]).
+//!
+//! The contract, in short (ARCHITECTURE.md, "The broker protocol"):
+//! - Every state-changing call is safe to repeat: `enqueue` is idempotent by
+//!   job id, `claim` by claim token, `reply`/`renew`/`hand_back` are guarded
+//!   by the lease they were given. A call whose answer was lost (a timeout)
+//!   is asked again with the same arguments, never assumed to have failed.
+//! - A job id, once settled (answered, withdrawn, purged), never runs again:
+//!   a late `enqueue` of it is refused with [`Admission::Settled`].
+//! - Nothing here names Redis: records are typed, quotas are a
+//!   [`thr_core::quota::Flow`], leases are handed back as received.
 
 use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use thr_core::quota::Flow;
 
 use crate::BrokerError;
 
@@ -12,32 +24,36 @@ use crate::BrokerError;
 pub struct NewJob<'a> {
     /// Queue name.
     pub queue: &'a str,
-    /// Job id (unique).
+    /// Job id (unique); enqueueing the same id again is a no-op.
     pub id: &'a str,
     /// 1 (most urgent) … 99.
     pub priority: u8,
-    /// The encoded job ([`thr_core::envelope::Job::encode`]).
+    /// The encoded job ([`thr_core::envelope::Job::encode`]), opaque here.
     pub frame: Bytes,
     /// How long the client will wait; the job is dropped unclaimed after it.
     pub timeout: Duration,
-    /// The job's flow id ([`thr_core::quota::Flow::id`]).
-    pub flow: &'a str,
-    /// The flow's definition ([`thr_core::quota::Flow::definition`]).
-    pub flow_definition: &'a str,
+    /// The quotas the job needs.
+    pub flow: &'a Flow,
     /// The queue's `max_waiting`.
     pub max_waiting: Option<u32>,
     /// Aging: `[scheduling] max_wait_boost`.
     pub max_wait_boost: Option<Duration>,
     /// The front waiting for the reply.
     pub front: &'a str,
+    /// The request method (the reaper decides by it whether a job whose
+    /// worker was lost may run again).
+    pub method: &'a str,
 }
 
-/// Whether a job was taken.
+/// What became of an enqueue.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    /// It waits in its queue.
+    /// It waits in its queue (or was already there: a repeated enqueue).
     Queued,
-    /// Refused: too many are waiting already.
+    /// The id is settled: it ran and was answered, or it was withdrawn
+    /// before it could run. It will not run (again).
+    Settled,
+    /// Refused: too many are waiting already. Nothing was queued.
     Refused {
         /// `queue`, or the quota token whose `max_waiting` is reached.
         what: String,
@@ -48,28 +64,67 @@ pub enum Admission {
     },
 }
 
+/// What a withdrawal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawal {
+    /// The job will never run: it was waiting and is gone, or it was not
+    /// there yet and a late enqueue of it will be refused.
+    Withdrawn,
+    /// A worker holds it: it may be running or done; its reply will come.
+    Started,
+    /// It was settled already (answered, withdrawn or purged).
+    Settled,
+}
+
+/// Where a job is, as a front asks after a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// Waiting in its queue.
+    Waiting,
+    /// Held by a worker.
+    Running,
+    /// Answered, withdrawn or purged.
+    Settled,
+    /// Unknown to the broker: dropped (its front was taken for dead, its
+    /// deadline passed) or lost with the broker's data. It will not run.
+    Unknown,
+}
+
 /// How a worker claims.
 #[derive(Debug, Clone, Copy)]
 pub struct ClaimOptions<'a> {
+    /// Names this claim: a claim repeated with the same token (its answer was
+    /// lost) returns the jobs the first one leased, instead of new ones.
+    pub token: &'a str,
     /// The job's lease.
     pub lease: Duration,
     /// The queue's `max_inflight_total`.
     pub max_inflight_total: Option<u32>,
     /// Aging: `[scheduling] max_wait_boost`.
     pub max_wait_boost: Option<Duration>,
-    /// The claiming worker (its heartbeat vouches for the lease); "" for none.
+    /// The claiming worker (its heartbeat vouches for the lease).
     pub worker: &'a str,
     /// Most jobs to start in this call (the worker's free slots; 0 counts
     /// as 1). One call for many jobs saves round trips under a backlog.
     pub max_jobs: usize,
 }
 
-/// How long a daemon may stay silent before it counts as dead: a lease of
-/// a silent worker is taken back, a job of a silent front is dropped.
+/// How long a worker may stay silent before it counts as dead and its
+/// leases are taken back.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often daemons say they are alive.
+/// How often workers say they are alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often fronts say they are alive: often, because a dead front's
+/// waiting jobs must stop reaching the backend within a second.
+pub const FRONT_HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
+
+/// How long a front may stay silent before its waiting jobs are dropped at
+/// claim time. Beat period plus this stays under one second. A front that
+/// finds it was silent this long audits its waiting jobs (see
+/// [`Broker::job_states`]) and answers those that were dropped.
+pub const FRONT_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// Which kind of daemon a heartbeat is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +133,36 @@ pub enum Daemon {
     Front,
     /// redis2http.
     Worker,
+}
+
+impl Daemon {
+    /// How long this kind may stay silent before it counts as dead.
+    pub fn timeout(self) -> Duration {
+        match self {
+            Daemon::Front => FRONT_TIMEOUT,
+            Daemon::Worker => HEARTBEAT_TIMEOUT,
+        }
+    }
+
+    /// How often this kind beats.
+    pub fn period(self) -> Duration {
+        match self {
+            Daemon::Front => FRONT_HEARTBEAT_EVERY,
+            Daemon::Worker => HEARTBEAT_EVERY,
+        }
+    }
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// The broker's data generation: it changes when the broker lost its
+    /// data (restarted empty, flushed). Jobs of an older generation are gone.
+    pub generation: String,
+    /// Time since this daemon's previous beat on the broker's clock (None:
+    /// the broker did not know it). Longer than [`Daemon::timeout`] means it
+    /// may have been taken for dead meanwhile.
+    pub since_last: Option<Duration>,
 }
 
 /// What to do with the jobs of a lost worker.
@@ -115,14 +200,58 @@ pub enum ClaimOutcome {
 /// A job a worker took off a queue.
 #[derive(Debug, Clone)]
 pub struct Claimed {
-    /// Job id.
-    pub id: String,
     /// The encoded job, as enqueued.
     pub frame: Bytes,
     /// Time left before the client gives up (measured on the broker's clock).
     pub remaining: Duration,
-    /// The job's flow.
-    pub flow: String,
+    /// The lease: what renew, reply, hand_back and dead_letter need.
+    pub lease: Lease,
+}
+
+impl Claimed {
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.lease.id
+    }
+}
+
+/// A worker's hold on a running job. Made by the broker at claim time and
+/// handed back untouched: a call with a lease that is no longer the job's
+/// (reaped, handed back) does nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// Queue name.
+    pub queue: String,
+    /// Job id.
+    pub id: String,
+    /// The claim token it was leased under.
+    pub token: String,
+    /// The front waiting for the reply.
+    pub front: String,
+    /// Concurrency quota tokens the job holds while it runs.
+    pub holds: Vec<String>,
+    /// The broker's data generation at claim time.
+    pub generation: String,
+}
+
+/// What became of a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Pushed to the front (now or by an earlier attempt whose answer was
+    /// lost); the job is settled and its quota slots are free.
+    Delivered,
+    /// The lease was no longer the job's (reaped, handed back): nothing was
+    /// pushed; whoever took the job answers it.
+    LeaseLost,
+}
+
+/// A queue's current load, for gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Gauges {
+    /// Jobs waiting in the queue.
+    pub waiting: u64,
+    /// Quota token → jobs waiting for it (tokens with none are absent).
+    pub quota_waiting: std::collections::BTreeMap<String, u64>,
 }
 
 /// The shared engine between fronts and workers.
@@ -132,63 +261,74 @@ pub trait Broker: Send + Sync + 'static {
     /// What a front reads its replies from.
     type Replies: ReplyStream;
 
-    /// Puts a job on its queue, unless too many wait already.
+    /// Puts a job on its queue, unless too many wait already. Idempotent by
+    /// job id: after a lost answer, asking again tells what became of it.
     fn enqueue(
         &self,
         job: NewJob<'_>,
     ) -> impl Future<Output = Result<Admission, BrokerError>> + Send;
 
-    /// Withdraws a waiting job; true when it was still waiting (it will
-    /// never reach the backend), false when already running or gone.
-    fn cancel(
+    /// Makes sure job `id` never runs if it has not started: a waiting job
+    /// is removed; an unknown one is marked so that a late enqueue of it is
+    /// refused (for `remember`, at least the client's remaining wait).
+    fn withdraw(
         &self,
         queue: &str,
         id: &str,
-        flow: &str,
-    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+        remember: Duration,
+    ) -> impl Future<Output = Result<Withdrawal, BrokerError>> + Send;
 
-    /// Starts the most urgent job of `queue` whose quotas all have room.
+    /// Where each of `ids` is (same order).
+    fn job_states(
+        &self,
+        queue: &str,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<JobState>, BrokerError>> + Send;
+
+    /// Starts the most urgent jobs of `queue` whose quotas all have room.
     fn claim(
         &self,
         queue: &str,
         options: ClaimOptions<'_>,
     ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send;
 
-    /// Extends a running job's lease and quota slots; false when the job
-    /// holds no lease any more.
+    /// Extends a running job's lease and quota slots; false when the lease
+    /// is no longer the job's.
     fn renew(
         &self,
-        queue: &str,
-        id: &str,
-        lease: Duration,
-        semaphores: &[String],
+        lease: &Lease,
+        duration: Duration,
     ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
 
-    /// Sends a reply to the front that waits for job `id`, then releases the
-    /// job and its quota slots (`semaphores`: the tokens it holds), and
-    /// records its latency (`backend_ms`: time spent at the backend).
+    /// Tells the waiting front that the job has started (sent for requests
+    /// that must not be answered "try again" once they may have run).
+    fn started(&self, lease: &Lease) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Sends a reply to the front that waits for the job, then settles the
+    /// job and frees its quota slots; records its latency (`backend_ms`:
+    /// time spent at the backend). Guarded by the lease: delivered at most
+    /// once, however often it is called.
     fn reply(
         &self,
-        queue: &str,
-        front: &str,
-        id: &str,
+        lease: &Lease,
         frame: Bytes,
         backend_ms: u64,
-        semaphores: &[String],
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    ) -> impl Future<Output = Result<Delivery, BrokerError>> + Send;
 
-    /// Sets aside a claimed job that cannot be run (an undecodable payload),
-    /// with the reason, so that it is never claimed again.
+    /// Sets aside a claimed job that cannot be run (an undecodable
+    /// payload), with the reason, and answers its client `answer` (a reply
+    /// frame) so that it is never claimed again and nobody waits for it.
     fn dead_letter(
         &self,
-        queue: &str,
-        id: &str,
-        frame: Bytes,
+        lease: &Lease,
         reason: &str,
+        answer: Bytes,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Takes back the jobs of lost workers of `queue` (expired lease, silent
     /// heartbeat): safe ones go back in their place, others are answered.
+    /// Each call does a bounded amount of work (a slice of the running
+    /// jobs); workers call it about once a second.
     fn reap(
         &self,
         queue: &str,
@@ -197,11 +337,7 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Gives a running job back (a stopping worker that cannot finish it):
     /// the next reap treats it as lost.
-    fn hand_back(
-        &self,
-        queue: &str,
-        id: &str,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    fn hand_back(&self, lease: &Lease) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Says that daemon `id` is alive, with a JSON description of itself.
     fn heartbeat(
@@ -209,7 +345,7 @@ pub trait Broker: Send + Sync + 'static {
         kind: Daemon,
         id: &str,
         info: &str,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+    ) -> impl Future<Output = Result<Beat, BrokerError>> + Send;
 
     /// Says that daemon `id` stopped cleanly.
     fn retire(
@@ -217,6 +353,9 @@ pub trait Broker: Send + Sync + 'static {
         kind: Daemon,
         id: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// The waiting count and quota waits of `queue`.
+    fn gauges(&self, queue: &str) -> impl Future<Output = Result<Gauges, BrokerError>> + Send;
 
     /// A doorbell for `queue` (one per waiting loop: it may hold a connection).
     fn doorbell(&self, queue: &str) -> Self::Doorbell;
@@ -234,11 +373,12 @@ pub trait Doorbell: Send + 'static {
     fn wait(&mut self, max: Duration) -> impl Future<Output = Result<bool, BrokerError>> + Send;
 }
 
-/// Delivers the replies meant for one front.
+/// Delivers the messages meant for one front: reply frames and started
+/// notices ([`thr_core::envelope::FrontMessage`]).
 pub trait ReplyStream: Send + 'static {
-    /// Waits up to `max` for replies and returns those available (maybe none).
-    /// Not cancel-safe: a reply popped by a dropped call is lost, so callers
-    /// let each call finish.
+    /// Waits up to `max` for messages and returns those available (maybe
+    /// none). Not cancel-safe: a message popped by a dropped call is lost,
+    /// so callers let each call finish.
     fn next_batch(
         &mut self,
         max: Duration,

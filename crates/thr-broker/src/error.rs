@@ -1,40 +1,92 @@
-//! Broker errors, split by what the caller should do about them.
+//! Broker errors, split by what the caller may conclude about its call.
+//!
+//! The split matters because a slow broker is not a failed one (ARCHITECTURE.md
+//! decision 13): a call that timed out may still run, so only
+//! [`BrokerError::Unreachable`] lets a caller conclude that nothing happened.
+
+type Source = Box<dyn std::error::Error + Send + Sync>;
 
 /// What went wrong talking to the broker.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker could not be reached in time: retry later, answer 503.
-    #[error("redis unavailable: {0}")]
-    Unavailable(String),
-    /// The broker answered with an error (a bug or a misconfiguration).
-    #[error("redis error: {0}")]
-    Failed(String),
+    /// The call was not delivered (connection refused, not connected): it
+    /// certainly did nothing.
+    #[error("redis unreachable: {source}")]
+    Unreachable {
+        /// What the client library said.
+        #[source]
+        source: Source,
+    },
+    /// No answer in time, or the connection broke while the call was out:
+    /// it may or may not have run. Ask again (every call is safe to repeat).
+    #[error("no answer from redis ({what})")]
+    Timeout {
+        /// What was waited for, or how the connection broke.
+        what: String,
+        /// What the client library said, when it said something.
+        #[source]
+        source: Option<Source>,
+    },
+    /// The broker answered with an error (a bug, a misconfiguration, out of
+    /// memory): the call did nothing.
+    #[error("redis error: {source}")]
+    Failed {
+        /// What the broker said.
+        #[source]
+        source: Source,
+    },
+    /// The broker answered something this version cannot read.
+    #[error("unexpected answer from redis: {0}")]
+    Protocol(String),
 }
 
 impl BrokerError {
-    /// True when the broker is down or unreachable, as opposed to refusing.
+    /// True when the broker is down or slow, as opposed to refusing.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, BrokerError::Unavailable(_))
+        matches!(
+            self,
+            BrokerError::Unreachable { .. } | BrokerError::Timeout { .. }
+        )
+    }
+
+    /// True when the call may have taken effect although it failed.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, BrokerError::Timeout { .. })
+    }
+
+    /// A failure described by text (for brokers without a source error).
+    pub fn failed(text: impl Into<String>) -> BrokerError {
+        BrokerError::Failed {
+            source: text.into().into(),
+        }
     }
 }
 
 impl From<::redis::RedisError> for BrokerError {
     fn from(err: ::redis::RedisError) -> BrokerError {
-        if err.is_io_error()
+        if err.is_connection_refusal() {
+            BrokerError::Unreachable {
+                source: Box::new(err),
+            }
+        } else if err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
-            || err.is_connection_refusal()
             || err.is_unrecoverable_error()
         {
-            BrokerError::Unavailable(err.to_string())
+            BrokerError::Timeout {
+                what: err.to_string(),
+                source: Some(Box::new(err)),
+            }
         } else {
-            BrokerError::Failed(err.to_string())
+            BrokerError::Failed {
+                source: Box::new(err),
+            }
         }
     }
 }
 
 impl From<::redis::ParsingError> for BrokerError {
     fn from(err: ::redis::ParsingError) -> BrokerError {
-        BrokerError::Failed(format!("unexpected answer from Redis: {err}"))
+        BrokerError::Protocol(err.to_string())
     }
 }

@@ -1,22 +1,27 @@
-//! Heartbeats: every daemon says it is alive once a second, with a short
+//! Heartbeats: every daemon says it is alive on Redis's clock, with a short
 //! JSON description (what `thrctl status` shows). A worker silent for
-//! [`HEARTBEAT_TIMEOUT`](crate::HEARTBEAT_TIMEOUT) loses its leases; a silent
-//! front's waiting jobs are dropped at claim time.
+//! [`HEARTBEAT_TIMEOUT`](crate::HEARTBEAT_TIMEOUT) loses its leases; a front
+//! silent for [`FRONT_TIMEOUT`](crate::FRONT_TIMEOUT) has its waiting jobs
+//! dropped at claim time. Each beat's answer ([`Beat`]) goes to the caller,
+//! which is how a front learns that Redis lost its data or that it was
+//! silent long enough to be taken for dead.
 
 use tokio::sync::watch;
 
-use crate::{Broker, Daemon, HEARTBEAT_EVERY};
+use crate::{Beat, Broker, Daemon};
 
-/// Beats until `stop` turns true, then says goodbye (`retire`). `info`
-/// describes the daemon at each beat.
+/// Beats every [`Daemon::period`] until `stop` turns true, then says
+/// goodbye (`retire`). `info` describes the daemon at each beat; `on_beat`
+/// sees each answer.
 pub async fn keep_alive<B: Broker>(
     broker: &B,
     kind: Daemon,
     id: &str,
     info: impl Fn() -> String + Send,
+    mut on_beat: impl FnMut(Beat) + Send,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut ticks = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut ticks = tokio::time::interval(kind.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = false;
     loop {
@@ -28,7 +33,10 @@ pub async fn keep_alive<B: Broker>(
             break;
         }
         match broker.heartbeat(kind, id, &info()).await {
-            Ok(()) => warned = false,
+            Ok(beat) => {
+                warned = false;
+                on_beat(beat);
+            }
             Err(err) if !warned => {
                 warned = true;
                 tracing::warn!(%err, "heartbeat failed");

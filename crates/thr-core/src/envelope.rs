@@ -1,8 +1,8 @@
 //! The wire format of jobs and replies travelling through Redis
-//! (DESIGN.md decision 9).
+//! (ARCHITECTURE.md decision 9).
 //!
 //! One Redis string holds one frame: a 3-byte magic `THR`, a kind byte (`Q`
-//! for a request, `R` for a reply), a version byte, the length of the metadata
+//! for a request, `R` for a reply, `S` for a started notice), a version byte, the length of the metadata
 //! (u32, big endian), the metadata as JSON, then the body as raw bytes. Bodies
 //! are never base64'd; header values, which HTTP allows to hold any byte but
 //! controls, are written as JSON strings with one char per byte (Latin-1), so
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 const MAGIC: &[u8; 3] = b"THR";
 const KIND_JOB: u8 = b'Q';
 const KIND_REPLY: u8 = b'R';
+const KIND_STARTED: u8 = b'S';
 const HEADER_LEN: usize = 3 + 1 + 1 + 4;
 
 /// Version of the frame layout and its metadata; bump on incompatible change.
@@ -82,10 +83,8 @@ pub struct JobMeta {
     /// The job's flow (its set of quota keys), see `thr_core::quota`.
     #[serde(default)]
     pub flow: String,
-    /// Tokens of the concurrency quotas the job holds while it runs.
-    #[serde(default)]
-    pub semaphores: Vec<String>,
-    /// The flow's definition, so that a reaper can put the job back.
+    /// The flow's definition (`thr_broker::protocol::records::FlowDef`), so
+    /// that `thrctl retry` can put a dead letter back on its queue.
     #[serde(default)]
     pub flow_def: String,
 }
@@ -201,7 +200,75 @@ impl Job {
     }
 }
 
+/// A notice to a front that a job has started at a worker: from then on
+/// its client must not be told "try again", whatever happens to Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    /// The job.
+    pub id: String,
+}
+
+impl Started {
+    /// Encodes a started notice.
+    pub fn encode(&self) -> Bytes {
+        encode(KIND_STARTED, self, b"")
+    }
+}
+
+/// What a front pops from its list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontMessage {
+    /// A job's reply.
+    Reply(Reply),
+    /// A job has started.
+    Started(Started),
+}
+
+impl FrontMessage {
+    /// Decodes a frame popped from a front's list.
+    pub fn decode(frame: Bytes) -> Result<FrontMessage, DecodeError> {
+        if frame.len() > 3 && frame[3] == KIND_STARTED {
+            let (meta, _) = decode(KIND_STARTED, frame)?;
+            return Ok(FrontMessage::Started(meta));
+        }
+        Reply::decode(frame).map(FrontMessage::Reply)
+    }
+
+    /// The job it is about.
+    pub fn id(&self) -> &str {
+        match self {
+            FrontMessage::Reply(r) => &r.meta.id,
+            FrontMessage::Started(s) => &s.id,
+        }
+    }
+}
+
 impl Reply {
+    /// A reply thr makes itself (reaper, purge, poison): `status` with a
+    /// plain-text body and `extra` header fields.
+    pub fn plain(id: &str, status: u16, text: &str, who: &str, extra: &[(&str, &str)]) -> Bytes {
+        let mut headers = vec![(
+            "content-type".to_string(),
+            b"text/plain; charset=utf-8".to_vec(),
+        )];
+        headers.extend(
+            extra
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        );
+        Reply::encode(
+            &ReplyMeta {
+                id: id.to_string(),
+                status,
+                headers: HeaderList(headers),
+                worker: who.to_string(),
+                backend_ms: 0,
+                chunked: false,
+            },
+            text.as_bytes(),
+        )
+    }
+
     /// Encodes a reply frame.
     pub fn encode(meta: &ReplyMeta, body: &[u8]) -> Bytes {
         encode(KIND_REPLY, meta, body)
@@ -264,7 +331,6 @@ mod tests {
             headers: HeaderList(headers),
             timeout_ms: 30_000,
             flow: "-".into(),
-            semaphores: vec![],
             flow_def: String::new(),
         }
     }
@@ -307,6 +373,24 @@ mod tests {
         let mut short = Job::encode(&meta(vec![]), b"").to_vec();
         short.truncate(20);
         assert!(Job::decode(short.into()).is_err());
+    }
+
+    #[test]
+    fn front_messages_tell_replies_from_notices() {
+        let started = Started { id: "j9".into() }.encode();
+        assert_eq!(
+            FrontMessage::decode(started).unwrap(),
+            FrontMessage::Started(Started { id: "j9".into() })
+        );
+        let reply = Reply::plain("j8", 503, "busy\n", "thrctl", &[("retry-after", "5")]);
+        match FrontMessage::decode(reply).unwrap() {
+            FrontMessage::Reply(r) => {
+                assert_eq!((r.meta.id.as_str(), r.meta.status), ("j8", 503));
+                assert_eq!(r.meta.headers.get("retry-after"), Some(&b"5"[..]));
+                assert_eq!(&r.body[..], b"busy\n");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     proptest! {

@@ -1,4 +1,4 @@
-//! Priority arithmetic of the pending queue (DESIGN.md decision 3).
+//! Priority arithmetic of the pending queue (ARCHITECTURE.md decision 3).
 //!
 //! A pending job's sorted-set score is `priority · 2⁴⁶ + sequence`. Priorities
 //! run from 1 (most urgent) to 99 (least), THR's scale, default 50; the

@@ -10,7 +10,7 @@
 //! The set of quota keys a job needs is its *flow*. Jobs of one flow wait in
 //! one sub-queue; the claim script walks flows rather than jobs, so a
 //! thousand jobs blocked behind one full quota cost one step, and flows of
-//! the same priority are served round-robin (DESIGN.md decision 5).
+//! the same priority are served round-robin (ARCHITECTURE.md decision 5).
 //!
 //! Values from requests never go raw into Redis key names: they are
 //! percent-escaped to `[A-Za-z0-9_.-]` (readable, injective), or hashed when
@@ -195,20 +195,6 @@ impl Flow {
         }
         let joined: Vec<&str> = self.quotas.iter().map(|q| q.token.as_str()).collect();
         joined.join("&")
-    }
-
-    /// The definition the claim script reads: one line per quota,
-    /// `token max_concurrent interval_ms burst max_waiting` tab-separated.
-    pub fn definition(&self) -> String {
-        let mut out = String::new();
-        for q in &self.quotas {
-            let _ = writeln!(
-                out,
-                "{}\t{}\t{}\t{}\t{}",
-                q.token, q.max_concurrent, q.interval_ms, q.burst, q.max_waiting
-            );
-        }
-        out
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::Serialize;
-use thr_broker::redis::{DaemonInfo, QueueOverview, QuotaUsage};
+use thr_broker::redis::inspect::{DaemonInfo, QueueOverview, QuotaUsage};
 use thr_core::config::Config;
 
 use crate::table::{age, render};

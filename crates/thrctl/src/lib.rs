@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use thr_broker::protocol::keys::DEFAULT_NAMESPACE;
 use thr_broker::{Broker, RedisBroker};
 use thr_core::config::Config;
 
@@ -183,18 +184,26 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         }
         _ => {}
     }
+    // Each call thrctl makes is short (reads and purges go a page at a
+    // time); this bounds a wait behind busy production traffic.
+    let timeout = Duration::from_secs(3);
     let url = cli
         .redis
         .clone()
         .or_else(|| config.as_ref().map(|c| c.redis.url.clone()))
         .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
+    // With a configuration: its namespace and TLS CA (the URL may be
+    // overridden by --redis).
     let ca = config
         .as_ref()
         .and_then(|c| c.redis.tls_ca_file.as_ref())
         .map(std::fs::read)
         .transpose();
     let ca = ca.map_err(|e| Failure::usage(format!("cannot read the TLS CA file: {e}")))?;
-    let broker = RedisBroker::with_tls_ca(&url, Duration::from_secs(3), ca)
+    let namespace = config
+        .as_ref()
+        .map_or(DEFAULT_NAMESPACE, |c| c.redis.namespace.as_str());
+    let broker = RedisBroker::connect(&url, timeout, ca, namespace)
         .map_err(|e| Failure::usage(e.to_string()))?;
     broker.ping().await.map_err(|e| Failure {
         message: format!(

@@ -8,7 +8,7 @@ use ratatui::crossterm::event::{self, Event, KeyCode};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::widgets::{Block, Borders, Row, Table};
-use thr_broker::redis::{DaemonInfo, QueueOverview, QuotaUsage};
+use thr_broker::redis::inspect::{DaemonInfo, QueueOverview, QuotaUsage};
 
 use crate::commands::{QUEUE_COLUMNS, overviews, queue_cells, saturated};
 use crate::table::age;

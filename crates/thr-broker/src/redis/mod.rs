@@ -1,39 +1,52 @@
-//! The Redis broker.
+//! The Redis broker: the [`Broker`] trait over the protocol of
+//! [`crate::protocol`].
 //!
-//! Connections follow DESIGN.md decision 2: non-blocking commands share one
+//! Connections follow ARCHITECTURE.md decision 2: non-blocking commands share one
 //! multiplexed [`ConnectionManager`] (it pipelines concurrent callers for free
 //! and reconnects by itself), while every blocking loop (a worker's doorbell,
 //! a front's reply stream) owns a dedicated connection whose response timeout
 //! outlives its blocking time. redis-rs would otherwise abandon a BLPOP after
 //! 500 ms while Redis still pops the item, losing it.
 //!
-//! Every non-blocking call is bounded by `command_timeout`, so that a front
-//! learns quickly that Redis is down and answers 503 instead of hanging.
+//! Every non-blocking call is bounded by `command_timeout`, which bounds how
+//! long a caller waits, never what becomes of the call: one that timed out
+//! is reported as [`BrokerError::Timeout`] (it may still run) and every
+//! script is safe to call again (ARCHITECTURE.md decision 13).
 
 mod blocking;
-mod inspect;
-pub mod scripts;
+pub mod inspect;
 
-pub use inspect::*;
-
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo};
-use thr_core::keys::{self, QueueKeys};
+use thr_core::envelope::{Reply, Started as StartedNotice};
 
+use crate::protocol::keys::{DEFAULT_NAMESPACE, Keyspace, LATENCY_SAMPLES, QueueKeys};
+use crate::protocol::records::FlowDef;
+use crate::protocol::scripts::{self as s, Scripts};
 use crate::{
-    Admission, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, HEARTBEAT_TIMEOUT,
-    NewJob, Reaped, RetryPolicy,
+    Admission, Beat, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
+    FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Reaped, RetryPolicy,
+    Withdrawal,
 };
 pub use blocking::{RedisDoorbell, RedisReplies};
-use scripts::Scripts;
 
 /// Most flows one claim call looks at, however many jobs it starts and
 /// however many wait behind full quotas: a call costs at most this many steps.
 const CLAIM_SCAN: u32 = 1000;
+
+/// Most lost jobs one reap call handles: bounds the time it holds Redis.
+const REAP_SLICE: usize = 50;
+
+/// When nobody has beaten for this long, Redis was paused or down, and
+/// silence is counted again from when it answers (see `lib/liveness.lua`).
+/// Longer than the slowest beat period, with room for a loaded machine.
+const LIVENESS_GAP: Duration = Duration::from_millis(2500);
 
 /// Aging step in ms: a priority level is worth `max_wait_boost / 98` of
 /// waiting (priority 99 catches up with priority 1 after `max_wait_boost`).
@@ -43,7 +56,7 @@ fn aging_step_ms(boost: Option<Duration>) -> u64 {
 
 /// How long a reply list lives without being read: long enough for any
 /// waiting client, short enough that a dead front's replies go away.
-const REPLY_TTL: Duration = Duration::from_secs(120);
+pub(crate) const REPLY_TTL: Duration = Duration::from_secs(120);
 
 /// A [`Broker`] on a Redis server.
 #[derive(Clone)]
@@ -52,6 +65,12 @@ pub struct RedisBroker {
     manager: ConnectionManager,
     command_timeout: Duration,
     scripts: &'static Scripts,
+    keyspace: Arc<Keyspace>,
+    /// Queue key sets, built once per queue.
+    queues: Arc<Mutex<HashMap<String, Arc<QueueKeys>>>>,
+    /// Per queue, where the reaper's walk over running jobs stands: each
+    /// reap looks at one page, so a reap costs the same however many run.
+    reap_cursors: Arc<Mutex<HashMap<String, String>>>,
     display_url: String,
 }
 
@@ -59,6 +78,7 @@ impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
             .field("url", &self.display_url)
+            .field("namespace", &self.keyspace.root)
             .finish_non_exhaustive()
     }
 }
@@ -74,36 +94,43 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl RedisBroker {
-    /// A broker for `url`; no connection is made until the first command, so
-    /// a daemon starts (and answers 503) while Redis is down.
+    /// A broker for `url` in the default namespace; no connection is made
+    /// until the first command, so a daemon starts (and answers 503) while
+    /// Redis is down.
     pub fn new(url: &str, command_timeout: Duration) -> Result<RedisBroker, BrokerError> {
-        RedisBroker::with_tls_ca(url, command_timeout, None)
+        RedisBroker::connect(url, command_timeout, None, DEFAULT_NAMESPACE)
     }
 
-    /// A broker for the `[redis]` settings (URL, timeout, TLS CA file).
+    /// A broker for the `[redis]` settings (URL, timeout, namespace, TLS CA).
     pub fn from_settings(
         settings: &thr_core::config::RedisSettings,
     ) -> Result<RedisBroker, BrokerError> {
         let ca = match &settings.tls_ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
-                BrokerError::Failed(format!("cannot read {}: {e}", path.display()))
+                BrokerError::failed(format!("cannot read {}: {e}", path.display()))
             })?),
             None => None,
         };
-        RedisBroker::with_tls_ca(&settings.url, settings.command_timeout, ca)
+        RedisBroker::connect(
+            &settings.url,
+            settings.command_timeout,
+            ca,
+            &settings.namespace,
+        )
     }
 
     /// Like [`RedisBroker::new`]; `rediss://` connections trust the CA in
     /// `ca_pem` (PEM) instead of the system's roots.
-    pub fn with_tls_ca(
+    pub fn connect(
         url: &str,
         command_timeout: Duration,
         ca_pem: Option<Vec<u8>>,
+        namespace: &str,
     ) -> Result<RedisBroker, BrokerError> {
         let display_url = redact_url(url);
         let info = url
             .into_connection_info()
-            .map_err(|e| BrokerError::Failed(format!("invalid Redis URL {display_url}: {e}")))?
+            .map_err(|e| BrokerError::failed(format!("invalid Redis URL {display_url}: {e}")))?
             .set_tcp_settings(TcpSettings::default().set_nodelay(true));
         let client = match ca_pem {
             Some(root_cert) => Client::build_with_tls(
@@ -117,7 +144,9 @@ impl RedisBroker {
         };
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(command_timeout))
-            .set_response_timeout(Some(command_timeout))
+            // Our own timeout bounds each call; the library's would only
+            // race it.
+            .set_response_timeout(None)
             // Fail fast while Redis is down; the next command tries again.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
@@ -127,6 +156,9 @@ impl RedisBroker {
             manager,
             command_timeout,
             scripts: Scripts::get(),
+            keyspace: Arc::new(Keyspace::new(namespace)),
+            queues: Arc::default(),
+            reap_cursors: Arc::default(),
             display_url,
         })
     }
@@ -136,18 +168,100 @@ impl RedisBroker {
         &self.display_url
     }
 
+    /// The deployment's keys.
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.keyspace
+    }
+
+    /// The keys of queue `name` (built once, then shared).
+    pub fn queue_keys(&self, name: &str) -> Arc<QueueKeys> {
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = queues.get(name) {
+            return k.clone();
+        }
+        let k = Arc::new(self.keyspace.queue(name));
+        queues.insert(name.to_string(), k.clone());
+        k
+    }
+
     /// Runs `f` on the shared connection, bounded by the command timeout.
-    async fn run<T, F>(&self, f: impl FnOnce(ConnectionManager) -> F) -> Result<T, BrokerError>
+    pub(crate) async fn run<T, F>(
+        &self,
+        f: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, BrokerError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
         match tokio::time::timeout(self.command_timeout, f(self.manager.clone())).await {
             Ok(result) => result.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::Unavailable(format!(
-                "no answer from {} within {:?}",
-                self.display_url, self.command_timeout
-            ))),
+            Err(_) => Err(BrokerError::Timeout {
+                what: format!(
+                    "{} did not answer within {:?}",
+                    self.display_url, self.command_timeout
+                ),
+                source: None,
+            }),
         }
+    }
+
+    /// Runs a prepared script on the shared connection.
+    pub(crate) async fn invoke(
+        &self,
+        script: redis::ScriptInvocation<'_>,
+    ) -> Result<redis::Value, BrokerError> {
+        self.run(|mut conn| async move { script.invoke_async(&mut conn).await })
+            .await
+    }
+
+    fn lease_from(&self, queue: &str, token: &str, generation: &str, job: s::Started) -> Claimed {
+        let flow = FlowDef::decode(&job.flow_def);
+        Claimed {
+            frame: Bytes::from(job.frame),
+            remaining: Duration::from_millis(job.remaining_ms.max(0) as u64),
+            lease: Lease {
+                queue: queue.to_string(),
+                id: job.id,
+                token: token.to_string(),
+                front: job.front,
+                holds: FlowDef::holds(&flow),
+                generation: generation.to_string(),
+            },
+        }
+    }
+
+    /// Moves dead letter `id` of `queue` back on its queue in one atomic
+    /// step (`frame` is its payload; nobody waits for its reply any more:
+    /// it runs for its effect). False when there is no such dead letter.
+    pub(crate) async fn requeue_dead(
+        &self,
+        queue: &str,
+        id: &str,
+        job: &thr_core::envelope::JobMeta,
+        frame: &[u8],
+        timeout: Duration,
+    ) -> Result<bool, BrokerError> {
+        let q = self.queue_keys(queue);
+        let flow = FlowDef::decode(&job.flow_def);
+        let answer = self
+            .invoke(self.scripts.enqueue(
+                &self.keyspace,
+                &q,
+                &s::Enqueue {
+                    id,
+                    priority: job.priority,
+                    frame,
+                    timeout,
+                    flow: &flow.id(),
+                    flow_def: &job.flow_def,
+                    max_waiting: 0,
+                    aging_step_ms: 0,
+                    front: "",
+                    method: &job.method,
+                    from_dead: true,
+                },
+            ))
+            .await?;
+        Ok(!matches!(s::parse_enqueued(answer)?, s::Enqueued::Gone))
     }
 }
 
@@ -156,73 +270,76 @@ impl Broker for RedisBroker {
     type Replies = RedisReplies;
 
     async fn enqueue(&self, job: NewJob<'_>) -> Result<Admission, BrokerError> {
-        let k = QueueKeys::new(job.queue);
-        let timeout_ms = job.timeout.as_millis() as u64;
-        let answer: redis::Value = self
-            .run(|mut conn| async move {
-                self.scripts
-                    .enqueue
-                    .key(&k.pending)
-                    .key(&k.seq)
-                    .key(&k.jobs)
-                    .key(&k.deadlines)
-                    .key(&k.wake)
-                    .key(&k.flows)
-                    .key(&k.flowdefs)
-                    .key(&k.jobinfo)
-                    .key(&k.drained)
-                    .key(k.flow(job.flow))
-                    .key(keys::quota_waiting())
-                    .arg(job.id)
-                    .arg(job.priority)
-                    .arg(job.frame.as_ref())
-                    .arg(timeout_ms)
-                    .arg(job.flow)
-                    .arg(job.flow_definition)
-                    .arg(job.max_waiting.unwrap_or(0))
-                    .arg(aging_step_ms(job.max_wait_boost))
-                    .arg(job.front)
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let q = self.queue_keys(job.queue);
+        let flow_def = FlowDef::encode(job.flow);
+        let answer = self
+            .invoke(self.scripts.enqueue(
+                &self.keyspace,
+                &q,
+                &s::Enqueue {
+                    id: job.id,
+                    priority: job.priority,
+                    frame: &job.frame,
+                    timeout: job.timeout,
+                    flow: &job.flow.id(),
+                    flow_def: &flow_def,
+                    max_waiting: job.max_waiting.unwrap_or(0),
+                    aging_step_ms: aging_step_ms(job.max_wait_boost),
+                    front: job.front,
+                    method: job.method,
+                    from_dead: false,
+                },
+            ))
             .await?;
-        let items: Vec<redis::Value> = redis::from_redis_value(answer)?;
-        let field = |i: usize| items.get(i).cloned().unwrap_or(redis::Value::Nil);
-        let queued: i64 = redis::from_redis_value(field(0))?;
-        if queued == 1 {
-            return Ok(Admission::Queued);
-        }
-        let what: Option<String> = redis::from_redis_value(field(1))?;
-        let waiting: Option<u64> = redis::from_redis_value(field(2))?;
-        let rate: Option<String> = redis::from_redis_value(field(3))?;
-        Ok(Admission::Refused {
-            what: what.unwrap_or_default(),
-            waiting: waiting.unwrap_or(0),
-            drain_rate: rate.and_then(|r| r.parse().ok()).unwrap_or(0.0),
+        Ok(match s::parse_enqueued(answer)? {
+            s::Enqueued::Queued => Admission::Queued,
+            s::Enqueued::Settled | s::Enqueued::Gone => Admission::Settled,
+            s::Enqueued::Refused {
+                what,
+                waiting,
+                drain_rate,
+            } => Admission::Refused {
+                what,
+                waiting,
+                drain_rate,
+            },
         })
     }
 
-    async fn cancel(&self, queue: &str, id: &str, flow: &str) -> Result<bool, BrokerError> {
-        let k = QueueKeys::new(queue);
-        self.run(|mut conn| async move {
-            let removed: i64 = self
-                .scripts
-                .cancel
-                .key(&k.pending)
-                .key(&k.jobs)
-                .key(&k.deadlines)
-                .key(&k.flows)
-                .key(&k.flowdefs)
-                .key(&k.jobinfo)
-                .key(keys::quota_waiting())
-                .key(k.flow(flow))
-                .arg(id)
-                .arg(flow)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(removed == 1)
-        })
-        .await
+    async fn withdraw(
+        &self,
+        queue: &str,
+        id: &str,
+        remember: Duration,
+    ) -> Result<Withdrawal, BrokerError> {
+        let q = self.queue_keys(queue);
+        let answer = self
+            .invoke(self.scripts.withdraw(&self.keyspace, &q, id, remember))
+            .await?;
+        match s::string(&answer).as_deref() {
+            Some("withdrawn") => Ok(Withdrawal::Withdrawn),
+            Some("started") => Ok(Withdrawal::Started),
+            Some("settled") => Ok(Withdrawal::Settled),
+            _ => Err(BrokerError::Protocol(format!("withdraw: {answer:?}"))),
+        }
+    }
+
+    async fn job_states(&self, queue: &str, ids: &[&str]) -> Result<Vec<JobState>, BrokerError> {
+        let q = self.queue_keys(queue);
+        let mut out = Vec::with_capacity(ids.len());
+        // Slices keep each call short however many clients wait.
+        for slice in ids.chunks(500) {
+            let answer = self.invoke(self.scripts.job_states(&q, slice)).await?;
+            for v in s::parse_list(answer, "job_states")? {
+                out.push(match s::string(&v).as_deref() {
+                    Some("w") => JobState::Waiting,
+                    Some("r") => JobState::Running,
+                    Some("s") => JobState::Settled,
+                    _ => JobState::Unknown,
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn claim(
@@ -230,246 +347,219 @@ impl Broker for RedisBroker {
         queue: &str,
         options: ClaimOptions<'_>,
     ) -> Result<ClaimOutcome, BrokerError> {
-        let k = QueueKeys::new(queue);
-        let answer: redis::Value = self
-            .run(|mut conn| async move {
-                self.scripts
-                    .claim
-                    .key(&k.pending)
-                    .key(&k.jobs)
-                    .key(&k.deadlines)
-                    .key(&k.leases)
-                    .key(&k.wake)
-                    .key(&k.flows)
-                    .key(&k.flowdefs)
-                    .key(&k.jobinfo)
-                    .key(&k.drained)
-                    .key(keys::quota_waiting())
-                    .key(&k.seq)
-                    .key(&k.owners)
-                    .key(keys::FRONTS)
-                    .key(&k.paused)
-                    .arg(options.lease.as_millis() as u64)
-                    .arg(&k.flow_prefix)
-                    .arg(keys::QUOTA_PREFIX)
-                    .arg(options.max_inflight_total.unwrap_or(0))
-                    .arg(aging_step_ms(options.max_wait_boost))
-                    .arg(CLAIM_SCAN)
-                    .arg(options.worker)
-                    .arg(HEARTBEAT_TIMEOUT.as_millis() as u64)
-                    .arg(options.max_jobs.max(1))
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let q = self.queue_keys(queue);
+        let answer = self
+            .invoke(self.scripts.claim(
+                &self.keyspace,
+                &q,
+                &s::Claim {
+                    token: options.token,
+                    worker: options.worker,
+                    lease: options.lease,
+                    max_jobs: options.max_jobs,
+                    max_inflight_total: options.max_inflight_total.unwrap_or(0),
+                    aging_step_ms: aging_step_ms(options.max_wait_boost),
+                    scan_budget: CLAIM_SCAN,
+                    front_timeout: FRONT_TIMEOUT,
+                },
+            ))
             .await?;
-        let items: Vec<redis::Value> =
-            redis::from_redis_value(answer).map_err(BrokerError::from)?;
-        let id: String =
-            redis::from_redis_value(items.first().cloned().unwrap_or(redis::Value::Nil))
-                .map_err(BrokerError::from)?;
-        if id.is_empty() {
-            let hint: i64 = items
-                .get(2)
-                .cloned()
-                .and_then(|v| redis::from_redis_value(v).ok())
-                .unwrap_or(-1);
+        let answer = s::parse_claim(answer)?;
+        if answer.jobs.is_empty() {
             return Ok(ClaimOutcome::Idle {
-                retry_in: u64::try_from(hint).ok().map(Duration::from_millis),
+                retry_in: u64::try_from(answer.retry_in_ms)
+                    .ok()
+                    .map(Duration::from_millis),
             });
         }
-        // Four items per job started: id, frame, ms left, flow.
-        let mut jobs = Vec::with_capacity(items.len() / 4);
-        for job in items.chunks(4) {
-            let field = |i: usize| job.get(i).cloned().unwrap_or(redis::Value::Nil);
-            let id: String = redis::from_redis_value(field(0)).map_err(BrokerError::from)?;
-            let frame: Vec<u8> = redis::from_redis_value(field(1)).map_err(BrokerError::from)?;
-            let remaining: i64 = redis::from_redis_value(field(2)).map_err(BrokerError::from)?;
-            let flow: String = redis::from_redis_value(field(3)).map_err(BrokerError::from)?;
-            jobs.push(Claimed {
-                id,
-                frame: Bytes::from(frame),
-                remaining: Duration::from_millis(remaining.max(0) as u64),
-                flow,
-            });
-        }
-        Ok(ClaimOutcome::Jobs(jobs))
+        let generation = answer.generation;
+        Ok(ClaimOutcome::Jobs(
+            answer
+                .jobs
+                .into_iter()
+                .map(|job| self.lease_from(queue, options.token, &generation, job))
+                .collect(),
+        ))
     }
 
-    async fn renew(
-        &self,
-        queue: &str,
-        id: &str,
-        lease: Duration,
-        semaphores: &[String],
-    ) -> Result<bool, BrokerError> {
-        let k = QueueKeys::new(queue);
+    async fn renew(&self, lease: &Lease, duration: Duration) -> Result<bool, BrokerError> {
+        let q = self.queue_keys(&lease.queue);
+        let answer = self
+            .invoke(self.scripts.renew(
+                &q,
+                &self.keyspace,
+                &lease.id,
+                &lease.token,
+                duration,
+                &lease.holds,
+            ))
+            .await?;
+        Ok(s::int(&answer) == Some(1))
+    }
+
+    async fn started(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let list = self.keyspace.replies(&lease.front);
+        let frame = StartedNotice {
+            id: lease.id.clone(),
+        }
+        .encode();
         self.run(|mut conn| async move {
-            let mut invocation = self.scripts.renew.key(&k.leases);
-            for token in semaphores {
-                invocation.key(keys::semaphore(token));
-            }
-            let renewed: i64 = invocation
-                .arg(id)
-                .arg(lease.as_millis() as u64)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(renewed == 1)
+            redis::pipe()
+                .lpush(&list, frame.as_ref())
+                .ignore()
+                .expire(&list, REPLY_TTL.as_secs() as i64)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
         })
         .await
     }
 
     async fn reply(
         &self,
-        queue: &str,
-        front: &str,
-        id: &str,
+        lease: &Lease,
         frame: Bytes,
         backend_ms: u64,
-        semaphores: &[String],
-    ) -> Result<(), BrokerError> {
-        let k = QueueKeys::new(queue);
-        let replies = keys::replies(front);
-        self.run(|mut conn| async move {
-            let mut invocation = self.scripts.release.key(&k.leases);
-            invocation
-                .key(&k.owners)
-                .key(&k.jobs)
-                .key(&k.deadlines)
-                .key(&k.jobinfo)
-                .key(&k.wake)
-                .key(&replies)
-                .key(&k.attempts)
-                .key(&k.latency);
-            for token in semaphores {
-                invocation.key(keys::semaphore(token));
-            }
-            let _: i64 = invocation
-                .arg(id)
-                .arg(frame.as_ref())
-                .arg(REPLY_TTL.as_secs())
-                .arg(backend_ms)
-                .arg(keys::LATENCY_SAMPLES)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(())
-        })
-        .await
+    ) -> Result<Delivery, BrokerError> {
+        let q = self.queue_keys(&lease.queue);
+        let answer = self
+            .invoke(self.scripts.release(
+                &self.keyspace,
+                &q,
+                &s::Release {
+                    id: &lease.id,
+                    token: &lease.token,
+                    front: &lease.front,
+                    frame: &frame,
+                    reply_ttl: REPLY_TTL,
+                    backend_ms,
+                    samples: LATENCY_SAMPLES,
+                    generation: &lease.generation,
+                    holds: &lease.holds,
+                },
+            ))
+            .await?;
+        match s::string(&answer).as_deref() {
+            Some("delivered" | "again") => Ok(Delivery::Delivered),
+            Some("lost") => Ok(Delivery::LeaseLost),
+            _ => Err(BrokerError::Protocol(format!("release: {answer:?}"))),
+        }
     }
 
     async fn dead_letter(
         &self,
-        queue: &str,
-        id: &str,
-        frame: Bytes,
+        lease: &Lease,
         reason: &str,
+        answer: Bytes,
     ) -> Result<(), BrokerError> {
-        let k = QueueKeys::new(queue);
-        self.run(|mut conn| async move {
-            redis::pipe()
-                .atomic()
-                .hset(&k.dead, id, frame.as_ref())
-                .ignore()
-                .hdel(&k.jobinfo, id)
-                .ignore()
-                .hset(&k.dead_reasons, id, reason)
-                .ignore()
-                .zrem(&k.leases, id)
-                .ignore()
-                .hdel(&k.jobs, id)
-                .ignore()
-                .zrem(&k.deadlines, id)
-                .ignore()
-                .exec_async(&mut conn)
-                .await
-        })
-        .await
+        let q = self.queue_keys(&lease.queue);
+        self.invoke(self.scripts.dead_letter(
+            &self.keyspace,
+            &q,
+            &s::DeadLetter {
+                id: &lease.id,
+                token: &lease.token,
+                front: &lease.front,
+                reason,
+                answer: &answer,
+                reply_ttl: REPLY_TTL,
+                holds: &lease.holds,
+            },
+        ))
+        .await?;
+        Ok(())
     }
 
     async fn reap(&self, queue: &str, policy: &RetryPolicy) -> Result<Reaped, BrokerError> {
-        let k = QueueKeys::new(queue);
-        let methods = policy.methods.join(" ");
-        let (requeued, answered, dead_lettered): (u64, u64, u64) = self
-            .run(|mut conn| async move {
-                self.scripts
-                    .reap
-                    .key(&k.leases)
-                    .key(&k.jobs)
-                    .key(&k.deadlines)
-                    .key(&k.jobinfo)
-                    .key(&k.owners)
-                    .key(&k.pending)
-                    .key(&k.flows)
-                    .key(&k.flowdefs)
-                    .key(keys::quota_waiting())
-                    .key(&k.attempts)
-                    .key(&k.dead)
-                    .key(&k.dead_reasons)
-                    .key(&k.wake)
-                    .key(keys::WORKERS)
-                    .arg(HEARTBEAT_TIMEOUT.as_millis() as u64)
-                    .arg(&k.flow_prefix)
-                    .arg(keys::QUOTA_PREFIX)
-                    .arg(policy.max_attempts)
-                    .arg(methods)
-                    .arg(REPLY_TTL.as_secs())
-                    .invoke_async(&mut conn)
-                    .await
-            })
+        let q = self.queue_keys(queue);
+        let mut total = Reaped::default();
+        let cursor = self
+            .reap_cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(queue)
+            .cloned()
+            .unwrap_or_else(|| "0".to_string());
+        let answer = self
+            .invoke(self.scripts.reap_scan(
+                &self.keyspace,
+                &q,
+                HEARTBEAT_TIMEOUT,
+                REAP_SLICE,
+                &cursor,
+            ))
             .await?;
-        Ok(Reaped {
-            requeued,
-            answered,
-            dead_lettered,
-        })
+        let (next, lost) = s::parse_reap_scan(answer)?;
+        self.reap_cursors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(queue.to_string(), next);
+        if lost.is_empty() {
+            return Ok(total);
+        }
+        let frames: Vec<(&'static str, Bytes)> =
+            lost.iter().map(|job| reap_decision(job, policy)).collect();
+        let actions: Vec<s::ReapAction<'_>> = lost
+            .iter()
+            .zip(&frames)
+            .map(|(job, (action, frame))| s::ReapAction {
+                id: &job.id,
+                token: &job.token,
+                action,
+                front: &job.front,
+                frame,
+            })
+            .collect();
+        let answer = self
+            .invoke(self.scripts.reap(
+                &self.keyspace,
+                &q,
+                HEARTBEAT_TIMEOUT,
+                REPLY_TTL,
+                &actions,
+            ))
+            .await?;
+        let counts = s::parse_list(answer, "reap")?;
+        let n = |i: usize| counts.get(i).and_then(s::int).unwrap_or(0).max(0) as u64;
+        total.requeued += n(0);
+        total.answered += n(1);
+        total.dead_lettered += n(2);
+        Ok(total)
     }
 
-    async fn hand_back(&self, queue: &str, id: &str) -> Result<(), BrokerError> {
-        let k = QueueKeys::new(queue);
-        self.run(|mut conn| async move {
-            redis::pipe()
-                .cmd("ZADD")
-                .arg(&k.leases)
-                .arg("XX")
-                .arg(0)
-                .arg(id)
-                .ignore()
-                .rpush(&k.wake, 1)
-                .ignore()
-                .exec_async(&mut conn)
-                .await
-        })
-        .await
+    async fn hand_back(&self, lease: &Lease) -> Result<(), BrokerError> {
+        let q = self.queue_keys(&lease.queue);
+        self.invoke(self.scripts.hand_back(&q, &lease.id, &lease.token))
+            .await?;
+        Ok(())
     }
 
-    async fn heartbeat(&self, kind: Daemon, id: &str, info: &str) -> Result<(), BrokerError> {
-        let (set, info_key) = match kind {
-            Daemon::Front => (keys::FRONTS, keys::front_info(id)),
-            Daemon::Worker => (keys::WORKERS, keys::worker_info(id)),
-        };
-        self.run(|mut conn| async move {
-            let _: i64 = self
-                .scripts
-                .heartbeat
-                .key(set)
-                .key(&info_key)
-                .arg(id)
-                .arg(info)
-                .arg(HEARTBEAT_TIMEOUT.as_secs() * 2)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(())
+    async fn heartbeat(&self, kind: Daemon, id: &str, info: &str) -> Result<Beat, BrokerError> {
+        let answer = self
+            .invoke(self.scripts.heartbeat(
+                &self.keyspace,
+                kind,
+                id,
+                info,
+                HEARTBEAT_TIMEOUT * 2,
+                LIVENESS_GAP,
+            ))
+            .await?;
+        let items = s::parse_list(answer, "heartbeat")?;
+        let generation = items.first().and_then(s::string).unwrap_or_default();
+        let since = items.get(1).and_then(s::int).unwrap_or(-1);
+        Ok(Beat {
+            generation,
+            since_last: u64::try_from(since).ok().map(Duration::from_millis),
         })
-        .await
     }
 
     async fn retire(&self, kind: Daemon, id: &str) -> Result<(), BrokerError> {
-        let (set, info_key) = match kind {
-            Daemon::Front => (keys::FRONTS, keys::front_info(id)),
-            Daemon::Worker => (keys::WORKERS, keys::worker_info(id)),
-        };
+        let set = self.keyspace.beats(kind).to_string();
+        let info_key = self.keyspace.daemon_info(kind, id);
         self.run(|mut conn| async move {
             redis::pipe()
-                .zrem(set, id)
+                .zrem(&set, id)
                 .ignore()
                 .del(&info_key)
                 .ignore()
@@ -479,10 +569,28 @@ impl Broker for RedisBroker {
         .await
     }
 
+    async fn gauges(&self, queue: &str) -> Result<Gauges, BrokerError> {
+        let q = self.queue_keys(queue);
+        let waiting_key = self.keyspace.quota_waiting.clone();
+        let (waiting, quota_waiting): (u64, std::collections::BTreeMap<String, u64>) = self
+            .run(|mut conn| async move {
+                redis::pipe()
+                    .zcard(&q.pending)
+                    .hgetall(&waiting_key)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(Gauges {
+            waiting,
+            quota_waiting,
+        })
+    }
+
     fn doorbell(&self, queue: &str) -> RedisDoorbell {
         RedisDoorbell::new(
             self.client.clone(),
-            QueueKeys::new(queue).wake,
+            self.queue_keys(queue).wake.clone(),
             self.command_timeout,
         )
     }
@@ -490,7 +598,7 @@ impl Broker for RedisBroker {
     fn replies(&self, front: &str) -> RedisReplies {
         RedisReplies::new(
             self.client.clone(),
-            keys::replies(front),
+            self.keyspace.replies(front),
             self.command_timeout,
         )
     }
@@ -504,9 +612,32 @@ impl Broker for RedisBroker {
     }
 }
 
+/// What a reaper does with a job whose worker was lost: put it back when
+/// it is safe to run again and has attempts left; otherwise answer its
+/// client 502 (setting a safe one aside in the dead letters, since every
+/// attempt lost its worker). Returns the action and the answer's frame.
+fn reap_decision(job: &s::LostJob, policy: &RetryPolicy) -> (&'static str, Bytes) {
+    let safe = policy.methods.iter().any(|m| *m == job.method);
+    let attempts = job.attempts.max(0) as u32 + 1;
+    if safe && attempts < policy.max_attempts {
+        return ("requeue", Bytes::new());
+    }
+    if safe {
+        let text = format!(
+            "thr: gave up after {attempts} attempts; the worker running it was lost each time\n"
+        );
+        return ("bury", Reply::plain(&job.id, 502, &text, "reaper", &[]));
+    }
+    let text = format!(
+        "thr: the worker running this {} request was lost; it may or may not have been applied\n",
+        job.method
+    );
+    ("answer", Reply::plain(&job.id, 502, &text, "reaper", &[]))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
 
     #[test]
     fn passwords_never_reach_logs() {
@@ -516,5 +647,24 @@ mod tests {
         );
         assert_eq!(redact_url("rediss://u:p@h"), "rediss://***@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn reaper_requeues_safe_jobs_until_their_attempts_run_out() {
+        let policy = RetryPolicy {
+            methods: vec!["GET".into()],
+            max_attempts: 3,
+        };
+        let job = |method: &str, attempts| s::LostJob {
+            id: "j".into(),
+            token: "t".into(),
+            method: method.into(),
+            attempts,
+            front: "f".into(),
+        };
+        assert_eq!(reap_decision(&job("GET", 0), &policy).0, "requeue");
+        assert_eq!(reap_decision(&job("GET", 1), &policy).0, "requeue");
+        assert_eq!(reap_decision(&job("GET", 2), &policy).0, "bury");
+        assert_eq!(reap_decision(&job("POST", 0), &policy).0, "answer");
     }
 }

@@ -175,6 +175,12 @@ fn redis_url(s: &str) -> Result<String, String> {
     }
 }
 
+fn namespace(s: &String) -> Result<String, String> {
+    queue_name(s).map_err(|_| {
+        format!("`{s}` is not a valid namespace: use 1 to 64 letters, digits, `_`, `-` or `.`")
+    })
+}
+
 fn queue_name(s: &String) -> Result<String, String> {
     let ok = !s.is_empty()
         && s.len() <= 64
@@ -214,6 +220,12 @@ pub fn compile(
             &raw.redis.command_timeout,
             Duration::from_millis(750),
             |s| positive_duration(s),
+        ),
+        namespace: c.value(
+            &key(&["redis", "namespace"]),
+            &raw.redis.namespace,
+            "default".to_string(),
+            namespace,
         ),
         tls_ca_file: c.value(
             &key(&["redis", "tls_ca_file"]),

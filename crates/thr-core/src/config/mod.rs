@@ -71,6 +71,10 @@ pub struct RedisSettings {
     /// when Redis does not answer within it, so it bounds how long a client
     /// waits to learn that Redis is down.
     pub command_timeout: Duration,
+    /// Every key of this deployment lives under `thr:{NAMESPACE}:`, one
+    /// Redis Cluster hash tag: deployments sharing a Redis (or a Cluster)
+    /// are independent. Default `default`.
+    pub namespace: String,
     /// For `rediss://`: a PEM file of the CA that signed Redis's
     /// certificate, instead of the system's roots.
     pub tls_ca_file: Option<PathBuf>,

@@ -119,6 +119,7 @@ pub struct RawAuth {
 pub struct RawRedis {
     pub url: Option<Str>,
     pub command_timeout: Option<Str>,
+    pub namespace: Option<Str>,
     pub tls_ca_file: Option<Str>,
 }
 

@@ -1,0 +1,162 @@
+//! The claim loop of one queue: keeps up to `max_inflight` jobs running. It
+//! claims while it has room; when nothing can run it waits on the queue's
+//! doorbell (or until a rate quota allows, or a one-second fallback poll);
+//! when Redis fails it backs off with jitter and tries again, forever.
+//!
+//! A claim whose answer was lost (a timeout) may still have leased jobs in
+//! Redis. So the loop asks again with the same claim token and the same
+//! free slots until it gets an answer: Redis then returns what the first
+//! call leased, and no lease is stranded on a worker that never saw its job.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thr_broker::backoff::backoff;
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Doorbell};
+use tokio::sync::{OwnedSemaphorePermit, watch};
+
+use crate::queue::QueueRunner;
+
+/// Longest wait on the doorbell before looking at the queue anyway.
+const POLL: Duration = Duration::from_secs(1);
+/// Most jobs one claim call starts. Bounds the time one script holds Redis
+/// (each start is a walk over flows).
+const CLAIM_BATCH: usize = 16;
+
+/// Claims jobs of `runner`'s queue into its free slots until `stop`.
+pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiver<bool>) {
+    let name = runner.name.clone();
+    let mut doorbell = runner.broker.doorbell(&name);
+    let mut failures = 0u32;
+    {
+        let q = runner.queue.load();
+        tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
+    }
+    // A claim to ask again (its answer was lost), with the slots it was for.
+    let mut retry: Option<(String, Vec<OwnedSemaphorePermit>)> = None;
+    loop {
+        let (token, mut permits) = match retry.take() {
+            Some(again) => again,
+            None => {
+                let permit = tokio::select! {
+                    permit = runner.room.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                    _ = stop.changed() => break,
+                };
+                // Every free slot at once: one claim fills them all when a
+                // backlog waits, instead of one round trip per job.
+                let mut permits = vec![permit];
+                while permits.len() < CLAIM_BATCH {
+                    match runner.room.clone().try_acquire_owned() {
+                        Ok(p) => permits.push(p),
+                        Err(_) => break,
+                    }
+                }
+                (uuid::Uuid::new_v4().simple().to_string(), permits)
+            }
+        };
+        if *stop.borrow() {
+            break;
+        }
+        let options = {
+            let q = runner.queue.load();
+            ClaimOptions {
+                token: &token,
+                lease: q.lease,
+                max_inflight_total: q.max_inflight_total,
+                max_wait_boost: runner.scheduling.load().max_wait_boost,
+                worker: &runner.worker_id,
+                max_jobs: permits.len(),
+            }
+        };
+        match runner.broker.claim(&name, options).await {
+            Ok(ClaimOutcome::Jobs(claimed)) => {
+                failures = 0;
+                for claimed in claimed {
+                    let Some(permit) = permits.pop() else {
+                        // A broker never starts more than asked; if one
+                        // did, another worker gets the job at once.
+                        tracing::error!(queue = %name, job = %claimed.id(), "claimed more jobs than free slots; handing one back");
+                        let _ = runner.broker.hand_back(&claimed.lease).await;
+                        continue;
+                    };
+                    let lease = claimed.lease.clone();
+                    runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
+                }
+            }
+            Ok(ClaimOutcome::Idle { retry_in }) => {
+                failures = 0;
+                drop(permits);
+                // A rate quota frees up on its own schedule, without a doorbell.
+                let wait = retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL));
+                let rang = tokio::select! {
+                    rang = doorbell.wait(wait) => rang,
+                    _ = stop.changed() => break,
+                };
+                if let Err(err) = rang {
+                    failures += 1;
+                    tracing::warn!(queue = %name, %err, "waiting for work failed");
+                    if sleep_or_stop(backoff(failures), &mut stop).await {
+                        break;
+                    }
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
+                if err.outcome_unknown() {
+                    tracing::warn!(queue = %name, %err, "claim unanswered; asking again with the same token");
+                    retry = Some((token, permits));
+                } else {
+                    tracing::warn!(queue = %name, %err, "claim failed");
+                    drop(permits);
+                }
+                if sleep_or_stop(backoff(failures), &mut stop).await {
+                    if let Some((token, permits)) = retry.take() {
+                        // Stopping: one last try, so that leased jobs run here.
+                        settle_last_claim(&runner, &token, permits).await;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A stopping loop whose last claim went unanswered asks once more and
+/// runs what it was given (the drain then waits for it as for any job).
+async fn settle_last_claim<B: Broker>(
+    runner: &Arc<QueueRunner<B>>,
+    token: &str,
+    mut permits: Vec<OwnedSemaphorePermit>,
+) {
+    let q = runner.queue.load();
+    let options = ClaimOptions {
+        token,
+        lease: q.lease,
+        max_inflight_total: q.max_inflight_total,
+        max_wait_boost: runner.scheduling.load().max_wait_boost,
+        worker: &runner.worker_id,
+        max_jobs: permits.len(),
+    };
+    if let Ok(ClaimOutcome::Jobs(claimed)) = runner.broker.claim(&runner.name, options).await {
+        for claimed in claimed {
+            match permits.pop() {
+                Some(permit) => {
+                    let lease = claimed.lease.clone();
+                    runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
+                }
+                None => {
+                    let _ = runner.broker.hand_back(&claimed.lease).await;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps for `d`; true when asked to stop meanwhile.
+pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = stop.changed() => true,
+    }
+}

@@ -1,0 +1,12 @@
+-- lib/clock.lua: Redis's clock, never a client's, and exact numbers.
+
+-- Milliseconds and whole seconds on Redis's clock.
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1])
+end
+
+-- Lua would print large numbers with 14 significant digits; scores must be exact.
+local function int(x)
+  return string.format('%.0f', x)
+end

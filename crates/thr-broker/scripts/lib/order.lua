@@ -1,0 +1,40 @@
+-- lib/order.lua: the order of waiting jobs (thr_core::priority) and the
+-- members of flow_jobs (protocol::records::flow_member).
+
+local SPACE = 70368744177664 -- 2^46, thr_core::priority::SEQUENCE_SPACE
+
+-- Order of a job (or of a flow's turn): strict priority then FIFO, or, with
+-- aging (step > 0), arrival time plus (priority - 1) steps.
+local function order_score(prio, seq, now, step)
+  if step > 0 then
+    return (now + (prio - 1) * step) * 1024 + (seq % 1024)
+  end
+  return prio * SPACE + (seq % SPACE)
+end
+
+-- `flow<TAB>score<TAB>id`, the score zero-padded so members sort by score.
+local function flow_member(flow, score, id)
+  return flow .. '\t' .. string.format('%016.0f', score) .. '\t' .. id
+end
+
+-- The first waiting member of `flow` in flow_jobs, or nil.
+-- (Flow ids hold no control character: every member of the flow lies
+-- between `flow<TAB>` and `flow<LF>`.)
+local function flow_head(key, flow)
+  local m = redis.call('ZRANGE', key, '[' .. flow .. '\t', '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, 1)
+  return m[1]
+end
+
+-- Score and job id of a flow_jobs member.
+local function member_parts(member)
+  local score, id = string.match(member, '\t(%d+)\t(.*)$')
+  return tonumber(score), id
+end
+
+-- Rings the doorbell: one token per job wakes one idle worker; a handful
+-- is enough to wake them all.
+local function ring(wake)
+  if redis.call('RPUSH', wake, 1) > 64 then
+    redis.call('LTRIM', wake, 0, 63)
+  end
+end

@@ -1,0 +1,72 @@
+-- lib/quota.lua: global quotas (ARCHITECTURE.md decision 4), on fixed keys passed
+-- in KEYS: counts per token in hashes, never a key per token.
+
+-- Concurrency: `held` counts a token's running jobs; `holders` scores each
+-- `token<TAB>id` by its lease deadline. Expired holders (a crashed worker's)
+-- are swept first, a bounded number per call: nothing stays locked.
+local function sem_sweep(held, holders, now)
+  local gone = redis.call('ZRANGE', holders, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
+  for _, m in ipairs(gone) do
+    local tok = string.match(m, '^(.*)\t[^\t]*$')
+    redis.call('ZREM', holders, m)
+    if tok and redis.call('HINCRBY', held, tok, -1) <= 0 then
+      redis.call('HDEL', held, tok)
+    end
+  end
+end
+
+local function sem_room(held, token, max)
+  return (tonumber(redis.call('HGET', held, token)) or 0) < max
+end
+
+local function sem_take(held, holders, token, id, until_ms)
+  if redis.call('ZADD', holders, until_ms, token .. '\t' .. id) == 1 then
+    redis.call('HINCRBY', held, token, 1)
+  end
+end
+
+local function sem_drop(held, holders, token, id)
+  if redis.call('ZREM', holders, token .. '\t' .. id) == 1 and
+      redis.call('HINCRBY', held, token, -1) <= 0 then
+    redis.call('HDEL', held, token)
+  end
+end
+
+-- Rate: GCRA. Returns true and the new theoretical arrival time, or false
+-- and the milliseconds to wait.
+local function gcra(state, token, now, interval, burst)
+  local tat = tonumber(redis.call('HGET', state, token)) or now
+  if tat < now then
+    tat = now
+  end
+  local new_tat = tat + interval
+  local allowance = interval * burst
+  if new_tat - now <= allowance then
+    return true, new_tat
+  end
+  return false, new_tat - now - allowance
+end
+
+-- Stores a token's new arrival time; it is forgotten once the bucket would
+-- be full again anyway (swept by gcra_sweep).
+local function gcra_commit(state, expiry, token, now, new_tat, interval, burst)
+  redis.call('HSET', state, token, string.format('%.3f', new_tat))
+  redis.call('ZADD', expiry, int(new_tat + interval * burst + 1000), token)
+end
+
+local function gcra_sweep(state, expiry, now)
+  local gone = redis.call('ZRANGE', expiry, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
+  for _, tok in ipairs(gone) do
+    redis.call('ZREM', expiry, tok)
+    redis.call('HDEL', state, tok)
+  end
+end
+
+-- Waiting-job counters per quota token (for max_waiting and thrctl).
+local function waiting_add(hash, quotas, delta)
+  for _, q in ipairs(quotas) do
+    if redis.call('HINCRBY', hash, q.token, delta) <= 0 then
+      redis.call('HDEL', hash, q.token)
+    end
+  end
+end

@@ -1,0 +1,1343 @@
+//! The Broker conformance suite: the contract of [`Broker`] written as
+//! scenarios (DESIGN.md decision 15).
+//!
+//! The trait's doc comments say what a broker promises; this module is the
+//! same promises as code, and it is the contract: where the two disagree,
+//! one of them is wrong and is fixed. Each scenario drives one part of it
+//! (priority order, fairness between flows, quotas, admission limits,
+//! withdrawal, deadlines, idempotent calls, leases and the reaper, dead
+//! fronts and workers, heartbeats, gauges, the doorbell, the reply stream)
+//! through nothing but the [`Broker`] trait, and panics when the broker
+//! breaks it. It names no Redis type: every implementation — the Redis
+//! broker, an in-memory one for single-box setups — passes the same suite.
+//!
+//! # Running an implementation through it
+//!
+//! Every scenario expects a **fresh, empty broker** of its own (scenarios
+//! reuse queue, front and job names). Either iterate [`all`]:
+//!
+//! ```ignore
+//! for scenario in thr_broker::conformance::all::<MyBroker>() {
+//!     println!("scenario {}", scenario.name);
+//!     (scenario.run)(MyBroker::new_empty()).await;
+//! }
+//! ```
+//!
+//! or give each scenario its own test (what `tests/e2e/conformance.rs` does
+//! for [`RedisBroker`](crate::RedisBroker), one `redis-server` each), calling
+//! the scenario's function by name, and check with [`NAMES`] that no
+//! scenario was left out. Time passes in `tokio::time::sleep` (leases and
+//! deadlines must run out, heartbeats go silent): a broker on tokio's clock
+//! may run the suite under paused time; one on a real clock (Redis's) waits
+//! for real — most scenarios take well under a second, the silent worker's
+//! about seven. Margins are generous (a lease of 200 ms is checked 700 ms
+//! later), so no scenario depends on tight timing.
+//!
+//! Not covered: pausing a queue (an admin action, not the trait's; the
+//! Redis tests check it), aging (`max_wait_boost`), and anything about a
+//! broker's storage. Implementation-specific checks live with the
+//! implementation's tests.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use thr_core::envelope::{FrontMessage, Reply};
+use thr_core::quota::{Flow, QuotaKey};
+use tokio::time::{Instant, sleep};
+
+use crate::{
+    Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell, Gauges,
+    JobState, Lease, NewJob, Reaped, ReplyStream, RetryPolicy, Withdrawal,
+};
+
+/// A running scenario.
+pub type ScenarioFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// One scenario of the contract, runnable against a fresh broker.
+pub struct Scenario<B> {
+    /// The scenario's name (its function's name in this module).
+    pub name: &'static str,
+    /// Runs it on the broker it is given (fresh and empty); panics when
+    /// the broker breaks the contract.
+    pub run: fn(B) -> ScenarioFuture,
+}
+
+impl<B> std::fmt::Debug for Scenario<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scenario")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        /// The name of every scenario, in the order of [`all`].
+        pub const NAMES: &[&str] = &[$(stringify!($name)),*];
+
+        /// Every scenario.
+        pub fn all<B: Broker>() -> Vec<Scenario<B>> {
+            vec![$(Scenario {
+                name: stringify!($name),
+                run: |broker: B| -> ScenarioFuture {
+                    Box::pin(async move { $name(&broker).await })
+                },
+            }),*]
+        }
+    };
+}
+
+scenarios![
+    priority_order,
+    fifo_within_a_priority,
+    claim_batches_keep_dispatch_order,
+    flows_of_a_priority_take_turns,
+    concurrency_quota_blocks_only_its_flow,
+    quota_keys_are_shared_across_flows_and_queues,
+    rate_quota_allows_a_burst_then_says_when,
+    queue_max_waiting_refuses,
+    quota_max_waiting_refuses,
+    max_inflight_total_caps_running_jobs,
+    withdraw_waiting_job,
+    withdraw_running_job,
+    withdraw_unknown_id_leaves_a_tombstone,
+    enqueue_is_idempotent_by_id,
+    expired_jobs_are_never_claimed,
+    repeated_claim_token_returns_the_same_jobs,
+    renew_keeps_lease_and_quota_slots,
+    reply_is_delivered_once,
+    reply_after_reap_is_lost,
+    hand_back_then_reap,
+    lease_handed_back_is_no_longer_the_jobs,
+    expired_lease_is_requeued_in_place,
+    expired_lease_never_overruns_its_quota,
+    reap_frees_quota_slots,
+    max_attempts_dead_letters,
+    dead_letter_answers_and_settles,
+    silent_worker_is_reaped,
+    dead_front_jobs_are_dropped,
+    started_notice_precedes_reply,
+    job_states_report_each_state,
+    heartbeat_generation_is_stable,
+    gauges_count_waiting_jobs_and_quota_waits,
+    queues_are_independent,
+    doorbell_rings_on_enqueue,
+];
+
+// ---- fixtures ---------------------------------------------------------------
+
+/// The queue every scenario uses.
+pub const QUEUE: &str = "conformance";
+/// The front that waits for the scenarios' jobs.
+pub const FRONT: &str = "front-1";
+/// The worker that claims them.
+pub const WORKER: &str = "worker-1";
+
+/// A client's wait, and a worker's lease, long enough for any scenario.
+const LONG: Duration = Duration::from_secs(30);
+/// A lease meant to run out during a scenario.
+const SHORT_LEASE: Duration = Duration::from_millis(200);
+/// Comfortably past [`SHORT_LEASE`].
+const PAST_SHORT_LEASE: Duration = Duration::from_millis(700);
+
+/// The payload of job `id` (opaque to a broker).
+fn frame(id: &str) -> Bytes {
+    Bytes::from(format!("conformance job {id}"))
+}
+
+/// A GET job of [`QUEUE`] for [`FRONT`], waited for [`LONG`].
+fn job<'a>(id: &'a str, priority: u8, flow: &'a Flow) -> NewJob<'a> {
+    NewJob {
+        queue: QUEUE,
+        id,
+        priority,
+        frame: frame(id),
+        timeout: LONG,
+        flow,
+        max_waiting: None,
+        max_wait_boost: None,
+        front: FRONT,
+        method: "GET",
+    }
+}
+
+/// Quota key `tenant=NAME` with no limit (set the limits with `..`).
+fn tenant(name: &str) -> QuotaKey {
+    QuotaKey {
+        token: format!("tenant={name}"),
+        max_concurrent: 0,
+        interval_ms: 0.0,
+        burst: 0,
+        max_waiting: 0,
+    }
+}
+
+fn flow_of(quotas: Vec<QuotaKey>) -> Flow {
+    Flow { quotas }
+}
+
+fn no_quota() -> Flow {
+    Flow::default()
+}
+
+async fn enqueue<B: Broker>(b: &B, job: NewJob<'_>) -> Admission {
+    let id = job.id.to_string();
+    b.enqueue(job)
+        .await
+        .unwrap_or_else(|e| panic!("enqueue {id}: {e}"))
+}
+
+/// Enqueues and insists that the job was queued.
+async fn queued<B: Broker>(b: &B, job: NewJob<'_>) {
+    let id = job.id.to_string();
+    assert_eq!(enqueue(b, job).await, Admission::Queued, "enqueue {id}");
+}
+
+/// A claim token never used before (in this process).
+fn new_token() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!("claim-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Claim options for [`WORKER`] with a [`LONG`] lease, one job.
+fn options(token: &str) -> ClaimOptions<'_> {
+    ClaimOptions {
+        token,
+        lease: LONG,
+        max_inflight_total: None,
+        max_wait_boost: None,
+        worker: WORKER,
+        max_jobs: 1,
+    }
+}
+
+async fn claim_with<B: Broker>(b: &B, options: ClaimOptions<'_>) -> ClaimOutcome {
+    b.claim(QUEUE, options)
+        .await
+        .unwrap_or_else(|e| panic!("claim: {e}"))
+}
+
+fn jobs_of(outcome: ClaimOutcome) -> Vec<Claimed> {
+    match outcome {
+        ClaimOutcome::Jobs(jobs) => {
+            assert!(!jobs.is_empty(), "ClaimOutcome::Jobs must hold a job");
+            jobs
+        }
+        ClaimOutcome::Idle { .. } => Vec::new(),
+    }
+}
+
+/// Claims up to `max_jobs` under a new token with lease `lease`.
+async fn take<B: Broker>(b: &B, max_jobs: usize, lease: Duration) -> Vec<Claimed> {
+    let token = new_token();
+    let jobs = jobs_of(
+        claim_with(
+            b,
+            ClaimOptions {
+                max_jobs,
+                lease,
+                ..options(&token)
+            },
+        )
+        .await,
+    );
+    assert!(
+        jobs.len() <= max_jobs.max(1),
+        "asked for {max_jobs} jobs, got {:?}",
+        ids(&jobs)
+    );
+    jobs
+}
+
+/// Claims exactly one job, which must be `id`.
+async fn take_one<B: Broker>(b: &B, id: &str) -> Claimed {
+    let mut jobs = take(b, 1, LONG).await;
+    assert_eq!(ids(&jobs), [id], "the next job claimed");
+    jobs.remove(0)
+}
+
+/// Claims with a new token and insists that nothing is started; returns
+/// the claim's `retry_in`.
+async fn idle<B: Broker>(b: &B, why: &str) -> Option<Duration> {
+    let token = new_token();
+    match claim_with(
+        b,
+        ClaimOptions {
+            max_jobs: 8,
+            ..options(&token)
+        },
+    )
+    .await
+    {
+        ClaimOutcome::Idle { retry_in } => retry_in,
+        ClaimOutcome::Jobs(jobs) => panic!("{why}: nothing may be claimed, got {:?}", ids(&jobs)),
+    }
+}
+
+fn ids(jobs: &[Claimed]) -> Vec<String> {
+    jobs.iter().map(|j| j.id().to_string()).collect()
+}
+
+/// A 200 reply frame for job `id`.
+fn ok_reply(id: &str) -> Bytes {
+    Reply::plain(id, 200, "done\n", WORKER, &[])
+}
+
+async fn reply<B: Broker>(b: &B, lease: &Lease) -> Delivery {
+    b.reply(lease, ok_reply(&lease.id), 5)
+        .await
+        .unwrap_or_else(|e| panic!("reply {}: {e}", lease.id))
+}
+
+async fn renew<B: Broker>(b: &B, lease: &Lease, duration: Duration) -> bool {
+    b.renew(lease, duration)
+        .await
+        .unwrap_or_else(|e| panic!("renew {}: {e}", lease.id))
+}
+
+async fn states<B: Broker>(b: &B, ids: &[&str]) -> Vec<JobState> {
+    b.job_states(QUEUE, ids)
+        .await
+        .unwrap_or_else(|e| panic!("job_states {ids:?}: {e}"))
+}
+
+async fn withdraw<B: Broker>(b: &B, id: &str) -> Withdrawal {
+    b.withdraw(QUEUE, id, LONG)
+        .await
+        .unwrap_or_else(|e| panic!("withdraw {id}: {e}"))
+}
+
+async fn gauges<B: Broker>(b: &B) -> Gauges {
+    b.gauges(QUEUE)
+        .await
+        .unwrap_or_else(|e| panic!("gauges: {e}"))
+}
+
+async fn reap<B: Broker>(b: &B, policy: &RetryPolicy) -> Reaped {
+    b.reap(QUEUE, policy)
+        .await
+        .unwrap_or_else(|e| panic!("reap: {e}"))
+}
+
+/// GET, HEAD and OPTIONS run again, up to `max_attempts` runs.
+fn retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        methods: vec!["GET".into(), "HEAD".into(), "OPTIONS".into()],
+        max_attempts,
+    }
+}
+
+/// One message of a front's stream, in a form easy to compare:
+/// `reply ID STATUS` or `started ID`.
+fn describe(frame: Bytes) -> String {
+    match FrontMessage::decode(frame) {
+        Ok(FrontMessage::Reply(r)) => format!("reply {} {}", r.meta.id, r.meta.status),
+        Ok(FrontMessage::Started(s)) => format!("started {}", s.id),
+        Err(e) => format!("undecodable frame: {e}"),
+    }
+}
+
+/// Reads a front's stream until `expect` messages came (or 5 s passed),
+/// then a little longer: a message beyond `expect` (a duplicate) shows.
+async fn front_messages<R: ReplyStream>(replies: &mut R, expect: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(5);
+    while out.len() < expect && Instant::now() < give_up {
+        let batch = replies
+            .next_batch(Duration::from_millis(250))
+            .await
+            .unwrap_or_else(|e| panic!("replies: {e}"));
+        out.extend(batch.into_iter().map(describe));
+    }
+    let more = replies
+        .next_batch(Duration::from_millis(300))
+        .await
+        .unwrap_or_else(|e| panic!("replies: {e}"));
+    out.extend(more.into_iter().map(describe));
+    out
+}
+
+// ---- ordering -----------------------------------------------------------------
+
+/// Jobs are claimed most urgent first (priority 1 … 99), whatever their
+/// flows; FIFO among equals.
+pub async fn priority_order<B: Broker>(b: &B) {
+    let free = no_quota();
+    let a = flow_of(vec![tenant("a")]);
+    let c = flow_of(vec![tenant("c")]);
+    queued(b, job("p50", 50, &free)).await;
+    queued(b, job("p10-a", 10, &a)).await;
+    queued(b, job("p90", 90, &free)).await;
+    queued(b, job("p1-c", 1, &c)).await;
+    queued(b, job("p10", 10, &free)).await;
+    queued(b, job("p99", 99, &free)).await;
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        let jobs = take(b, 1, LONG).await;
+        assert_eq!(jobs.len(), 1, "six jobs wait; claimed so far: {order:?}");
+        order.push(jobs[0].id().to_string());
+    }
+    assert_eq!(order, ["p1-c", "p10-a", "p10", "p50", "p90", "p99"]);
+    assert_eq!(idle(b, "every job was claimed").await, None);
+}
+
+/// Jobs of one priority are claimed in the order they were enqueued, and a
+/// claimed job carries its payload, queue, front and remaining time.
+pub async fn fifo_within_a_priority<B: Broker>(b: &B) {
+    let free = no_quota();
+    let names = ["f1", "f2", "f3", "f4", "f5"];
+    for id in names {
+        queued(b, job(id, 50, &free)).await;
+    }
+    for id in names {
+        let c = take_one(b, id).await;
+        assert_eq!(c.frame, frame(id), "{id}: the payload as enqueued");
+        assert_eq!(c.lease.queue, QUEUE);
+        assert_eq!(c.lease.id, id);
+        assert_eq!(c.lease.front, FRONT);
+        assert!(c.lease.holds.is_empty(), "{id} holds no quota slot");
+        assert!(
+            c.remaining <= LONG && c.remaining > LONG - Duration::from_secs(10),
+            "{id}: remaining {:?} for a client waiting {LONG:?}",
+            c.remaining
+        );
+    }
+}
+
+/// One claim may start several jobs (`max_jobs`), in dispatch order, and
+/// never more than asked.
+pub async fn claim_batches_keep_dispatch_order<B: Broker>(b: &B) {
+    let free = no_quota();
+    for id in ["b1", "b2", "b3", "b4", "b5"] {
+        queued(b, job(id, 50, &free)).await;
+    }
+    queued(b, job("urgent", 5, &free)).await;
+    assert_eq!(ids(&take(b, 3, LONG).await), ["urgent", "b1", "b2"]);
+    assert_eq!(ids(&take(b, 10, LONG).await), ["b3", "b4", "b5"]);
+    assert_eq!(idle(b, "every job was claimed").await, None);
+}
+
+/// Flows (tenants) of one priority are served round-robin: a tenant that
+/// queued first does not get all its jobs run before the others'.
+pub async fn flows_of_a_priority_take_turns<B: Broker>(b: &B) {
+    let a = flow_of(vec![tenant("a")]);
+    let bb = flow_of(vec![tenant("b")]);
+    let c = flow_of(vec![tenant("c")]);
+    for id in ["a1", "a2", "a3"] {
+        queued(b, job(id, 50, &a)).await;
+    }
+    for id in ["b1", "b2", "b3"] {
+        queued(b, job(id, 50, &bb)).await;
+    }
+    queued(b, job("c1", 50, &c)).await;
+    let mut order = Vec::new();
+    for _ in 0..7 {
+        let jobs = take(b, 1, LONG).await;
+        assert_eq!(jobs.len(), 1, "seven jobs wait; claimed so far: {order:?}");
+        order.push(jobs[0].id().to_string());
+    }
+    assert_eq!(order, ["a1", "b1", "c1", "a2", "b2", "a3", "b3"]);
+    // The same turns within one claim of many jobs.
+    for id in ["a4", "a5"] {
+        queued(b, job(id, 50, &a)).await;
+    }
+    for id in ["b4", "b5"] {
+        queued(b, job(id, 50, &bb)).await;
+    }
+    assert_eq!(ids(&take(b, 4, LONG).await), ["a4", "b4", "a5", "b5"]);
+}
+
+// ---- quotas and admission ------------------------------------------------------
+
+/// `max_concurrent = 1`: a key's second job waits until its first is
+/// answered, while other keys' jobs run meanwhile (no head-of-line
+/// blocking, even when the blocked flow is the most urgent).
+pub async fn concurrency_quota_blocks_only_its_flow<B: Broker>(b: &B) {
+    let one = |name| QuotaKey {
+        max_concurrent: 1,
+        ..tenant(name)
+    };
+    let a = flow_of(vec![one("a")]);
+    let other = flow_of(vec![one("b")]);
+    queued(b, job("a1", 10, &a)).await;
+    queued(b, job("a2", 10, &a)).await;
+    queued(b, job("b1", 50, &other)).await;
+    let a1 = take_one(b, "a1").await;
+    assert_eq!(
+        a1.lease.holds,
+        ["tenant=a"],
+        "a1 holds its concurrency slot"
+    );
+    // a2 is more urgent than b1 but its key is full: b1 runs meanwhile.
+    let b1 = take_one(b, "b1").await;
+    assert_eq!(
+        idle(b, "a2 waits for a1's slot").await,
+        None,
+        "a full concurrency quota gives no retry time: the doorbell rings when it frees"
+    );
+    assert_eq!(reply(b, &a1.lease).await, Delivery::Delivered);
+    let a2 = take_one(b, "a2").await;
+    assert_eq!(reply(b, &a2.lease).await, Delivery::Delivered);
+    assert_eq!(reply(b, &b1.lease).await, Delivery::Delivered);
+}
+
+/// A quota belongs to its key, not to a flow or a queue: jobs of other
+/// flows and other queues that share the key share its slots.
+pub async fn quota_keys_are_shared_across_flows_and_queues<B: Broker>(b: &B) {
+    let a = QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    };
+    let only_a = flow_of(vec![a.clone()]);
+    let a_and_ip = flow_of(vec![a, tenant("ip")]);
+    let other = "conformance-other";
+    queued(b, job("s1", 50, &only_a)).await;
+    queued(b, job("s2", 50, &a_and_ip)).await;
+    queued(
+        b,
+        NewJob {
+            queue: other,
+            ..job("s3", 50, &only_a)
+        },
+    )
+    .await;
+    let s1 = take_one(b, "s1").await;
+    assert_eq!(idle(b, "s2's flow needs tenant=a, held by s1").await, None);
+    let t = new_token();
+    let got = jobs_of(b.claim(other, options(&t)).await.expect("claim"));
+    assert!(
+        got.is_empty(),
+        "s3 (queue {other}) needs tenant=a, held by s1: got {:?}",
+        ids(&got)
+    );
+    assert_eq!(reply(b, &s1.lease).await, Delivery::Delivered);
+    let s2 = take_one(b, "s2").await;
+    assert_eq!(s2.lease.holds, ["tenant=a"]);
+    assert_eq!(reply(b, &s2.lease).await, Delivery::Delivered);
+    let t = new_token();
+    let got = jobs_of(b.claim(other, options(&t)).await.expect("claim"));
+    assert_eq!(ids(&got), ["s3"]);
+}
+
+/// A rate quota lets its burst through at once, then nothing of that key
+/// until the rate allows, saying when; other flows are not held up.
+pub async fn rate_quota_allows_a_burst_then_says_when<B: Broker>(b: &B) {
+    let interval = Duration::from_secs(60);
+    let rated = flow_of(vec![QuotaKey {
+        interval_ms: interval.as_millis() as f64,
+        burst: 2,
+        ..tenant("r")
+    }]);
+    let free = no_quota();
+    for id in ["r1", "r2", "r3", "r4"] {
+        queued(b, job(id, 10, &rated)).await;
+    }
+    queued(b, job("free", 50, &free)).await;
+    let jobs = take(b, 10, LONG).await;
+    assert_eq!(
+        ids(&jobs),
+        ["r1", "r2", "free"],
+        "a burst of 2, then the other flow"
+    );
+    let retry_in = idle(b, "r3 waits for the rate").await;
+    let Some(retry_in) = retry_in else {
+        panic!("a rate-limited claim says when to try again (retry_in was None)");
+    };
+    assert!(
+        retry_in > interval / 2 && retry_in <= interval,
+        "retry_in {retry_in:?}: the next slot of a 1/min rate is about a minute away"
+    );
+    // Answering frees no rate: r3 still waits.
+    for j in &jobs {
+        assert_eq!(reply(b, &j.lease).await, Delivery::Delivered);
+    }
+    assert!(
+        idle(b, "answers do not refill a rate").await.is_some(),
+        "still rate-limited, with a retry time"
+    );
+}
+
+/// The queue's `max_waiting` refuses a job when that many wait; nothing of
+/// the refused job is kept, and it is admitted once there is room.
+pub async fn queue_max_waiting_refuses<B: Broker>(b: &B) {
+    let free = no_quota();
+    let capped = |id: &'static str| NewJob {
+        max_waiting: Some(2),
+        ..job(id, 50, &free)
+    };
+    queued(b, capped("m1")).await;
+    queued(b, capped("m2")).await;
+    match enqueue(b, capped("m3")).await {
+        Admission::Refused {
+            what,
+            waiting,
+            drain_rate,
+        } => {
+            assert_eq!(what, "queue");
+            assert_eq!(waiting, 2);
+            assert!(drain_rate.is_finite() && drain_rate >= 0.0, "{drain_rate}");
+        }
+        other => panic!("m3 must be refused (2 wait, max 2), got {other:?}"),
+    }
+    // A repeated enqueue of an admitted job is not a new job: not refused.
+    assert_eq!(enqueue(b, capped("m2")).await, Admission::Queued);
+    assert_eq!(gauges(b).await.waiting, 2, "the refused job is not queued");
+    assert_eq!(states(b, &["m3"]).await, [JobState::Unknown]);
+    take_one(b, "m1").await;
+    assert_eq!(
+        enqueue(b, capped("m3")).await,
+        Admission::Queued,
+        "refused, not settled: admitted once there is room"
+    );
+}
+
+/// A quota key's `max_waiting` refuses a job when that many of its jobs
+/// wait, naming the key; other keys are not affected.
+pub async fn quota_max_waiting_refuses<B: Broker>(b: &B) {
+    let capped = |name| QuotaKey {
+        max_waiting: 2,
+        ..tenant(name)
+    };
+    let a = flow_of(vec![capped("a")]);
+    let other = flow_of(vec![capped("b")]);
+    queued(b, job("a1", 50, &a)).await;
+    queued(b, job("a2", 50, &a)).await;
+    match enqueue(b, job("a3", 50, &a)).await {
+        Admission::Refused { what, waiting, .. } => {
+            assert_eq!(what, "tenant=a");
+            assert_eq!(waiting, 2);
+        }
+        other => panic!("a3 must be refused (2 of tenant=a wait, max 2), got {other:?}"),
+    }
+    assert_eq!(
+        enqueue(b, job("a2", 50, &a)).await,
+        Admission::Queued,
+        "a repeated enqueue of an admitted job is not refused"
+    );
+    queued(b, job("b1", 50, &other)).await;
+    take_one(b, "a1").await;
+    assert_eq!(
+        enqueue(b, job("a3", 50, &a)).await,
+        Admission::Queued,
+        "a claimed job no longer waits: room for a3"
+    );
+}
+
+/// `max_inflight_total` caps the jobs of a queue running at once, across
+/// claims.
+pub async fn max_inflight_total_caps_running_jobs<B: Broker>(b: &B) {
+    let free = no_quota();
+    for id in ["i1", "i2", "i3", "i4"] {
+        queued(b, job(id, 50, &free)).await;
+    }
+    fn capped(token: &str) -> ClaimOptions<'_> {
+        ClaimOptions {
+            max_jobs: 4,
+            max_inflight_total: Some(2),
+            ..options(token)
+        }
+    }
+    let t1 = new_token();
+    let first = jobs_of(claim_with(b, capped(&t1)).await);
+    assert_eq!(ids(&first), ["i1", "i2"], "two may run at once");
+    let t2 = new_token();
+    let blocked = jobs_of(claim_with(b, capped(&t2)).await);
+    assert!(
+        blocked.is_empty(),
+        "two run already: got {:?}",
+        ids(&blocked)
+    );
+    assert_eq!(reply(b, &first[0].lease).await, Delivery::Delivered);
+    let t3 = new_token();
+    let next = jobs_of(claim_with(b, capped(&t3)).await);
+    assert_eq!(ids(&next), ["i3"], "one slot freed");
+}
+
+// ---- withdrawal and idempotence ----------------------------------------------
+
+/// A waiting job withdrawn never runs; its id is settled; the waiting
+/// counts drop.
+pub async fn withdraw_waiting_job<B: Broker>(b: &B) {
+    let a = flow_of(vec![tenant("a")]);
+    queued(b, job("w1", 50, &a)).await;
+    queued(b, job("w2", 50, &a)).await;
+    assert_eq!(withdraw(b, "w1").await, Withdrawal::Withdrawn);
+    let g = gauges(b).await;
+    assert_eq!(g.waiting, 1, "{g:?}");
+    assert_eq!(g.quota_waiting.get("tenant=a"), Some(&1), "{g:?}");
+    assert_eq!(ids(&take(b, 8, LONG).await), ["w2"], "w1 is never claimed");
+    assert_eq!(states(b, &["w1"]).await, [JobState::Settled]);
+    assert_eq!(enqueue(b, job("w1", 50, &a)).await, Admission::Settled);
+    assert_eq!(withdraw(b, "w1").await, Withdrawal::Settled);
+    assert_eq!(idle(b, "w1 was withdrawn").await, None);
+}
+
+/// A running job cannot be withdrawn: the caller learns it started, and its
+/// reply still comes.
+pub async fn withdraw_running_job<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("r1", 50, &free)).await;
+    let r1 = take_one(b, "r1").await;
+    assert_eq!(withdraw(b, "r1").await, Withdrawal::Started);
+    assert_eq!(states(b, &["r1"]).await, [JobState::Running]);
+    assert!(
+        renew(b, &r1.lease, LONG).await,
+        "withdraw leaves the lease alone"
+    );
+    assert_eq!(reply(b, &r1.lease).await, Delivery::Delivered);
+    assert_eq!(withdraw(b, "r1").await, Withdrawal::Settled);
+}
+
+/// Withdrawing an id the broker does not know (its enqueue may still be on
+/// its way) leaves a tombstone: a later enqueue of it is Settled, not run.
+pub async fn withdraw_unknown_id_leaves_a_tombstone<B: Broker>(b: &B) {
+    let free = no_quota();
+    assert_eq!(withdraw(b, "ghost").await, Withdrawal::Withdrawn);
+    assert_eq!(states(b, &["ghost"]).await, [JobState::Settled]);
+    assert_eq!(
+        enqueue(b, job("ghost", 50, &free)).await,
+        Admission::Settled
+    );
+    assert_eq!(gauges(b).await.waiting, 0);
+    assert_eq!(idle(b, "the late enqueue was refused").await, None);
+    assert_eq!(withdraw(b, "ghost").await, Withdrawal::Settled);
+}
+
+/// Enqueueing one id twice (a lost answer asked again) makes one job, run
+/// once; once answered, the id is settled.
+pub async fn enqueue_is_idempotent_by_id<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("e1", 50, &free)).await;
+    queued(b, job("e1", 50, &free)).await;
+    assert_eq!(gauges(b).await.waiting, 1, "one job");
+    let e1 = take(b, 8, LONG).await;
+    assert_eq!(ids(&e1), ["e1"], "claimed once");
+    assert_eq!(
+        enqueue(b, job("e1", 50, &free)).await,
+        Admission::Queued,
+        "a running job is admitted already"
+    );
+    assert_eq!(idle(b, "e1 runs already").await, None);
+    assert_eq!(reply(b, &e1[0].lease).await, Delivery::Delivered);
+    assert_eq!(enqueue(b, job("e1", 50, &free)).await, Admission::Settled);
+    assert_eq!(idle(b, "e1 was answered").await, None);
+}
+
+/// A job whose client has stopped waiting is never claimed; a claimed job's
+/// `remaining` is what is left of its client's wait.
+pub async fn expired_jobs_are_never_claimed<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(
+        b,
+        NewJob {
+            timeout: Duration::from_millis(300),
+            ..job("short", 10, &free)
+        },
+    )
+    .await;
+    let wait = Duration::from_secs(20);
+    queued(
+        b,
+        NewJob {
+            timeout: wait,
+            ..job("long", 50, &free)
+        },
+    )
+    .await;
+    sleep(Duration::from_secs(1)).await;
+    let jobs = take(b, 8, LONG).await;
+    assert_eq!(ids(&jobs), ["long"], "the short job's client gave up");
+    let left = jobs[0].remaining;
+    assert!(
+        left <= wait - Duration::from_millis(900) && left > wait - Duration::from_secs(10),
+        "remaining {left:?} of a {wait:?} wait, a second after enqueue"
+    );
+    assert_eq!(states(b, &["short"]).await, [JobState::Unknown]);
+}
+
+/// A claim repeated with its token (its answer was lost) returns the jobs
+/// the first leased, with the same leases, and starts nothing new.
+pub async fn repeated_claim_token_returns_the_same_jobs<B: Broker>(b: &B) {
+    let free = no_quota();
+    for id in ["t1", "t2", "t3"] {
+        queued(b, job(id, 50, &free)).await;
+    }
+    let token = new_token();
+    let two = ClaimOptions {
+        max_jobs: 2,
+        ..options(&token)
+    };
+    let first = jobs_of(claim_with(b, two).await);
+    assert_eq!(ids(&first), ["t1", "t2"]);
+    let again = jobs_of(claim_with(b, two).await);
+    assert_eq!(ids(&again), ["t1", "t2"], "the same jobs, not new ones");
+    for (a, f) in again.iter().zip(&first) {
+        assert_eq!(a.lease, f.lease, "the same lease");
+        assert_eq!(a.frame, f.frame);
+    }
+    assert_eq!(states(b, &["t3"]).await, [JobState::Waiting]);
+    assert_eq!(gauges(b).await.waiting, 1);
+    take_one(b, "t3").await;
+    assert_eq!(reply(b, &again[0].lease).await, Delivery::Delivered);
+}
+
+// ---- leases --------------------------------------------------------------------
+
+/// Renewing keeps a job's lease (the reaper leaves it) and its quota slots
+/// (its key's next job still waits) past the original lease.
+pub async fn renew_keeps_lease_and_quota_slots<B: Broker>(b: &B) {
+    let a = flow_of(vec![QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    }]);
+    queued(b, job("n1", 50, &a)).await;
+    queued(b, job("n2", 50, &a)).await;
+    let n1 = take(b, 1, Duration::from_millis(300)).await;
+    assert_eq!(ids(&n1), ["n1"]);
+    let lease = &n1[0].lease;
+    assert!(renew(b, lease, LONG).await, "renew while held");
+    sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped::default(),
+        "renewed: not lost"
+    );
+    assert_eq!(idle(b, "n1 still holds tenant=a's only slot").await, None);
+    assert!(renew(b, lease, LONG).await, "still held");
+    assert_eq!(reply(b, lease).await, Delivery::Delivered);
+    assert!(!renew(b, lease, LONG).await, "answered: the lease is gone");
+    take_one(b, "n2").await;
+}
+
+/// A reply reaches the front once, however often it is sent; every call
+/// says Delivered.
+pub async fn reply_is_delivered_once<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("d1", 50, &free)).await;
+    let d1 = take_one(b, "d1").await;
+    assert_eq!(reply(b, &d1.lease).await, Delivery::Delivered);
+    assert_eq!(
+        reply(b, &d1.lease).await,
+        Delivery::Delivered,
+        "repeated: delivered (by the first call)"
+    );
+    assert_eq!(front_messages(&mut front, 1).await, ["reply d1 200"]);
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(reply(b, &d1.lease).await, Delivery::Delivered);
+    assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
+    assert_eq!(states(b, &["d1"]).await, [JobState::Settled]);
+    assert_eq!(enqueue(b, job("d1", 50, &free)).await, Admission::Settled);
+}
+
+/// Once a job was reaped, its old lease can neither reply (LeaseLost,
+/// nothing pushed) nor renew; the job's next run answers.
+pub async fn reply_after_reap_is_lost<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("g1", 50, &free)).await;
+    let old = take(b, 1, SHORT_LEASE).await;
+    assert_eq!(ids(&old), ["g1"]);
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        }
+    );
+    assert_eq!(reply(b, &old[0].lease).await, Delivery::LeaseLost);
+    assert!(!renew(b, &old[0].lease, LONG).await, "a reaped lease");
+    assert_eq!(
+        front_messages(&mut front, 0).await,
+        Vec::<String>::new(),
+        "a lost lease pushes nothing"
+    );
+    let again = take_one(b, "g1").await;
+    assert_ne!(again.lease, old[0].lease, "a new run, a new lease");
+    assert_eq!(reply(b, &again.lease).await, Delivery::Delivered);
+    assert_eq!(front_messages(&mut front, 1).await, ["reply g1 200"]);
+    // The job was answered, but not under the old lease: that one was
+    // never delivered, and saying so again is not "Delivered".
+    assert_eq!(
+        reply(b, &old[0].lease).await,
+        Delivery::LeaseLost,
+        "the reaped lease, once the job's next run answered"
+    );
+    assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
+}
+
+/// A handed-back job is lost at the next reap: a GET goes back in its
+/// place (before jobs queued after it), a POST is answered 502.
+pub async fn hand_back_then_reap<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("g1", 50, &free)).await;
+    queued(b, job("g2", 50, &free)).await;
+    queued(
+        b,
+        NewJob {
+            method: "POST",
+            ..job("p1", 60, &free)
+        },
+    )
+    .await;
+    let running = take(b, 3, LONG).await;
+    assert_eq!(ids(&running), ["g1", "g2", "p1"]);
+    queued(b, job("g3", 50, &free)).await;
+    b.hand_back(&running[0].lease).await.expect("hand_back g1");
+    b.hand_back(&running[2].lease).await.expect("hand_back p1");
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            requeued: 1,
+            answered: 1,
+            dead_lettered: 0
+        }
+    );
+    assert_eq!(front_messages(&mut front, 1).await, ["reply p1 502"]);
+    assert_eq!(
+        states(b, &["p1", "g1", "g2"]).await,
+        [JobState::Settled, JobState::Waiting, JobState::Running]
+    );
+    assert_eq!(
+        ids(&take(b, 8, LONG).await),
+        ["g1", "g3"],
+        "g1 back in its place"
+    );
+    assert!(
+        renew(b, &running[1].lease, LONG).await,
+        "g2 was not handed back"
+    );
+}
+
+/// A lease handed back is no longer the job's: renewing it fails (and does
+/// not take the job back from the reaper), replying with it pushes nothing.
+pub async fn lease_handed_back_is_no_longer_the_jobs<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("h1", 50, &free)).await;
+    let h1 = take_one(b, "h1").await;
+    b.hand_back(&h1.lease).await.expect("hand_back h1");
+    assert!(!renew(b, &h1.lease, LONG).await, "renew after hand_back");
+    assert_eq!(
+        reply(b, &h1.lease).await,
+        Delivery::LeaseLost,
+        "reply after hand_back"
+    );
+    assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        }
+    );
+    take_one(b, "h1").await;
+}
+
+/// A lease past its deadline is lost: the reaper puts a GET back in its
+/// original place, ahead of the jobs queued after it.
+pub async fn expired_lease_is_requeued_in_place<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("x1", 50, &free)).await;
+    queued(b, job("x2", 50, &free)).await;
+    let x1 = take(b, 1, SHORT_LEASE).await;
+    assert_eq!(ids(&x1), ["x1"]);
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        }
+    );
+    assert_eq!(reap(b, &retry(3)).await, Reaped::default(), "reaped once");
+    assert_eq!(ids(&take(b, 8, LONG).await), ["x1", "x2"]);
+}
+
+/// A concurrency quota is never overrun by a lease that ran out: once a
+/// job's lease has expired, either its slot went to another job and the old
+/// lease can no longer be renewed, or the slot stayed and renewing keeps it.
+pub async fn expired_lease_never_overruns_its_quota<B: Broker>(b: &B) {
+    let a = flow_of(vec![QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    }]);
+    queued(b, job("o1", 50, &a)).await;
+    queued(b, job("o2", 50, &a)).await;
+    let o1 = take(b, 1, SHORT_LEASE).await;
+    assert_eq!(ids(&o1), ["o1"]);
+    sleep(PAST_SHORT_LEASE).await;
+    // No reaper ran. A claim now may give o1's expired slot to o2 …
+    let o2 = take(b, 1, LONG).await;
+    let renewed = renew(b, &o1[0].lease, LONG).await;
+    if ids(&o2) == ["o2"] {
+        // … and then o1 must not run on under a renewed lease beside it.
+        assert!(
+            !renewed,
+            "o2 took tenant=a's only slot after o1's lease expired, yet o1's lease was renewed: \
+             two jobs run under max_concurrent = 1"
+        );
+    } else {
+        assert!(o2.is_empty(), "{:?}", ids(&o2));
+    }
+}
+
+/// A lost job's quota slots are freed by the reaper: its key's next job
+/// runs.
+pub async fn reap_frees_quota_slots<B: Broker>(b: &B) {
+    let a = flow_of(vec![QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    }]);
+    let mut front = b.replies(FRONT);
+    let post = |id: &'static str| NewJob {
+        method: "POST",
+        ..job(id, 50, &a)
+    };
+    queued(b, post("q1")).await;
+    queued(b, post("q2")).await;
+    let q1 = take(b, 1, SHORT_LEASE).await;
+    assert_eq!(ids(&q1), ["q1"]);
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            answered: 1,
+            ..Reaped::default()
+        }
+    );
+    assert_eq!(front_messages(&mut front, 1).await, ["reply q1 502"]);
+    take_one(b, "q2").await;
+}
+
+/// A safe job whose worker is lost `max_attempts` times is set aside in
+/// the dead letters and its client answered 502; its id is settled.
+pub async fn max_attempts_dead_letters<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    let policy = retry(2);
+    queued(b, job("k1", 50, &free)).await;
+    assert_eq!(ids(&take(b, 1, SHORT_LEASE).await), ["k1"], "run 1");
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &policy).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        },
+        "one run lost of two allowed"
+    );
+    assert_eq!(ids(&take(b, 1, SHORT_LEASE).await), ["k1"], "run 2");
+    sleep(PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &policy).await,
+        Reaped {
+            requeued: 0,
+            answered: 1,
+            dead_lettered: 1
+        },
+        "two runs lost of two allowed"
+    );
+    assert_eq!(front_messages(&mut front, 1).await, ["reply k1 502"]);
+    assert_eq!(states(b, &["k1"]).await, [JobState::Settled]);
+    assert_eq!(enqueue(b, job("k1", 50, &free)).await, Admission::Settled);
+    assert_eq!(idle(b, "k1 is a dead letter").await, None);
+}
+
+/// A job set aside (poison) answers its client with the given frame, is
+/// settled, and its lease is gone.
+pub async fn dead_letter_answers_and_settles<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("z1", 50, &free)).await;
+    let z1 = take_one(b, "z1").await;
+    let answer = Reply::plain("z1", 502, "poison\n", WORKER, &[]);
+    b.dead_letter(&z1.lease, "undecodable", answer)
+        .await
+        .expect("dead_letter");
+    let again = Reply::plain("z1", 502, "poison\n", WORKER, &[]);
+    b.dead_letter(&z1.lease, "undecodable", again)
+        .await
+        .expect("dead_letter repeated");
+    assert_eq!(
+        front_messages(&mut front, 1).await,
+        ["reply z1 502"],
+        "answered once, however often it is called"
+    );
+    assert_eq!(states(b, &["z1"]).await, [JobState::Settled]);
+    assert_eq!(enqueue(b, job("z1", 50, &free)).await, Admission::Settled);
+    assert_eq!(reply(b, &z1.lease).await, Delivery::LeaseLost);
+    assert!(!renew(b, &z1.lease, LONG).await);
+    assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
+    assert_eq!(idle(b, "z1 is a dead letter").await, None);
+}
+
+/// A worker silent for longer than its timeout loses its leases (however
+/// long they were); a live worker's leases stay.
+pub async fn silent_worker_is_reaped<B: Broker>(b: &B) {
+    let free = no_quota();
+    let beat = |id: &'static str| async move {
+        b.heartbeat(Daemon::Worker, id, "{}")
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat {id}: {e}"))
+    };
+    beat("w-silent").await;
+    beat("w-live").await;
+    queued(b, job("s1", 50, &free)).await;
+    queued(b, job("l1", 50, &free)).await;
+    let claim_as = |worker| async move {
+        let token = new_token();
+        jobs_of(
+            claim_with(
+                b,
+                ClaimOptions {
+                    worker,
+                    ..options(&token)
+                },
+            )
+            .await,
+        )
+    };
+    let s1 = claim_as("w-silent").await;
+    assert_eq!(ids(&s1), ["s1"]);
+    let l1 = claim_as("w-live").await;
+    assert_eq!(ids(&l1), ["l1"]);
+    let silence = Daemon::Worker.timeout() + Duration::from_secs(2);
+    let start = Instant::now();
+    while start.elapsed() < silence {
+        beat("w-live").await;
+        sleep(Duration::from_millis(400)).await;
+    }
+    beat("w-live").await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        },
+        "w-silent's job is taken back, w-live's is not"
+    );
+    assert!(renew(b, &l1[0].lease, LONG).await, "w-live keeps l1");
+    assert!(!renew(b, &s1[0].lease, LONG).await, "w-silent lost s1");
+    take_one(b, "s1").await;
+}
+
+/// Jobs of a front that stopped beating are not started (nobody would read
+/// the reply); a live front's are, and so are a front's that never beat.
+pub async fn dead_front_jobs_are_dropped<B: Broker>(b: &B) {
+    let free = no_quota();
+    let beat = |id: &'static str| async move {
+        b.heartbeat(Daemon::Front, id, "{}")
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat {id}: {e}"))
+    };
+    beat("front-dead").await;
+    beat("front-live").await;
+    queued(
+        b,
+        NewJob {
+            front: "front-dead",
+            ..job("of-dead", 50, &free)
+        },
+    )
+    .await;
+    queued(
+        b,
+        NewJob {
+            front: "front-live",
+            ..job("of-live", 50, &free)
+        },
+    )
+    .await;
+    queued(
+        b,
+        NewJob {
+            front: "front-never",
+            ..job("of-never", 50, &free)
+        },
+    )
+    .await;
+    let silence = Daemon::Front.timeout() * 2;
+    let start = Instant::now();
+    while start.elapsed() < silence {
+        beat("front-live").await;
+        sleep(Daemon::Front.period()).await;
+    }
+    beat("front-live").await;
+    assert_eq!(
+        ids(&take(b, 8, LONG).await),
+        ["of-live", "of-never"],
+        "front-dead is silent: its job is not started"
+    );
+    assert_eq!(states(b, &["of-dead"]).await, [JobState::Unknown]);
+    // The dead front comes back: it learns how long it was silent.
+    let back = beat("front-dead").await;
+    assert!(
+        back.since_last.is_some_and(|s| s > Daemon::Front.timeout()),
+        "front-dead was silent longer than its timeout: {back:?}"
+    );
+}
+
+// ---- the front's stream, states, heartbeats, gauges, doorbell ------------
+
+/// A started notice reaches the front, ahead of the job's reply.
+pub async fn started_notice_precedes_reply<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(
+        b,
+        NewJob {
+            method: "POST",
+            ..job("s1", 50, &free)
+        },
+    )
+    .await;
+    let s1 = take_one(b, "s1").await;
+    b.started(&s1.lease).await.expect("started");
+    assert_eq!(reply(b, &s1.lease).await, Delivery::Delivered);
+    assert_eq!(
+        front_messages(&mut front, 2).await,
+        ["started s1", "reply s1 200"]
+    );
+}
+
+/// `job_states` tells waiting, running, settled (answered or withdrawn) and
+/// unknown jobs apart, in the order asked.
+pub async fn job_states_report_each_state<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("answered", 50, &free)).await;
+    let answered = take_one(b, "answered").await;
+    assert_eq!(reply(b, &answered.lease).await, Delivery::Delivered);
+    queued(b, job("running", 50, &free)).await;
+    take_one(b, "running").await;
+    queued(b, job("waiting", 50, &free)).await;
+    queued(b, job("withdrawn", 50, &free)).await;
+    assert_eq!(withdraw(b, "withdrawn").await, Withdrawal::Withdrawn);
+    assert_eq!(
+        states(b, &["never", "answered", "waiting", "running", "withdrawn"]).await,
+        [
+            JobState::Unknown,
+            JobState::Settled,
+            JobState::Waiting,
+            JobState::Running,
+            JobState::Settled
+        ]
+    );
+    assert_eq!(states(b, &[]).await, Vec::<JobState>::new());
+}
+
+/// Heartbeats tell the broker's data generation (stable while the data
+/// lasts, the same for every daemon) and the time since the daemon's
+/// previous beat; a retired daemon is forgotten.
+pub async fn heartbeat_generation_is_stable<B: Broker>(b: &B) {
+    let beat = |kind, id: &'static str| async move {
+        b.heartbeat(kind, id, r#"{"conformance":true}"#)
+            .await
+            .unwrap_or_else(|e| panic!("heartbeat {id}: {e}"))
+    };
+    let first = beat(Daemon::Worker, "w1").await;
+    assert!(!first.generation.is_empty(), "a generation");
+    assert_eq!(first.since_last, None, "w1 never beat before");
+    sleep(Duration::from_millis(150)).await;
+    let second = beat(Daemon::Worker, "w1").await;
+    assert_eq!(second.generation, first.generation);
+    let since = second.since_last.expect("w1 beat before");
+    assert!(
+        since >= Duration::from_millis(100) && since < Duration::from_secs(5),
+        "{since:?} since a beat 150 ms ago"
+    );
+    let front = beat(Daemon::Front, "f1").await;
+    assert_eq!(front.generation, first.generation, "one generation for all");
+    assert_eq!(front.since_last, None);
+    b.retire(Daemon::Worker, "w1").await.expect("retire");
+    let after = beat(Daemon::Worker, "w1").await;
+    assert_eq!(after.generation, first.generation);
+    assert_eq!(after.since_last, None, "a retired daemon is forgotten");
+    b.ping().await.expect("ping");
+}
+
+/// Gauges count the queue's waiting jobs and, per quota token, the jobs
+/// waiting for it; tokens with none are absent.
+pub async fn gauges_count_waiting_jobs_and_quota_waits<B: Broker>(b: &B) {
+    assert_eq!(gauges(b).await, Gauges::default(), "an empty queue");
+    let a = flow_of(vec![tenant("a")]);
+    let free = no_quota();
+    queued(b, job("a1", 50, &a)).await;
+    queued(b, job("a2", 50, &a)).await;
+    queued(b, job("f1", 50, &free)).await;
+    let g = gauges(b).await;
+    assert_eq!(g.waiting, 3, "{g:?}");
+    assert_eq!(g.quota_waiting.len(), 1, "{g:?}");
+    assert_eq!(g.quota_waiting.get("tenant=a"), Some(&2), "{g:?}");
+    take_one(b, "a1").await;
+    let g = gauges(b).await;
+    assert_eq!(g.waiting, 2, "{g:?}");
+    assert_eq!(g.quota_waiting.get("tenant=a"), Some(&1), "{g:?}");
+    assert_eq!(withdraw(b, "a2").await, Withdrawal::Withdrawn);
+    let g = gauges(b).await;
+    assert_eq!(g.waiting, 1, "{g:?}");
+    assert!(g.quota_waiting.is_empty(), "{g:?}");
+}
+
+/// Queues are independent: a claim, a withdrawal, a state or a gauge of one
+/// queue never sees another's jobs.
+pub async fn queues_are_independent<B: Broker>(b: &B) {
+    let free = no_quota();
+    let other = "conformance-other";
+    queued(b, job("here", 50, &free)).await;
+    queued(
+        b,
+        NewJob {
+            queue: other,
+            ..job("there", 10, &free)
+        },
+    )
+    .await;
+    assert_eq!(gauges(b).await.waiting, 1);
+    let there = b.gauges(other).await.expect("gauges").waiting;
+    assert_eq!(there, 1, "one job waits on {other}");
+    let states_there = b
+        .job_states(other, &["here", "there"])
+        .await
+        .expect("states");
+    assert_eq!(states_there, [JobState::Unknown, JobState::Waiting]);
+    assert_eq!(
+        b.withdraw(other, "here", LONG).await.expect("withdraw"),
+        Withdrawal::Withdrawn,
+        "`here` is unknown on {other}: a tombstone there"
+    );
+    assert_eq!(states(b, &["here"]).await, [JobState::Waiting], "untouched");
+    take_one(b, "here").await;
+    let token = new_token();
+    match b.claim(other, options(&token)).await.expect("claim") {
+        ClaimOutcome::Jobs(jobs) => {
+            assert_eq!(ids(&jobs), ["there"]);
+            assert_eq!(jobs[0].lease.queue, other);
+        }
+        ClaimOutcome::Idle { .. } => panic!("`there` waits on {other}"),
+    }
+}
+
+/// The doorbell stays silent on an empty queue and rings for a new job.
+pub async fn doorbell_rings_on_enqueue<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    assert!(
+        !bell
+            .wait(Duration::from_millis(200))
+            .await
+            .expect("doorbell"),
+        "nothing was enqueued"
+    );
+    queued(b, job("bell", 50, &free)).await;
+    assert!(
+        bell.wait(Duration::from_secs(2)).await.expect("doorbell"),
+        "a job was enqueued"
+    );
+    take_one(b, "bell").await;
+}

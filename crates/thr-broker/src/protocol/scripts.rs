@@ -1,0 +1,629 @@
+//! The scripts, one typed call each: the only place that lists a script's
+//! KEYS (in the order of the locals at the top of its file) and ARGV.
+//!
+//! Scripts are assembled by `build.rs` from `scripts/*.lua` and the helpers
+//! their header includes. redis-rs runs them with EVALSHA and falls back to
+//! EVAL on NOSCRIPT, so a Redis restarted empty gets them again unaided.
+//! Each starts with `#!lua` (Redis 7 flags), so a Redis out of memory
+//! refuses a writing script before it runs instead of failing half-way.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::{Script, ScriptInvocation, Value};
+
+use super::keys::{Keyspace, QueueKeys};
+use crate::BrokerError;
+
+mod text {
+    include!(concat!(env!("OUT_DIR"), "/scripts.rs"));
+}
+
+/// Every script the broker runs, hashed once per process.
+pub(crate) struct Scripts {
+    enqueue: Script,
+    withdraw: Script,
+    job_states: Script,
+    claim: Script,
+    renew: Script,
+    release: Script,
+    hand_back: Script,
+    dead_letter: Script,
+    heartbeat: Script,
+    reap_scan: Script,
+    reap: Script,
+    purge: Script,
+    stats: Script,
+}
+
+/// The scripts' text, for tests that run them by hand.
+pub fn source(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "enqueue" => text::ENQUEUE,
+        "withdraw" => text::WITHDRAW,
+        "job_states" => text::JOB_STATES,
+        "claim" => text::CLAIM,
+        "renew" => text::RENEW,
+        "release" => text::RELEASE,
+        "hand_back" => text::HAND_BACK,
+        "dead_letter" => text::DEAD_LETTER,
+        "heartbeat" => text::HEARTBEAT,
+        "reap_scan" => text::REAP_SCAN,
+        "reap" => text::REAP,
+        "purge" => text::PURGE,
+        "stats" => text::STATS,
+        _ => return None,
+    })
+}
+
+/// A Lua helper file's text (`scripts/lib/NAME.lua`), for tests that drive
+/// helpers with a fake clock.
+pub fn helper(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "clock" => include_str!("../../scripts/lib/clock.lua"),
+        "order" => include_str!("../../scripts/lib/order.lua"),
+        "records" => include_str!("../../scripts/lib/records.lua"),
+        "quota" => include_str!("../../scripts/lib/quota.lua"),
+        "drain" => include_str!("../../scripts/lib/drain.lua"),
+        "liveness" => include_str!("../../scripts/lib/liveness.lua"),
+        _ => return None,
+    })
+}
+
+impl Scripts {
+    pub(crate) fn get() -> &'static Scripts {
+        static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+        SCRIPTS.get_or_init(|| Scripts {
+            enqueue: Script::new(text::ENQUEUE),
+            withdraw: Script::new(text::WITHDRAW),
+            job_states: Script::new(text::JOB_STATES),
+            claim: Script::new(text::CLAIM),
+            renew: Script::new(text::RENEW),
+            release: Script::new(text::RELEASE),
+            hand_back: Script::new(text::HAND_BACK),
+            dead_letter: Script::new(text::DEAD_LETTER),
+            heartbeat: Script::new(text::HEARTBEAT),
+            reap_scan: Script::new(text::REAP_SCAN),
+            reap: Script::new(text::REAP),
+            purge: Script::new(text::PURGE),
+            stats: Script::new(text::STATS),
+        })
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u64::MAX as u128) as u64
+}
+
+/// Arguments of `enqueue`.
+pub(crate) struct Enqueue<'a> {
+    pub id: &'a str,
+    pub priority: u8,
+    pub frame: &'a [u8],
+    pub timeout: Duration,
+    pub flow: &'a str,
+    pub flow_def: &'a str,
+    pub max_waiting: u32,
+    pub aging_step_ms: u64,
+    pub front: &'a str,
+    pub method: &'a str,
+    /// Moves dead letter `id` back instead (atomic retry).
+    pub from_dead: bool,
+}
+
+/// What `enqueue` answered.
+pub(crate) enum Enqueued {
+    Queued,
+    Settled,
+    /// `from_dead` found no such dead letter.
+    Gone,
+    Refused {
+        what: String,
+        waiting: u64,
+        drain_rate: f64,
+    },
+}
+
+impl Scripts {
+    pub(crate) fn enqueue(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        a: &Enqueue<'_>,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.enqueue.prepare_invoke();
+        s.key(&q.pending)
+            .key(&q.flow_jobs)
+            .key(&q.flows)
+            .key(&q.flowdefs)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&q.seq)
+            .key(&q.wake)
+            .key(&q.drained)
+            .key(&ks.quota_waiting)
+            .key(q.settled(a.id))
+            .key(&q.dead)
+            .key(&q.dead_reasons)
+            .arg(a.id)
+            .arg(a.priority)
+            .arg(a.frame)
+            .arg(ms(a.timeout))
+            .arg(a.flow)
+            .arg(a.flow_def)
+            .arg(a.max_waiting)
+            .arg(a.aging_step_ms)
+            .arg(a.front)
+            .arg(a.method)
+            .arg(if a.from_dead { "1" } else { "" });
+        s
+    }
+
+    pub(crate) fn withdraw(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        id: &str,
+        remember: Duration,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.withdraw.prepare_invoke();
+        s.key(&q.pending)
+            .key(&q.flow_jobs)
+            .key(&q.flows)
+            .key(&q.flowdefs)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&ks.quota_waiting)
+            .key(q.settled(id))
+            .arg(id)
+            .arg(ms(remember));
+        s
+    }
+
+    pub(crate) fn job_states(&self, q: &QueueKeys, ids: &[&str]) -> ScriptInvocation<'_> {
+        let mut s = self.job_states.prepare_invoke();
+        s.key(&q.pending).key(&q.info);
+        for id in ids {
+            s.key(q.settled(id)).arg(*id);
+        }
+        s
+    }
+}
+
+/// Arguments of `claim`.
+pub(crate) struct Claim<'a> {
+    pub token: &'a str,
+    pub worker: &'a str,
+    pub lease: Duration,
+    pub max_jobs: usize,
+    pub max_inflight_total: u32,
+    pub aging_step_ms: u64,
+    pub scan_budget: u32,
+    pub front_timeout: Duration,
+}
+
+/// One job a claim started.
+pub(crate) struct Started {
+    pub id: String,
+    pub frame: Vec<u8>,
+    pub remaining_ms: i64,
+    pub front: String,
+    pub flow_def: String,
+}
+
+/// What `claim` answered.
+pub(crate) struct ClaimAnswer {
+    pub generation: String,
+    pub jobs: Vec<Started>,
+    /// With no job: ms until a rate quota may allow (negative: unknown).
+    pub retry_in_ms: i64,
+}
+
+impl Scripts {
+    pub(crate) fn claim(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        a: &Claim<'_>,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.claim.prepare_invoke();
+        s.key(&q.pending)
+            .key(&q.flow_jobs)
+            .key(&q.flows)
+            .key(&q.flowdefs)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&q.leases)
+            .key(&q.owners)
+            .key(&q.wake)
+            .key(&q.drained)
+            .key(&q.seq)
+            .key(&q.paused)
+            .key(q.claim(a.token))
+            .key(&ks.fronts)
+            .key(&ks.liveness)
+            .key(&ks.generation)
+            .key(&ks.held)
+            .key(&ks.holders)
+            .key(&ks.gcra)
+            .key(&ks.gcra_expiry)
+            .key(&ks.quota_waiting)
+            .arg(a.token)
+            .arg(a.worker)
+            .arg(ms(a.lease))
+            .arg(a.max_jobs.max(1))
+            .arg(a.max_inflight_total)
+            .arg(a.aging_step_ms)
+            .arg(a.scan_budget)
+            .arg(ms(a.front_timeout));
+        s
+    }
+
+    pub(crate) fn renew(
+        &self,
+        q: &QueueKeys,
+        ks: &Keyspace,
+        id: &str,
+        token: &str,
+        lease: Duration,
+        holds: &[String],
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.renew.prepare_invoke();
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&ks.holders)
+            .arg(id)
+            .arg(token)
+            .arg(ms(lease));
+        for h in holds {
+            s.arg(h);
+        }
+        s
+    }
+}
+
+/// Arguments of `release`.
+pub(crate) struct Release<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    pub front: &'a str,
+    pub frame: &'a [u8],
+    pub reply_ttl: Duration,
+    pub backend_ms: u64,
+    pub samples: usize,
+    pub generation: &'a str,
+    pub holds: &'a [String],
+}
+
+impl Scripts {
+    pub(crate) fn release(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        a: &Release<'_>,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.release.prepare_invoke();
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&q.wake)
+            .key(ks.replies(a.front))
+            .key(&q.latency)
+            .key(q.settled(a.id))
+            .key(&ks.generation)
+            .key(&ks.held)
+            .key(&ks.holders)
+            .arg(a.id)
+            .arg(a.token)
+            .arg(a.frame)
+            .arg(a.reply_ttl.as_secs())
+            .arg(a.backend_ms)
+            .arg(a.samples)
+            .arg(a.generation);
+        for h in a.holds {
+            s.arg(h);
+        }
+        s
+    }
+
+    pub(crate) fn hand_back(&self, q: &QueueKeys, id: &str, token: &str) -> ScriptInvocation<'_> {
+        let mut s = self.hand_back.prepare_invoke();
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&q.wake)
+            .arg(id)
+            .arg(token);
+        s
+    }
+}
+
+/// Arguments of `dead_letter`.
+pub(crate) struct DeadLetter<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    pub front: &'a str,
+    pub reason: &'a str,
+    pub answer: &'a [u8],
+    pub reply_ttl: Duration,
+    pub holds: &'a [String],
+}
+
+impl Scripts {
+    pub(crate) fn dead_letter(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        a: &DeadLetter<'_>,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.dead_letter.prepare_invoke();
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&q.dead)
+            .key(&q.dead_reasons)
+            .key(ks.replies(a.front))
+            .key(q.settled(a.id))
+            .key(&ks.held)
+            .key(&ks.holders)
+            .arg(a.id)
+            .arg(a.token)
+            .arg(a.reason)
+            .arg(a.answer)
+            .arg(a.reply_ttl.as_secs());
+        for h in a.holds {
+            s.arg(h);
+        }
+        s
+    }
+
+    pub(crate) fn heartbeat(
+        &self,
+        ks: &Keyspace,
+        kind: crate::Daemon,
+        id: &str,
+        info: &str,
+        info_ttl: Duration,
+        gap: Duration,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.heartbeat.prepare_invoke();
+        s.key(ks.beats(kind))
+            .key(ks.daemon_info(kind, id))
+            .key(&ks.liveness)
+            .key(&ks.generation)
+            .arg(id)
+            .arg(info)
+            .arg(info_ttl.as_secs().max(1))
+            .arg(ms(gap));
+        s
+    }
+
+    pub(crate) fn reap_scan(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        timeout: Duration,
+        limit: usize,
+        cursor: &str,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.reap_scan.prepare_invoke();
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&q.info)
+            .key(&ks.workers)
+            .key(&ks.liveness)
+            .arg(ms(timeout))
+            .arg(limit)
+            .arg(cursor);
+        s
+    }
+}
+
+/// What a reaper decided for one lost job.
+pub(crate) struct ReapAction<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    /// `requeue`, `answer` or `bury`.
+    pub action: &'static str,
+    pub front: &'a str,
+    pub frame: &'a [u8],
+}
+
+/// One job a purge withdraws, with its client's answer.
+pub(crate) struct PurgeItem<'a> {
+    pub id: &'a str,
+    pub front: &'a str,
+    pub frame: &'a [u8],
+}
+
+impl Scripts {
+    pub(crate) fn reap(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        timeout: Duration,
+        reply_ttl: Duration,
+        actions: &[ReapAction<'_>],
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.reap.prepare_invoke();
+        s.key(&q.pending)
+            .key(&q.flow_jobs)
+            .key(&q.flows)
+            .key(&q.flowdefs)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&q.leases)
+            .key(&q.owners)
+            .key(&q.wake)
+            .key(&q.dead)
+            .key(&q.dead_reasons)
+            .key(&ks.quota_waiting)
+            .key(&ks.held)
+            .key(&ks.holders)
+            .key(&ks.workers)
+            .key(&ks.liveness)
+            .arg(ms(timeout))
+            .arg(reply_ttl.as_secs());
+        for a in actions {
+            s.key(q.settled(a.id)).key(ks.replies(a.front));
+            s.arg(a.id).arg(a.token).arg(a.action).arg(a.frame);
+        }
+        s
+    }
+
+    pub(crate) fn purge(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        reply_ttl: Duration,
+        items: &[PurgeItem<'_>],
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.purge.prepare_invoke();
+        s.key(&q.pending)
+            .key(&q.flow_jobs)
+            .key(&q.flows)
+            .key(&q.flowdefs)
+            .key(&q.jobs)
+            .key(&q.info)
+            .key(&ks.quota_waiting)
+            .arg(reply_ttl.as_secs());
+        for item in items {
+            s.key(q.settled(item.id)).key(ks.replies(item.front));
+            s.arg(item.id).arg(item.frame);
+        }
+        s
+    }
+
+    pub(crate) fn stats(&self, q: &QueueKeys) -> ScriptInvocation<'_> {
+        let mut s = self.stats.prepare_invoke();
+        s.key(&q.pending).key(&q.drained);
+        s
+    }
+}
+
+// ---- reading answers -------------------------------------------------------
+
+fn bad(what: &str, value: &Value) -> BrokerError {
+    BrokerError::Protocol(format!("{what}: {value:?}"))
+}
+
+fn items(value: Value, what: &str) -> Result<Vec<Value>, BrokerError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(bad(what, &other)),
+    }
+}
+
+pub(crate) fn string(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Okay => Some("OK".into()),
+        _ => None,
+    }
+}
+
+pub(crate) fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(i) => Some(*i),
+        other => string(other)?.parse().ok(),
+    }
+}
+
+fn bytes(value: Value) -> Vec<u8> {
+    match value {
+        Value::BulkString(b) => b,
+        other => string(&other).unwrap_or_default().into_bytes(),
+    }
+}
+
+pub(crate) fn parse_enqueued(value: Value) -> Result<Enqueued, BrokerError> {
+    let items = items(value, "enqueue")?;
+    match items.first().and_then(string).as_deref() {
+        Some("queued") => Ok(Enqueued::Queued),
+        Some("settled") => Ok(Enqueued::Settled),
+        Some("gone") => Ok(Enqueued::Gone),
+        Some("refused") => Ok(Enqueued::Refused {
+            what: items.get(1).and_then(string).unwrap_or_default(),
+            waiting: items.get(2).and_then(int).unwrap_or(0).max(0) as u64,
+            drain_rate: items
+                .get(3)
+                .and_then(string)
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0.0),
+        }),
+        _ => Err(BrokerError::Protocol(format!("enqueue: {items:?}"))),
+    }
+}
+
+pub(crate) fn parse_claim(value: Value) -> Result<ClaimAnswer, BrokerError> {
+    let mut items = items(value, "claim")?.into_iter();
+    let generation = items.next().as_ref().and_then(string).unwrap_or_default();
+    let kind = items.next().as_ref().and_then(string).unwrap_or_default();
+    if kind == "idle" {
+        let _why = items.next();
+        let retry_in_ms = items.next().as_ref().and_then(int).unwrap_or(-1);
+        return Ok(ClaimAnswer {
+            generation,
+            jobs: Vec::new(),
+            retry_in_ms,
+        });
+    }
+    if kind != "jobs" {
+        return Err(BrokerError::Protocol(format!("claim: kind {kind:?}")));
+    }
+    let rest: Vec<Value> = items.collect();
+    let mut jobs = Vec::with_capacity(rest.len() / 5);
+    for job in rest.chunks(5) {
+        let [id, frame, left, front, def] = job else {
+            return Err(BrokerError::Protocol("claim: truncated job".into()));
+        };
+        jobs.push(Started {
+            id: string(id).ok_or_else(|| bad("claim id", id))?,
+            frame: bytes(frame.clone()),
+            remaining_ms: int(left).unwrap_or(0),
+            front: string(front).unwrap_or_default(),
+            flow_def: string(def).unwrap_or_default(),
+        });
+    }
+    Ok(ClaimAnswer {
+        generation,
+        jobs,
+        retry_in_ms: -1,
+    })
+}
+
+/// One candidate found by `reap_scan`.
+pub(crate) struct LostJob {
+    pub id: String,
+    pub token: String,
+    pub method: String,
+    /// -1 when its record is gone (or unreadable).
+    pub attempts: i64,
+    pub front: String,
+}
+
+pub(crate) fn parse_reap_scan(value: Value) -> Result<(String, Vec<LostJob>), BrokerError> {
+    let items = items(value, "reap_scan")?;
+    let cursor = items.first().and_then(string).unwrap_or_else(|| "0".into());
+    let lost = items[1.min(items.len())..]
+        .chunks(5)
+        .filter_map(|c| match c {
+            [id, token, method, attempts, front] => Some(LostJob {
+                id: string(id)?,
+                token: string(token).unwrap_or_default(),
+                method: string(method).unwrap_or_default(),
+                attempts: int(attempts).unwrap_or(-1),
+                front: string(front).unwrap_or_default(),
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok((cursor, lost))
+}
+
+pub(crate) fn parse_list(value: Value, what: &str) -> Result<Vec<Value>, BrokerError> {
+    items(value, what)
+}

@@ -1,0 +1,269 @@
+//! The Broker conformance suite (`thr_broker::conformance`) run against
+//! [`RedisBroker`] on a real `redis-server`: one test per scenario, each on
+//! a fresh, empty server of its own. Below them, what the suite cannot say
+//! without naming Redis: a paused queue, and that a finished job leaves no
+//! key behind.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::Commands;
+use thr_broker::conformance::{self, FRONT, QUEUE, WORKER};
+use thr_broker::{
+    Broker, ClaimOptions, ClaimOutcome, Daemon, Delivery, HEARTBEAT_TIMEOUT, NewJob, Reaped,
+    RedisBroker, ReplyStream, RetryPolicy,
+};
+use thr_core::envelope::Reply;
+use thr_core::quota::{Flow, QuotaKey};
+
+use crate::support::RedisServer;
+
+fn broker(redis: &RedisServer) -> RedisBroker {
+    RedisBroker::new(&redis.url(), Duration::from_millis(750)).expect("a Redis broker")
+}
+
+/// One `#[tokio::test]` per scenario, and the list of those tested.
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let redis = RedisServer::start();
+                conformance::$name(&broker(&redis)).await;
+            }
+        )*
+
+        const TESTED: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+scenarios![
+    priority_order,
+    fifo_within_a_priority,
+    claim_batches_keep_dispatch_order,
+    flows_of_a_priority_take_turns,
+    concurrency_quota_blocks_only_its_flow,
+    quota_keys_are_shared_across_flows_and_queues,
+    rate_quota_allows_a_burst_then_says_when,
+    queue_max_waiting_refuses,
+    quota_max_waiting_refuses,
+    max_inflight_total_caps_running_jobs,
+    withdraw_waiting_job,
+    withdraw_running_job,
+    withdraw_unknown_id_leaves_a_tombstone,
+    enqueue_is_idempotent_by_id,
+    expired_jobs_are_never_claimed,
+    repeated_claim_token_returns_the_same_jobs,
+    renew_keeps_lease_and_quota_slots,
+    reply_is_delivered_once,
+    reply_after_reap_is_lost,
+    hand_back_then_reap,
+    lease_handed_back_is_no_longer_the_jobs,
+    expired_lease_is_requeued_in_place,
+    expired_lease_never_overruns_its_quota,
+    reap_frees_quota_slots,
+    max_attempts_dead_letters,
+    dead_letter_answers_and_settles,
+    silent_worker_is_reaped,
+    dead_front_jobs_are_dropped,
+    started_notice_precedes_reply,
+    job_states_report_each_state,
+    heartbeat_generation_is_stable,
+    gauges_count_waiting_jobs_and_quota_waits,
+    queues_are_independent,
+    doorbell_rings_on_enqueue,
+];
+
+#[test]
+fn every_scenario_runs_against_redis() {
+    assert_eq!(
+        TESTED,
+        conformance::NAMES,
+        "add the new scenario to the list above"
+    );
+}
+
+fn job<'a>(id: &'a str, flow: &'a Flow) -> NewJob<'a> {
+    NewJob {
+        queue: QUEUE,
+        id,
+        priority: 50,
+        frame: Bytes::from(format!("job {id}")),
+        timeout: Duration::from_secs(30),
+        flow,
+        max_waiting: None,
+        max_wait_boost: None,
+        front: FRONT,
+        method: "GET",
+    }
+}
+
+fn options(token: &str) -> ClaimOptions<'_> {
+    ClaimOptions {
+        token,
+        lease: Duration::from_secs(30),
+        max_inflight_total: None,
+        max_wait_boost: None,
+        worker: WORKER,
+        max_jobs: 8,
+    }
+}
+
+/// `thrctl pause` sets the queue's `paused` key: nothing is claimed until
+/// it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_queue_is_not_claimed() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    b.enqueue(job("p1", &free)).await.unwrap();
+    let paused = b.queue_keys(QUEUE).paused.clone();
+    let _: () = redis.conn().set(&paused, 1).unwrap();
+    assert!(matches!(
+        b.claim(QUEUE, options("t1")).await.unwrap(),
+        ClaimOutcome::Idle { retry_in: None }
+    ));
+    let _: () = redis.conn().del(&paused).unwrap();
+    match b.claim(QUEUE, options("t2")).await.unwrap() {
+        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "p1"),
+        other => panic!("resumed: p1 is claimed, got {other:?}"),
+    }
+}
+
+/// A job's whole life (enqueue, claim, reply) leaves no waiting, running or
+/// quota state behind: only its settled marker, which expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_leaves_no_state_behind() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let flow = Flow {
+        quotas: vec![QuotaKey {
+            token: "tenant=a".into(),
+            max_concurrent: 2,
+            interval_ms: 10.0,
+            burst: 5,
+            max_waiting: 10,
+        }],
+    };
+    b.enqueue(job("j1", &flow)).await.unwrap();
+    let ClaimOutcome::Jobs(jobs) = b.claim(QUEUE, options("t1")).await.unwrap() else {
+        panic!("j1 is claimed");
+    };
+    let lease = &jobs[0].lease;
+    let frame = Reply::plain("j1", 200, "ok", WORKER, &[]);
+    assert_eq!(b.reply(lease, frame, 1).await.unwrap(), Delivery::Delivered);
+    let q = b.queue_keys(QUEUE);
+    let ks = b.keyspace();
+    let mut conn = redis.conn();
+    for key in [&q.pending, &q.flow_jobs, &q.flows, &q.leases, &ks.holders] {
+        let n: u64 = conn.zcard(key).unwrap();
+        assert_eq!(n, 0, "{key} is empty");
+    }
+    for key in [
+        &q.jobs,
+        &q.info,
+        &q.owners,
+        &q.flowdefs,
+        &ks.held,
+        &ks.quota_waiting,
+    ] {
+        let n: u64 = conn.hlen(key).unwrap();
+        assert_eq!(n, 0, "{key} is empty");
+    }
+    let ttl: i64 = conn.pttl(q.settled("j1")).unwrap();
+    assert!(ttl > 0, "the settled marker expires (pttl {ttl})");
+    let claim_ttl: i64 = conn.pttl(q.claim("t1")).unwrap();
+    assert!(
+        claim_ttl == -2 || claim_ttl > 0,
+        "the claim record expires (pttl {claim_ttl})"
+    );
+}
+
+/// A reply whose job Redis lost (restarted empty, flushed) still reaches
+/// its front: nobody else can answer it (DESIGN.md decision 13). The
+/// generation tells daemons the data was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_survives_lost_data() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    let before = b.heartbeat(Daemon::Front, FRONT, "{}").await.unwrap();
+    b.enqueue(job("j1", &free)).await.unwrap();
+    let ClaimOutcome::Jobs(jobs) = b.claim(QUEUE, options("t1")).await.unwrap() else {
+        panic!("j1 is claimed");
+    };
+    let _: () = redis::cmd("FLUSHALL").query(&mut redis.conn()).unwrap();
+    let frame = Reply::plain("j1", 200, "ok", WORKER, &[]);
+    assert_eq!(
+        b.reply(&jobs[0].lease, frame, 1).await.unwrap(),
+        Delivery::Delivered
+    );
+    let mut front = b.replies(FRONT);
+    let got = front.next_batch(Duration::from_secs(2)).await.unwrap();
+    assert_eq!(got.len(), 1, "the reply reached {FRONT}");
+    let after = b.heartbeat(Daemon::Front, FRONT, "{}").await.unwrap();
+    assert_ne!(after.generation, before.generation, "a new generation");
+    assert_eq!(after.since_last, None, "Redis forgot {FRONT}");
+}
+
+/// Stalls every client of `redis` for `time`, as a slow fork, a long
+/// command or a frozen VM would.
+fn stall(redis: &RedisServer, time: Duration) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(time.as_millis() as u64)
+        .arg("ALL")
+        .query(&mut redis.conn())
+        .unwrap();
+}
+
+/// Nobody can beat while Redis is stalled: when it answers again, silence
+/// is counted from then (`LIVENESS_GAP`, `lib/liveness.lua`), whatever call
+/// comes first. Here the first call after the stall is a claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_does_not_make_live_fronts_dead() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    b.heartbeat(Daemon::Front, FRONT, "{}").await.unwrap();
+    b.enqueue(job("j1", &free)).await.unwrap();
+    stall(&redis, Duration::from_secs(3));
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    match b.claim(QUEUE, options("t1")).await.unwrap() {
+        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "j1"),
+        other => panic!(
+            "{FRONT} could not beat while Redis was stalled: its job must not be dropped; got {other:?}"
+        ),
+    }
+}
+
+/// The same for workers: a reap that comes first after a stall longer
+/// than a worker's timeout takes no live worker's job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_does_not_make_live_workers_lost() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    b.heartbeat(Daemon::Worker, WORKER, "{}").await.unwrap();
+    b.enqueue(job("j1", &free)).await.unwrap();
+    let ClaimOutcome::Jobs(jobs) = b.claim(QUEUE, options("t1")).await.unwrap() else {
+        panic!("j1 is claimed");
+    };
+    let timeout = HEARTBEAT_TIMEOUT;
+    stall(&redis, timeout + Duration::from_secs(1));
+    tokio::time::sleep(timeout + Duration::from_millis(1300)).await;
+    let policy = RetryPolicy {
+        methods: vec!["GET".into()],
+        max_attempts: 3,
+    };
+    assert_eq!(
+        b.reap(QUEUE, &policy).await.unwrap(),
+        Reaped::default(),
+        "{WORKER} could not beat while Redis was stalled: its lease stays"
+    );
+    assert!(
+        b.renew(&jobs[0].lease, Duration::from_secs(30))
+            .await
+            .unwrap()
+    );
+}

@@ -1,0 +1,312 @@
+//! Faults, with the real binaries: Redis paused or slowed past
+//! `command_timeout` under load, a front killed with -9 or stopped, Redis
+//! restarted empty. The contract: every client gets exactly one answer, no
+//! POST runs twice, nobody is told "try again" (503) for a job that ran, no
+//! lease or quota slot outlives its job, no reply is delivered twice, and a
+//! dead front's jobs stop reaching the backend within a second.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A stack whose Redis calls time out after 400 ms, with room for slow
+/// moments in the clients' wait.
+async fn stack(backend: SlowBackend, workers: usize, max_inflight: usize) -> Binaries {
+    Binaries::start_with(RedisServer::start(), backend, workers, |text| {
+        text.replace("reply_timeout = \"10s\"", "reply_timeout = \"20s\"")
+            .replace(
+                "[redis]\n",
+                "[redis]\ncommand_timeout = \"400ms\"\n",
+            )
+            .replace("max_inflight = 64", &format!("max_inflight = {max_inflight}"))
+    })
+    .await
+}
+
+/// How many times the backend ran each target.
+fn runs(backend: &SlowBackend) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for r in backend.requests() {
+        *n.entry(r.target).or_default() += 1;
+    }
+    n
+}
+
+/// Sends `per_client` POSTs from each of `clients` clients, one after the
+/// other, while `fault` runs; returns (target, status) for every request.
+async fn load_during(
+    url: &str,
+    clients: usize,
+    per_client: usize,
+    fault: impl Future<Output = ()>,
+) -> Vec<(String, u16)> {
+    let client = client();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (client, url) = (client.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for i in 0..per_client {
+                    let target = format!("/job/{c}-{i}?delay=40");
+                    let req = Req::new("POST", &target).body(target.clone());
+                    let status = send(&client, &url, &req).await.status;
+                    seen.push((target, status));
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                seen
+            })
+        })
+        .collect();
+    fault.await;
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task"));
+    }
+    all
+}
+
+/// After the dust settles: every 200 ran exactly once, nothing ran twice,
+/// no 503 ran at all, no lease or slot is left, each run delivered one reply.
+async fn check_contract(stack: &Binaries, seen: &[(String, u16)]) {
+    // Let stragglers (a late enqueue, a requeue) show themselves.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ran = runs(&stack.backend);
+    for (target, status) in seen {
+        let n = ran.get(target).copied().unwrap_or(0);
+        assert!(n <= 1, "{target} ran {n} times");
+        match status {
+            200 => assert_eq!(n, 1, "{target} answered 200 but ran {n} times"),
+            503 => assert_eq!(n, 0, "{target} was told to try again but ran"),
+            504 => {}
+            other => panic!("{target}: unexpected status {other}"),
+        }
+    }
+    let mut conn = stack.redis.conn();
+    let q = keys("default");
+    let leases: usize = redis::cmd("ZCARD")
+        .arg(&q.leases)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(leases, 0, "no lease outlives its job");
+    let holders: usize = redis::cmd("ZCARD")
+        .arg(&keyspace().holders)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(holders, 0, "no quota slot outlives its job");
+    // One latency sample per delivered reply: each run delivered once.
+    let delivered: usize = redis::cmd("LLEN")
+        .arg(&q.latency)
+        .query(&mut conn)
+        .unwrap();
+    let total_runs: usize = ran.values().sum();
+    assert_eq!(delivered, total_runs, "one reply delivered per run");
+}
+
+fn summary(seen: &[(String, u16)]) -> HashMap<u16, usize> {
+    let mut by_status = HashMap::new();
+    for (_, s) in seen {
+        *by_status.entry(*s).or_default() += 1;
+    }
+    by_status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_pause_longer_than_command_timeout_under_load() {
+    let backend = SlowBackend::builder().workers(8).record(true).start().await;
+    let stack = stack(backend, 2, 4).await;
+    let pause = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let mut conn = stack.redis.conn();
+        // Every command of every client waits 3 s: enqueues, claims,
+        // releases, heartbeats.
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(3000)
+            .arg("ALL")
+            .query(&mut conn)
+            .unwrap();
+    };
+    let seen = load_during(&stack.url(), 12, 10, pause).await;
+    eprintln!("CLIENT PAUSE 3000 under load: {:?}", summary(&seen));
+    check_contract(&stack, &seen).await;
+    assert!(
+        seen.iter().all(|(_, s)| *s == 200),
+        "a slow Redis is not a failed one: {:?}",
+        summary(&seen)
+    );
+    stack.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debug_sleep_longer_than_command_timeout_under_load() {
+    let backend = SlowBackend::builder().workers(8).record(true).start().await;
+    let stack = stack(backend, 2, 4).await;
+    let client = stack.redis.client();
+    let sleeps = async move {
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            let client = client.clone();
+            // Redis itself is blocked for 2 s, twice.
+            tokio::task::spawn_blocking(move || {
+                let mut conn = client.get_connection().unwrap();
+                let _: () = redis::cmd("DEBUG")
+                    .arg("SLEEP")
+                    .arg(2)
+                    .query(&mut conn)
+                    .unwrap();
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let seen = load_during(&stack.url(), 12, 12, sleeps).await;
+    eprintln!("DEBUG SLEEP 2 (twice) under load: {:?}", summary(&seen));
+    check_contract(&stack, &seen).await;
+    assert!(
+        seen.iter().all(|(_, s)| *s == 200),
+        "a slow Redis is not a failed one: {:?}",
+        summary(&seen)
+    );
+    stack.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_fronts_queued_jobs_stop_reaching_the_backend_within_a_second() {
+    // One backend slot, 100 ms a request: 80 jobs make a long queue.
+    let backend = SlowBackend::builder()
+        .workers(1)
+        .delay(Duration::from_millis(100))
+        .record(true)
+        .start()
+        .await;
+    let mut stack = stack(backend, 1, 1).await;
+    let client = client();
+    let waiting: Vec<_> = (0..80)
+        .map(|i| {
+            let (client, url) = (client.clone(), stack.url());
+            tokio::spawn(async move {
+                let req = Req::new("POST", format!("/job/{i}")).body("x");
+                try_send(&client, &url, &req).await
+            })
+        })
+        .collect();
+    until_enqueued(&stack.redis, "default", 80).await;
+    stack.front.signal("KILL");
+    let killed = Instant::now();
+    stack.front.wait();
+    // Every client's connection died with the front: no answer, not a wrong one.
+    for w in waiting {
+        if let Ok(Some(seen)) = w.await {
+            assert_eq!(seen.status, 200, "only jobs that ran are answered");
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let late: Vec<Duration> = stack
+        .backend
+        .requests()
+        .iter()
+        .filter(|r| r.started > killed)
+        .map(|r| r.started - killed)
+        .collect();
+    let ran = stack.backend.count();
+    eprintln!(
+        "front killed with {} jobs queued: {} reached the backend after the kill, the last {:?} after it",
+        80 - ran.min(80),
+        late.len(),
+        late.iter().max()
+    );
+    assert!(
+        late.iter().all(|d| *d <= Duration::from_secs(1)),
+        "jobs of a dead front reached the backend later than 1 s after its death: {late:?}"
+    );
+    assert!(ran < 40, "most of the 80 queued jobs never ran ({ran} did)");
+    for w in &mut stack.workers {
+        w.signal("TERM");
+        assert_eq!(w.wait(), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_answers_waiting_clients_at_once() {
+    // One slot, 3 s per request: one POST runs, ten GETs wait.
+    let backend = SlowBackend::builder()
+        .workers(1)
+        .delay(Duration::from_secs(3))
+        .record(true)
+        .start()
+        .await;
+    let mut stack = stack(backend, 1, 1).await;
+    let client = client();
+    let running = spawn_send(&client, &stack.url(), Req::new("POST", "/running").body("x"));
+    until_running(&stack.backend, 1).await;
+    let waiting: Vec<_> = (0..10)
+        .map(|i| spawn_send(&client, &stack.url(), Req::new("GET", format!("/waiting/{i}"))))
+        .collect();
+    until_enqueued(&stack.redis, "default", 11).await;
+    // Let the worker's started notice reach the front.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.redis.restart();
+    let restarted = Instant::now();
+    for w in waiting {
+        let seen = w.await.unwrap();
+        let after = restarted.elapsed();
+        assert_eq!(seen.status, 503, "a lost job's client is told to try again");
+        assert!(seen.header("retry-after").is_some());
+        assert!(after < Duration::from_secs(2), "answered {after:?} after the restart");
+    }
+    eprintln!("Redis restarted empty: 10 waiting clients answered 503 within {:?}", restarted.elapsed());
+    // The POST that was running is not told to try again: its worker
+    // delivers its reply although Redis forgot the job.
+    let seen = running.await.unwrap();
+    assert_eq!(seen.status, 200, "the running POST gets its real answer");
+    assert_eq!(stack.backend.count(), 1, "the waiting GETs never ran");
+    stack.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_front_answers_the_jobs_it_lost_meanwhile() {
+    // One slot, 300 ms per request; the front stops (SIGSTOP) for 2 s, long
+    // enough to be taken for dead: its waiting jobs are dropped at claim.
+    let backend = SlowBackend::builder()
+        .workers(1)
+        .delay(Duration::from_millis(300))
+        .record(true)
+        .start()
+        .await;
+    let stack = stack(backend, 1, 1).await;
+    let client = client();
+    let waiting: Vec<_> = (0..10)
+        .map(|i| spawn_send(&client, &stack.url(), Req::new("GET", format!("/w/{i}"))))
+        .collect();
+    until_enqueued(&stack.redis, "default", 10).await;
+    stack.front.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stack.front.signal("CONT");
+    let resumed = Instant::now();
+    let mut statuses = HashMap::new();
+    for (i, w) in waiting.into_iter().enumerate() {
+        let seen = w.await.unwrap();
+        *statuses.entry(seen.status).or_insert(0) += 1;
+        let ran = stack
+            .backend
+            .requests()
+            .iter()
+            .any(|r| r.target == format!("/w/{i}"));
+        match seen.status {
+            200 => assert!(ran),
+            503 => assert!(!ran, "/w/{i} was told to try again but ran"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    eprintln!(
+        "front stopped 2 s: {statuses:?}, all answered {:?} after it resumed",
+        resumed.elapsed()
+    );
+    assert!(
+        statuses.get(&503).copied().unwrap_or(0) > 0,
+        "some jobs were dropped while the front looked dead"
+    );
+    assert!(resumed.elapsed() < Duration::from_secs(5));
+    stack.stop();
+}

@@ -394,16 +394,12 @@ async fn a_fresh_claim_by_a_worker_with_no_heartbeat_yet_is_not_reaped() {
     let reaped = b.reap("q", &policy).await.unwrap();
     assert_eq!(reaped.requeued + reaped.answered + reaped.dead_lettered, 0);
 
-    // The same claim, made long ago by a worker never heard of, long after
-    // Redis last resumed (a fresh Redis gives everyone a full timeout to
-    // beat first): lost.
-    let mut conn = redis.conn();
-    let _: () = redis::cmd("HSET")
-        .arg(&Keyspace::new("default").liveness)
-        .arg("resumed")
-        .arg(1000)
-        .query(&mut conn)
+    // The same claim, made long ago by a worker never heard of, while
+    // other daemons beat (Redis is not paused): lost.
+    b.heartbeat(thr_broker::Daemon::Worker, "w-alive", "{}")
+        .await
         .unwrap();
+    let mut conn = redis.conn();
     let owner = thr_broker::protocol::records::Owner {
         worker: "w-gone".into(),
         token: claimed[0].lease.token.clone(),

@@ -157,11 +157,18 @@ async fn enqueue<B: Broker>(
         };
         metrics::counter!("thr_redis_errors_total", "daemon" => "http2redis").increment(1);
         unknown |= err.outcome_unknown();
+        // Redis refusing connections is down, not slow: waiting for it to
+        // say whether it took the job is waiting for its restart.
+        let down = !err.outcome_unknown();
         failures += 1;
         let pause = backoff(failures);
-        // Unsure whether it is queued: keep asking while the client waits.
-        // Sure it is not: keep trying only within the down grace.
-        let limit = if unknown { cx.deadline } else { hold_until };
+        // Unsure whether it is queued on a Redis that answers slowly: keep
+        // asking while the client waits. Otherwise: only within the grace.
+        let limit = if unknown && !down {
+            cx.deadline
+        } else {
+            hold_until
+        };
         if Instant::now() + pause < limit {
             cx.span
                 .in_scope(|| tracing::debug!(%err, unknown, "enqueue unanswered, asking again"));
@@ -173,6 +180,13 @@ async fn enqueue<B: Broker>(
         if !unknown {
             // Redis never received it: nothing can run.
             pending.disarm();
+            return Err(FrontError::BrokerDown);
+        }
+        if down {
+            // An earlier attempt may have reached Redis before it went
+            // down. What it held in memory is gone; should it come back
+            // with the job (persistence), `pending` withdraws it as soon as
+            // Redis answers, within the job's deadline.
             return Err(FrontError::BrokerDown);
         }
         // The client's time is up and the job may be queued: answer "try

@@ -72,14 +72,28 @@ async fn renewing<B: Broker, T>(
 ) -> T {
     tokio::pin!(work);
     let period = duration / 3;
-    let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+    let mut next = Instant::now() + period;
+    let mut failures = 0;
     loop {
         tokio::select! {
             out = &mut work => return out,
-            _ = ticks.tick() => match broker.renew(lease, duration).await {
-                Ok(true) => clock.renewed(duration),
-                Ok(false) => tracing::warn!("lease lost while the job runs"),
-                Err(err) => tracing::warn!(%err, "could not renew the lease"),
+            _ = tokio::time::sleep_until(next) => match broker.renew(lease, duration).await {
+                Ok(renewed) => {
+                    failures = 0;
+                    next = Instant::now() + period;
+                    if renewed {
+                        clock.renewed(duration);
+                    } else {
+                        tracing::warn!("lease lost while the job runs");
+                    }
+                }
+                Err(err) => {
+                    // Ask again soon: after a Redis pause, the lease must be
+                    // renewed before the reaper's grace runs out.
+                    failures += 1;
+                    next = Instant::now() + backoff(failures).min(period);
+                    tracing::warn!(%err, "could not renew the lease");
+                }
             },
         }
     }

@@ -61,14 +61,11 @@ async fn export_gauges<B: Broker>(runner: &QueueRunner<B>, exported: &mut Vec<St
     };
     metrics::gauge!("thr_jobs_waiting", "queue" => runner.name.clone()).set(gauges.waiting as f64);
     let mut per_limit: HashMap<String, (u64, u64)> = HashMap::new();
-    for (token, n) in gauges.quota_waiting {
-        let limit = token
-            .split_once('=')
-            .map_or(token.as_str(), |(l, _)| l)
-            .to_string();
-        let e = per_limit.entry(limit).or_default();
-        e.0 += n;
-        e.1 += 1;
+    for (limit, n) in gauges.quota_waiting {
+        per_limit.entry(limit).or_default().0 = n;
+    }
+    for (limit, n) in gauges.saturated_keys {
+        per_limit.entry(limit).or_default().1 = n;
     }
     for limit in exported.iter() {
         per_limit.entry(limit.clone()).or_default();

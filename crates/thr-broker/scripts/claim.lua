@@ -9,7 +9,7 @@ local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_wake, K_drained, K_seq, K_paused = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
-local K_waiting = KEYS[21]
+local K_waiting, K_waiting_limits = KEYS[21], KEYS[22]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_jobs, total, step = math.max(1, tonumber(ARGV[4])), tonumber(ARGV[5]), tonumber(ARGV[6])
 local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
@@ -21,7 +21,8 @@ local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
 -- are one flow, skipped in one step. A served flow goes behind the other
 -- flows of its priority: round-robin between tenants.
 local now, sec = clock()
-local gen = generation(K_generation, K_liveness, now)
+local gen = generation(K_generation)
+local alive = liveness_now(K_liveness, now)
 
 -- What a started job returns to the worker.
 local function started_entry(out, id, info)
@@ -68,7 +69,7 @@ local function front_dead(front)
     return false
   end
   local beat = tonumber(redis.call('ZSCORE', K_fronts, front))
-  return beat ~= nil and is_silent(K_liveness, beat, nil, now, front_timeout)
+  return beat ~= nil and is_silent(alive, beat, nil, now, front_timeout)
 end
 
 -- Forgets a waiting job that must not run (client gone, front dead).
@@ -129,7 +130,7 @@ local function claim_one()
           redis.call('ZREM', K_flow_jobs, head)
           local _, id = member_parts(head)
           redis.call('ZREM', K_pending, id)
-          waiting_add(K_waiting, quotas, -1)
+          waiting_add(K_waiting, K_waiting_limits, quotas, -1)
           local info = info_unpack(redis.call('HGET', K_info, id))
           if info and info.deadline > now and not front_dead(info.front) then
             local until_ms = int(now + lease)

@@ -6,6 +6,7 @@
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_seq, K_wake = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_drained, K_waiting, K_settled, K_dead, K_reasons = KEYS[9], KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local K_waiting_limits = KEYS[14]
 local id, prio, frame, timeout = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local flow, def, max_queue, step = ARGV[5], ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local front, method, from_dead = ARGV[9], ARGV[10], ARGV[11] == '1'
@@ -56,6 +57,6 @@ local turn = tonumber(redis.call('ZSCORE', K_flows, flow))
 if not turn or score < turn then
   redis.call('ZADD', K_flows, int(score), flow)
 end
-waiting_add(K_waiting, quotas, 1)
+waiting_add(K_waiting, K_waiting_limits, quotas, 1)
 ring(K_wake)
 return {'queued'}

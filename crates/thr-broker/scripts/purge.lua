@@ -4,9 +4,9 @@
 -- queue a slice at a time, so Redis is never blocked for long.
 -- includes: clock order records quota
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_jobs, K_info, K_waiting = KEYS[5], KEYS[6], KEYS[7]
--- KEYS[8 + 2i], KEYS[9 + 2i]: the i-th job's settled marker and its front's
--- reply list (i from 0).
+local K_jobs, K_info, K_waiting, K_waiting_limits = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+-- KEYS[9 + 2i], KEYS[10 + 2i]: the i-th job's settled marker and its
+-- front's reply list (i from 0).
 local reply_ttl = tonumber(ARGV[1])
 -- ARGV[2 + 2i], ARGV[3 + 2i]: the i-th job's id and reply frame.
 -- Returns the number of jobs purged.
@@ -15,14 +15,14 @@ local purged = 0
 local i = 0
 while ARGV[2 + 2 * i] do
   local id, frame = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
-  local K_settled, K_replies = KEYS[8 + 2 * i], KEYS[9 + 2 * i]
+  local K_settled, K_replies = KEYS[9 + 2 * i], KEYS[10 + 2 * i]
   i = i + 1
   local info = info_unpack(redis.call('HGET', K_info, id))
   if info and redis.call('ZREM', K_pending, id) == 1 then
     redis.call('ZREM', K_flow_jobs, flow_member(info.flow, info.score, id))
     redis.call('HDEL', K_jobs, id)
     redis.call('HDEL', K_info, id)
-    waiting_add(K_waiting, parse_def(info.def), -1)
+    waiting_add(K_waiting, K_waiting_limits, parse_def(info.def), -1)
     if not flow_head(K_flow_jobs, info.flow) then
       redis.call('ZREM', K_flows, info.flow)
       redis.call('HDEL', K_flowdefs, info.flow)

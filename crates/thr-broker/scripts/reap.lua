@@ -8,13 +8,15 @@ local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], K
 local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_wake, K_dead, K_reasons, K_waiting = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_held, K_holders, K_workers, K_liveness = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
--- KEYS[17 + 2i], KEYS[18 + 2i]: the i-th job's settled marker and its
+local K_waiting_limits = KEYS[17]
+-- KEYS[18 + 2i], KEYS[19 + 2i]: the i-th job's settled marker and its
 -- front's reply list (i from 0).
 local timeout, reply_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 -- ARGV[3 + 4i ..]: id, token found, action ('requeue', 'answer', 'bury'),
 -- reply frame (for answer and bury).
 -- Returns {requeued, answered, buried}.
 local now = clock()
+local alive = liveness_now(K_liveness, now)
 local requeued, answered, buried = 0, 0, 0
 
 local function forget(id)
@@ -27,14 +29,16 @@ end
 local i = 0
 while ARGV[3 + 4 * i] do
   local id, token, action, frame = ARGV[3 + 4 * i], ARGV[4 + 4 * i], ARGV[5 + 4 * i], ARGV[6 + 4 * i]
-  local K_settled, K_replies = KEYS[17 + 2 * i], KEYS[18 + 2 * i]
+  local K_settled, K_replies = KEYS[18 + 2 * i], KEYS[19 + 2 * i]
   i = i + 1
   local owner = owner_unpack(redis.call('HGET', K_owners, id))
   local until_ms = tonumber(redis.call('ZSCORE', K_leases, id))
   local lost = until_ms ~= nil and ((owner and owner.token or '') == token)
   if lost and until_ms > now then
-    lost = owner ~= nil and is_silent(K_liveness,
+    lost = owner ~= nil and is_silent(alive,
       tonumber(redis.call('ZSCORE', K_workers, owner.worker)), owner.claimed, now, timeout)
+  elseif lost then
+    lost = lease_lost(alive, until_ms, now, timeout)
   end
   if lost then
     local info = info_unpack(redis.call('HGET', K_info, id))
@@ -60,7 +64,7 @@ while ARGV[3 + 4 * i] do
       if not turn or info.score < turn then
         redis.call('ZADD', K_flows, int(info.score), info.flow)
       end
-      waiting_add(K_waiting, quotas, 1)
+      waiting_add(K_waiting, K_waiting_limits, quotas, 1)
       ring(K_wake)
       requeued = requeued + 1
     else

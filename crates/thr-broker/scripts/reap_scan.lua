@@ -9,6 +9,7 @@ local timeout, limit, cursor = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 -- ARGV[3] HSCAN cursor over owners ('0' to start).
 -- Returns {next cursor ('0': done), id, token, method, attempts, front, ...}.
 local now = clock()
+local alive = liveness_now(K_liveness, now)
 local out = {'0'}
 local seen = {}
 
@@ -25,8 +26,10 @@ local function add(id, owner)
   out[#out + 1] = info and info.front or ''
 end
 
-for _, id in ipairs(redis.call('ZRANGE', K_leases, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
-  add(id, owner_unpack(redis.call('HGET', K_owners, id)))
+if lease_lost(alive, 0, now, timeout) then
+  for _, id in ipairs(redis.call('ZRANGE', K_leases, '-inf', now, 'BYSCORE', 'LIMIT', 0, limit)) do
+    add(id, owner_unpack(redis.call('HGET', K_owners, id)))
+  end
 end
 
 -- Jobs of silent workers (or of workers never heard of): one page of
@@ -38,7 +41,7 @@ for i = 1, #fields, 2 do
   local owner = owner_unpack(fields[i + 1])
   if owner then
     local beat = tonumber(redis.call('ZSCORE', K_workers, owner.worker))
-    if is_silent(K_liveness, beat, owner.claimed, now, timeout) then
+    if is_silent(alive, beat, owner.claimed, now, timeout) then
       add(fields[i], owner)
     end
   end

@@ -4,6 +4,7 @@
 -- includes: clock order records quota
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_waiting, K_settled = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_waiting_limits = KEYS[9]
 local id, remember = ARGV[1], tonumber(ARGV[2])
 -- Returns 'withdrawn', 'started' or 'settled'.
 if redis.call('EXISTS', K_settled) == 1 then
@@ -19,7 +20,7 @@ if info then
   redis.call('ZREM', K_flow_jobs, flow_member(info.flow, info.score, id))
   redis.call('HDEL', K_jobs, id)
   redis.call('HDEL', K_info, id)
-  waiting_add(K_waiting, parse_def(redis.call('HGET', K_flowdefs, info.flow)), -1)
+  waiting_add(K_waiting, K_waiting_limits, parse_def(info.def), -1)
   if not flow_head(K_flow_jobs, info.flow) then
     redis.call('ZREM', K_flows, info.flow)
     redis.call('HDEL', K_flowdefs, info.flow)

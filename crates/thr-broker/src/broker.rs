@@ -113,8 +113,10 @@ pub struct ClaimOptions<'a> {
 /// leases are taken back.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often workers say they are alive.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often workers say they are alive. Often, so that beats (of anyone)
+/// never pause for long while some daemon lives: a pause in all beats is
+/// how a paused Redis is told from dead daemons (see ARCHITECTURE.md).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(250);
 
 /// How often fronts say they are alive: often, because a dead front's
 /// waiting jobs must stop reaching the backend within a second.
@@ -250,8 +252,11 @@ pub enum Delivery {
 pub struct Gauges {
     /// Jobs waiting in the queue.
     pub waiting: u64,
-    /// Quota token → jobs waiting for it (tokens with none are absent).
+    /// Limit name → jobs waiting for one of its quotas (deployment-wide;
+    /// limits with none are absent).
     pub quota_waiting: std::collections::BTreeMap<String, u64>,
+    /// Limit name → its key values that have jobs waiting (saturated).
+    pub saturated_keys: std::collections::BTreeMap<String, u64>,
 }
 
 /// The shared engine between fronts and workers.

@@ -64,24 +64,43 @@ impl BrokerError {
 
 impl From<::redis::RedisError> for BrokerError {
     fn from(err: ::redis::RedisError) -> BrokerError {
-        if err.is_connection_refusal() {
-            BrokerError::Unreachable {
+        match undelivered(&err) {
+            Some(true) => BrokerError::Unreachable {
                 source: Box::new(err),
-            }
-        } else if err.is_io_error()
-            || err.is_timeout()
-            || err.is_connection_dropped()
-            || err.is_unrecoverable_error()
-        {
-            BrokerError::Timeout {
+            },
+            Some(false) => BrokerError::Timeout {
                 what: err.to_string(),
                 source: Some(Box::new(err)),
-            }
-        } else {
-            BrokerError::Failed {
+            },
+            None => BrokerError::Failed {
                 source: Box::new(err),
-            }
+            },
         }
+    }
+}
+
+/// For a failure to talk to Redis: whether the command certainly never
+/// reached it (Some(true)), or may have (Some(false)); None for an answer
+/// that Redis gave (an error reply: the command did nothing).
+///
+/// redis-rs reports a connection that closed the same way whether a
+/// request was still waiting to be written or already sent, so a closed
+/// connection counts as "may have". Refused connections, and connections
+/// that could not be set up (a TLS handshake refused: an I/O error that is
+/// neither a drop nor a timeout), never carried the command.
+fn undelivered(err: &::redis::RedisError) -> Option<bool> {
+    if err.is_connection_refusal() {
+        Some(true)
+    } else if err.is_io_error() && !err.is_connection_dropped() && !err.is_timeout() {
+        Some(true)
+    } else if err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_dropped()
+        || err.is_unrecoverable_error()
+    {
+        Some(false)
+    } else {
+        None
     }
 }
 

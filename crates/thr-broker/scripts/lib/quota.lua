@@ -62,11 +62,28 @@ local function gcra_sweep(state, expiry, now)
   end
 end
 
--- Waiting-job counters per quota token (for max_waiting and thrctl).
-local function waiting_add(hash, quotas, delta)
+-- Waiting-job counters per quota token (for max_waiting and thrctl), and
+-- per limit in `by_limit`: `LIMIT` counts its waiting jobs, `LIMIT#` its key
+-- values with jobs waiting. The per-limit figures are what gauges read:
+-- a handful of fields, however many key values wait.
+local function waiting_add(hash, by_limit, quotas, delta)
   for _, q in ipairs(quotas) do
-    if redis.call('HINCRBY', hash, q.token, delta) <= 0 then
+    local limit = string.match(q.token, '^([^=]*)=') or q.token
+    local n = redis.call('HINCRBY', hash, q.token, delta)
+    if n <= 0 then
       redis.call('HDEL', hash, q.token)
+    end
+    if redis.call('HINCRBY', by_limit, limit, delta) <= 0 then
+      redis.call('HDEL', by_limit, limit)
+    end
+    local keys_delta = 0
+    if delta > 0 and n == delta then
+      keys_delta = 1
+    elseif delta < 0 and n <= 0 and n - delta > 0 then
+      keys_delta = -1
+    end
+    if keys_delta ~= 0 and redis.call('HINCRBY', by_limit, limit .. '#', keys_delta) <= 0 then
+      redis.call('HDEL', by_limit, limit .. '#')
     end
   end
 end

@@ -52,6 +52,10 @@ pub struct Keyspace {
     pub gcra_expiry: String,
     /// Hash: quota token → jobs waiting for it (for `max_waiting`, thrctl).
     pub quota_waiting: String,
+    /// Hash: `LIMIT` → jobs waiting for one of its quotas, `LIMIT#` → its
+    /// key values with jobs waiting: what gauges read, a few fields however
+    /// many key values wait.
+    pub quota_waiting_limits: String,
 }
 
 impl Keyspace {
@@ -69,6 +73,7 @@ impl Keyspace {
             gcra: k("quota:gcra"),
             gcra_expiry: k("quota:gcra-expiry"),
             quota_waiting: k("quota:waiting"),
+            quota_waiting_limits: k("quota:waiting-limits"),
             root,
         }
     }
@@ -210,6 +215,7 @@ mod tests {
             &ks.gcra,
             &ks.gcra_expiry,
             &ks.quota_waiting,
+            &ks.quota_waiting_limits,
             &q.pending,
             &q.flow_jobs,
             &q.seq,

@@ -145,6 +145,7 @@ impl Scripts {
             .key(q.settled(a.id))
             .key(&q.dead)
             .key(&q.dead_reasons)
+            .key(&ks.quota_waiting_limits)
             .arg(a.id)
             .arg(a.priority)
             .arg(a.frame)
@@ -175,6 +176,7 @@ impl Scripts {
             .key(&q.info)
             .key(&ks.quota_waiting)
             .key(q.settled(id))
+            .key(&ks.quota_waiting_limits)
             .arg(id)
             .arg(ms(remember));
         s
@@ -248,6 +250,7 @@ impl Scripts {
             .key(&ks.gcra)
             .key(&ks.gcra_expiry)
             .key(&ks.quota_waiting)
+            .key(&ks.quota_waiting_limits)
             .arg(a.token)
             .arg(a.worker)
             .arg(ms(a.lease))
@@ -463,6 +466,7 @@ impl Scripts {
             .key(&ks.holders)
             .key(&ks.workers)
             .key(&ks.liveness)
+            .key(&ks.quota_waiting_limits)
             .arg(ms(timeout))
             .arg(reply_ttl.as_secs());
         for a in actions {
@@ -487,6 +491,7 @@ impl Scripts {
             .key(&q.jobs)
             .key(&q.info)
             .key(&ks.quota_waiting)
+            .key(&ks.quota_waiting_limits)
             .arg(reply_ttl.as_secs());
         for item in items {
             s.key(q.settled(item.id)).key(ks.replies(item.front));

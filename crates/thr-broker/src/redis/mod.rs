@@ -43,10 +43,12 @@ const CLAIM_SCAN: u32 = 1000;
 /// Most lost jobs one reap call handles: bounds the time it holds Redis.
 const REAP_SLICE: usize = 50;
 
-/// When nobody has beaten for this long, Redis was paused or down, and
-/// silence is counted again from when it answers (see `lib/liveness.lua`).
-/// Longer than the slowest beat period, with room for a loaded machine.
-const LIVENESS_GAP: Duration = Duration::from_millis(2500);
+/// When nobody has beaten for this long, Redis is paused or was down:
+/// nobody is judged dead, and silence is counted again from when beats
+/// resume (see `lib/liveness.lua`). Over twice the slowest beat period
+/// (workers, 250 ms), and shorter than a front's timeout (750 ms), so a
+/// pause that could make a live front look dead is always seen as one.
+const LIVENESS_GAP: Duration = Duration::from_millis(600);
 
 /// Aging step in ms: a priority level is worth `max_wait_boost / 98` of
 /// waiting (priority 99 catches up with priority 1 after `max_wait_boost`).
@@ -571,20 +573,28 @@ impl Broker for RedisBroker {
 
     async fn gauges(&self, queue: &str) -> Result<Gauges, BrokerError> {
         let q = self.queue_keys(queue);
-        let waiting_key = self.keyspace.quota_waiting.clone();
-        let (waiting, quota_waiting): (u64, std::collections::BTreeMap<String, u64>) = self
+        let by_limit = self.keyspace.quota_waiting_limits.clone();
+        let (waiting, fields): (u64, std::collections::BTreeMap<String, i64>) = self
             .run(|mut conn| async move {
                 redis::pipe()
                     .zcard(&q.pending)
-                    .hgetall(&waiting_key)
+                    .hgetall(&by_limit)
                     .query_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(Gauges {
+        let mut gauges = Gauges {
             waiting,
-            quota_waiting,
-        })
+            ..Gauges::default()
+        };
+        for (field, n) in fields {
+            let n = n.max(0) as u64;
+            match field.strip_suffix('#') {
+                Some(limit) => gauges.saturated_keys.insert(limit.to_string(), n),
+                None => gauges.quota_waiting.insert(field, n),
+            };
+        }
+        Ok(gauges)
     }
 
     fn doorbell(&self, queue: &str) -> RedisDoorbell {

@@ -423,9 +423,13 @@ impl RedisBroker {
         Ok(usage.into_values().collect())
     }
 
-    /// Live fronts and workers: those whose silence, counted as the scripts
-    /// count it (not before Redis last resumed), is within their kind's
-    /// timeout.
+    /// Live fronts and workers: those whose silence is within their kind's
+    /// timeout, counted from Redis's last resumption at the earliest (as
+    /// `lib/liveness.lua` counts it, so a daemon is not shown dead just
+    /// because Redis was paused). Unlike the scripts, which judge nobody
+    /// while no daemon beats at all (they must not take work back while
+    /// unsure), this view drops daemons that went silent: with every daemon
+    /// dead, an operator sees none.
     pub async fn daemons(&self) -> Result<Vec<DaemonInfo>, BrokerError> {
         let now = self.now_ms().await?;
         let ks = self.keyspace();

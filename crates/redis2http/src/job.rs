@@ -129,7 +129,7 @@ async fn execute<B: Broker>(runner: &QueueRunner<B>, claimed: Claimed, permit: O
             (
                 q.backend_timeout,
                 q.lease,
-                q.retry_methods.iter().any(|m| *m == job.meta.method),
+                q.retry_methods.contains(&job.meta.method),
             )
         };
         let clock = LeaseClock::new(duration);

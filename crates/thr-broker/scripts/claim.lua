@@ -13,6 +13,7 @@ local K_waiting, K_waiting_limits = KEYS[21], KEYS[22]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_jobs, total, step = math.max(1, tonumber(ARGV[4])), tonumber(ARGV[5]), tonumber(ARGV[6])
 local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
+local worker_timeout = tonumber(ARGV[9])
 -- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
 -- (five items per job, at least one job), or
 -- {generation, 'idle', why, ms until a rate quota may allow (-1: unknown)}.
@@ -53,7 +54,9 @@ end
 if redis.call('EXISTS', K_paused) == 1 then
   return {gen, 'idle', 'paused', -1}
 end
-sem_sweep(K_held, K_holders, now)
+if lease_lost(alive, 0, now, worker_timeout) then
+  sem_sweep(K_held, K_holders, now)
+end
 gcra_sweep(K_gcra, K_gcra_expiry, now)
 
 local full = {}     -- quota tokens found saturated during this call

@@ -15,7 +15,7 @@ local backend_ms, keep, generation = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[
 -- (the lease is no longer the job's: whoever took the job answers it).
 local owner = owner_unpack(redis.call('HGET', K_owners, id))
 if not owner then
-  if redis.call('GET', K_settled) == 'answered' then
+  if redis.call('GET', K_settled) == 'answered:' .. token then
     return 'again'
   end
   if redis.call('GET', K_generation) == generation then
@@ -42,7 +42,7 @@ if info then
     redis.call('LTRIM', K_latency, 0, keep - 1)
   end
 end
-redis.call('SET', K_settled, 'answered', 'PX', int(remember))
+redis.call('SET', K_settled, 'answered:' .. token, 'PX', int(remember))
 redis.call('ZREM', K_leases, id)
 redis.call('HDEL', K_owners, id)
 redis.call('HDEL', K_jobs, id)

@@ -3,7 +3,9 @@
 
 -- Concurrency: `held` counts a token's running jobs; `holders` scores each
 -- `token<TAB>id` by its lease deadline. Expired holders (a crashed worker's)
--- are swept first, a bounded number per call: nothing stays locked.
+-- are swept first, a bounded number per call: nothing stays locked. The
+-- caller sweeps only when a lease past its deadline is lost (see
+-- lib/liveness.lua `lease_lost`): never during or just after a Redis pause.
 local function sem_sweep(held, holders, now)
   local gone = redis.call('ZRANGE', holders, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
   for _, m in ipairs(gone) do

@@ -202,6 +202,7 @@ pub(crate) struct Claim<'a> {
     pub aging_step_ms: u64,
     pub scan_budget: u32,
     pub front_timeout: Duration,
+    pub worker_timeout: Duration,
 }
 
 /// One job a claim started.
@@ -258,7 +259,8 @@ impl Scripts {
             .arg(a.max_inflight_total)
             .arg(a.aging_step_ms)
             .arg(a.scan_budget)
-            .arg(ms(a.front_timeout));
+            .arg(ms(a.front_timeout))
+            .arg(ms(a.worker_timeout));
         s
     }
 

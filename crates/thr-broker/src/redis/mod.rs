@@ -280,7 +280,10 @@ impl Broker for RedisBroker {
                 &q,
                 &s::Enqueue {
                     id: job.id,
-                    priority: job.priority,
+                    priority: job.priority.clamp(
+                        thr_core::priority::HIGHEST,
+                        thr_core::priority::LOWEST,
+                    ),
                     frame: &job.frame,
                     timeout: job.timeout,
                     flow: &job.flow.id(),
@@ -363,6 +366,7 @@ impl Broker for RedisBroker {
                     aging_step_ms: aging_step_ms(options.max_wait_boost),
                     scan_budget: CLAIM_SCAN,
                     front_timeout: FRONT_TIMEOUT,
+                    worker_timeout: HEARTBEAT_TIMEOUT,
                 },
             ))
             .await?;
@@ -627,7 +631,7 @@ impl Broker for RedisBroker {
 /// client 502 (setting a safe one aside in the dead letters, since every
 /// attempt lost its worker). Returns the action and the answer's frame.
 fn reap_decision(job: &s::LostJob, policy: &RetryPolicy) -> (&'static str, Bytes) {
-    let safe = policy.methods.iter().any(|m| *m == job.method);
+    let safe = policy.methods.contains(&job.method);
     let attempts = job.attempts.max(0) as u32 + 1;
     if safe && attempts < policy.max_attempts {
         return ("requeue", Bytes::new());

@@ -15,11 +15,11 @@ use crate::support::*;
 async fn stack(backend: SlowBackend, workers: usize, max_inflight: usize) -> Binaries {
     Binaries::start_with(RedisServer::start(), backend, workers, |text| {
         text.replace("reply_timeout = \"10s\"", "reply_timeout = \"20s\"")
+            .replace("[redis]\n", "[redis]\ncommand_timeout = \"400ms\"\n")
             .replace(
-                "[redis]\n",
-                "[redis]\ncommand_timeout = \"400ms\"\n",
+                "max_inflight = 64",
+                &format!("max_inflight = {max_inflight}"),
             )
-            .replace("max_inflight = 64", &format!("max_inflight = {max_inflight}"))
     })
     .await
 }
@@ -84,10 +84,7 @@ async fn check_contract(stack: &Binaries, seen: &[(String, u16)]) {
     }
     let mut conn = stack.redis.conn();
     let q = keys("default");
-    let leases: usize = redis::cmd("ZCARD")
-        .arg(&q.leases)
-        .query(&mut conn)
-        .unwrap();
+    let leases: usize = redis::cmd("ZCARD").arg(&q.leases).query(&mut conn).unwrap();
     assert_eq!(leases, 0, "no lease outlives its job");
     let holders: usize = redis::cmd("ZCARD")
         .arg(&keyspace().holders)
@@ -95,10 +92,7 @@ async fn check_contract(stack: &Binaries, seen: &[(String, u16)]) {
         .unwrap();
     assert_eq!(holders, 0, "no quota slot outlives its job");
     // One latency sample per delivered reply: each run delivered once.
-    let delivered: usize = redis::cmd("LLEN")
-        .arg(&q.latency)
-        .query(&mut conn)
-        .unwrap();
+    let delivered: usize = redis::cmd("LLEN").arg(&q.latency).query(&mut conn).unwrap();
     let total_runs: usize = ran.values().sum();
     assert_eq!(delivered, total_runs, "one reply delivered per run");
 }
@@ -238,10 +232,20 @@ async fn redis_restarted_empty_answers_waiting_clients_at_once() {
         .await;
     let mut stack = stack(backend, 1, 1).await;
     let client = client();
-    let running = spawn_send(&client, &stack.url(), Req::new("POST", "/running").body("x"));
+    let running = spawn_send(
+        &client,
+        &stack.url(),
+        Req::new("POST", "/running").body("x"),
+    );
     until_running(&stack.backend, 1).await;
     let waiting: Vec<_> = (0..10)
-        .map(|i| spawn_send(&client, &stack.url(), Req::new("GET", format!("/waiting/{i}"))))
+        .map(|i| {
+            spawn_send(
+                &client,
+                &stack.url(),
+                Req::new("GET", format!("/waiting/{i}")),
+            )
+        })
         .collect();
     until_enqueued(&stack.redis, "default", 11).await;
     // Let the worker's started notice reach the front.
@@ -253,9 +257,15 @@ async fn redis_restarted_empty_answers_waiting_clients_at_once() {
         let after = restarted.elapsed();
         assert_eq!(seen.status, 503, "a lost job's client is told to try again");
         assert!(seen.header("retry-after").is_some());
-        assert!(after < Duration::from_secs(2), "answered {after:?} after the restart");
+        assert!(
+            after < Duration::from_secs(2),
+            "answered {after:?} after the restart"
+        );
     }
-    eprintln!("Redis restarted empty: 10 waiting clients answered 503 within {:?}", restarted.elapsed());
+    eprintln!(
+        "Redis restarted empty: 10 waiting clients answered 503 within {:?}",
+        restarted.elapsed()
+    );
     // The POST that was running is not told to try again: its worker
     // delivers its reply although Redis forgot the job.
     let seen = running.await.unwrap();

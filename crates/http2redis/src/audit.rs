@@ -33,9 +33,7 @@ pub async fn run<B: Broker>(
             },
             _ = stop.changed() => return,
         };
-        let lost_data = generation
-            .as_ref()
-            .is_some_and(|g| *g != beat.generation);
+        let lost_data = generation.as_ref().is_some_and(|g| *g != beat.generation);
         let silent = beat.since_last.is_some_and(|s| s > FRONT_TIMEOUT);
         generation = Some(beat.generation);
         if lost_data || silent {

@@ -373,7 +373,11 @@ impl<B: Broker> Front<B> {
                 .saturating_sub(cx.started.elapsed())
                 .min(queue.backend_timeout);
             let job = Job { meta, body };
-            let outcome = forwarder.1.forward(&job, left).instrument(cx.span.clone()).await;
+            let outcome = forwarder
+                .1
+                .forward(&job, left)
+                .instrument(cx.span.clone())
+                .await;
             return Ok(Reply {
                 meta: ReplyMeta {
                     id: job.meta.id,

@@ -99,7 +99,11 @@ async fn renewing<B: Broker, T>(
     }
 }
 
-async fn execute<B: Broker>(runner: &QueueRunner<B>, claimed: Claimed, permit: OwnedSemaphorePermit) {
+async fn execute<B: Broker>(
+    runner: &QueueRunner<B>,
+    claimed: Claimed,
+    permit: OwnedSemaphorePermit,
+) {
     let queue = &runner.name;
     let lease = claimed.lease;
     let job = match Job::decode(claimed.frame) {
@@ -192,7 +196,9 @@ async fn deliver<B: Broker>(
         match broker.reply(lease, frame.clone(), backend_ms).await {
             Ok(Delivery::Delivered) => return,
             Ok(Delivery::LeaseLost) => {
-                tracing::warn!("reply not delivered: the job was taken back from this worker (its client is answered by whoever took it)");
+                tracing::warn!(
+                    "reply not delivered: the job was taken back from this worker (its client is answered by whoever took it)"
+                );
                 return;
             }
             Err(err) if clock.expired() => {

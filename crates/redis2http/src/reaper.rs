@@ -49,7 +49,9 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 )
             }
             Ok(_) => {}
-            Err(err) => tracing::warn!(queue = %runner.name, %err, "reaping failed; trying again in a second"),
+            Err(err) => {
+                tracing::warn!(queue = %runner.name, %err, "reaping failed; trying again in a second")
+            }
         }
     }
 }

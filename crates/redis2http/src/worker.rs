@@ -85,20 +85,19 @@ impl<B: Broker> Worker<B> {
                 .await
             }
         });
-        let apply = |served: &mut HashMap<String, Served<B>>,
-                     tasks: &mut JoinSet<()>,
-                     config: &Config| {
-            reload::apply(
-                served,
-                config,
-                reload::Context {
-                    broker: &self.broker,
-                    worker_id: &self.id,
-                    inflight: &inflight,
-                    tasks,
-                },
-            )
-        };
+        let apply =
+            |served: &mut HashMap<String, Served<B>>, tasks: &mut JoinSet<()>, config: &Config| {
+                reload::apply(
+                    served,
+                    config,
+                    reload::Context {
+                        broker: &self.broker,
+                        worker_id: &self.id,
+                        inflight: &inflight,
+                        tasks,
+                    },
+                )
+            };
         apply(&mut served, &mut tasks, &current);
         tracing::info!(worker = %self.id, "redis2http ready");
         tokio::pin!(shutdown);

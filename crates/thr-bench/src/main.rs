@@ -349,12 +349,7 @@ async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
     // Two running jobs fill the quota; the rest of the flow waits behind it.
     if blocked > 0 {
         for chunk in (0..blocked + 2).collect::<Vec<_>>().chunks(200) {
-            join_all(
-                chunk
-                    .iter()
-                    .map(|i| job(format!("b{i}"), &BLOCKED)),
-            )
-            .await;
+            join_all(chunk.iter().map(|i| job(format!("b{i}"), &BLOCKED))).await;
         }
         for _ in 0..2 {
             let token = next_token();

@@ -2,7 +2,7 @@
 -- purge); their clients get the caller's reply frame (a 503) through their
 -- front's list. A job claimed meanwhile is left alone. The caller walks the
 -- queue a slice at a time, so Redis is never blocked for long.
--- includes: clock order records quota
+-- includes: clock order records quota waiting
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_waiting, K_waiting_limits = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 -- KEYS[9 + 2i], KEYS[10 + 2i]: the i-th job's settled marker and its
@@ -18,15 +18,8 @@ while ARGV[2 + 2 * i] do
   local K_settled, K_replies = KEYS[9 + 2 * i], KEYS[10 + 2 * i]
   i = i + 1
   local info = info_unpack(redis.call('HGET', K_info, id))
-  if info and redis.call('ZREM', K_pending, id) == 1 then
-    redis.call('ZREM', K_flow_jobs, flow_member(info.flow, info.score, id))
-    redis.call('HDEL', K_jobs, id)
-    redis.call('HDEL', K_info, id)
-    waiting_add(K_waiting, K_waiting_limits, parse_def(info.def), -1)
-    if not flow_head(K_flow_jobs, info.flow) then
-      redis.call('ZREM', K_flows, info.flow)
-      redis.call('HDEL', K_flowdefs, info.flow)
-    end
+  if info and redis.call('ZSCORE', K_pending, id) then
+    unqueue(id, info, K_waiting, K_waiting_limits)
     if info.front ~= '' then
       redis.call('LPUSH', K_replies, frame)
       redis.call('EXPIRE', K_replies, reply_ttl)

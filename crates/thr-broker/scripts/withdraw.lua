@@ -1,7 +1,7 @@
 -- withdraw: makes sure a job never runs unless it has started. A waiting
 -- job is removed; an unknown one (its enqueue may still be on its way) is
 -- marked settled, so that a late enqueue is refused.
--- includes: clock order records quota
+-- includes: clock order records quota waiting
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_waiting, K_settled = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_waiting_limits = KEYS[9]
@@ -16,15 +16,7 @@ if info and not redis.call('ZSCORE', K_pending, id) then
 end
 local now = clock()
 if info then
-  redis.call('ZREM', K_pending, id)
-  redis.call('ZREM', K_flow_jobs, flow_member(info.flow, info.score, id))
-  redis.call('HDEL', K_jobs, id)
-  redis.call('HDEL', K_info, id)
-  waiting_add(K_waiting, K_waiting_limits, parse_def(info.def), -1)
-  if not flow_head(K_flow_jobs, info.flow) then
-    redis.call('ZREM', K_flows, info.flow)
-    redis.call('HDEL', K_flowdefs, info.flow)
-  end
+  unqueue(id, info, K_waiting, K_waiting_limits)
   remember = math.max(remember, info.deadline - now)
 end
 redis.call('SET', K_settled, 'withdrawn', 'PX', int(math.max(remember, 1000)))

@@ -89,9 +89,8 @@ impl From<::redis::RedisError> for BrokerError {
 /// that could not be set up (a TLS handshake refused: an I/O error that is
 /// neither a drop nor a timeout), never carried the command.
 fn undelivered(err: &::redis::RedisError) -> Option<bool> {
-    if err.is_connection_refusal() {
-        Some(true)
-    } else if err.is_io_error() && !err.is_connection_dropped() && !err.is_timeout() {
+    let not_set_up = err.is_io_error() && !err.is_connection_dropped() && !err.is_timeout();
+    if err.is_connection_refusal() || not_set_up {
         Some(true)
     } else if err.is_io_error()
         || err.is_timeout()

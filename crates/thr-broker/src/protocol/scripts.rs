@@ -66,6 +66,7 @@ pub fn helper(name: &str) -> Option<&'static str> {
         "quota" => include_str!("../../scripts/lib/quota.lua"),
         "drain" => include_str!("../../scripts/lib/drain.lua"),
         "liveness" => include_str!("../../scripts/lib/liveness.lua"),
+        "waiting" => include_str!("../../scripts/lib/waiting.lua"),
         _ => return None,
     })
 }
@@ -89,6 +90,17 @@ impl Scripts {
             stats: Script::new(text::STATS),
         })
     }
+}
+
+/// The keys of a queue's waiting jobs, KEYS[1..6] of every script that
+/// queues or unqueues jobs (`scripts/lib/waiting.lua` relies on the order).
+fn waiting_keys<'a>(s: &mut ScriptInvocation<'a>, q: &QueueKeys) {
+    s.key(&q.pending)
+        .key(&q.flow_jobs)
+        .key(&q.flows)
+        .key(&q.flowdefs)
+        .key(&q.jobs)
+        .key(&q.info);
 }
 
 fn ms(d: Duration) -> u64 {
@@ -132,13 +144,8 @@ impl Scripts {
         a: &Enqueue<'_>,
     ) -> ScriptInvocation<'_> {
         let mut s = self.enqueue.prepare_invoke();
-        s.key(&q.pending)
-            .key(&q.flow_jobs)
-            .key(&q.flows)
-            .key(&q.flowdefs)
-            .key(&q.jobs)
-            .key(&q.info)
-            .key(&q.seq)
+        waiting_keys(&mut s, q);
+        s.key(&q.seq)
             .key(&q.wake)
             .key(&q.drained)
             .key(&ks.quota_waiting)
@@ -168,13 +175,8 @@ impl Scripts {
         remember: Duration,
     ) -> ScriptInvocation<'_> {
         let mut s = self.withdraw.prepare_invoke();
-        s.key(&q.pending)
-            .key(&q.flow_jobs)
-            .key(&q.flows)
-            .key(&q.flowdefs)
-            .key(&q.jobs)
-            .key(&q.info)
-            .key(&ks.quota_waiting)
+        waiting_keys(&mut s, q);
+        s.key(&ks.quota_waiting)
             .key(q.settled(id))
             .key(&ks.quota_waiting_limits)
             .arg(id)
@@ -230,13 +232,8 @@ impl Scripts {
         a: &Claim<'_>,
     ) -> ScriptInvocation<'_> {
         let mut s = self.claim.prepare_invoke();
-        s.key(&q.pending)
-            .key(&q.flow_jobs)
-            .key(&q.flows)
-            .key(&q.flowdefs)
-            .key(&q.jobs)
-            .key(&q.info)
-            .key(&q.leases)
+        waiting_keys(&mut s, q);
+        s.key(&q.leases)
             .key(&q.owners)
             .key(&q.wake)
             .key(&q.drained)
@@ -452,13 +449,8 @@ impl Scripts {
         actions: &[ReapAction<'_>],
     ) -> ScriptInvocation<'_> {
         let mut s = self.reap.prepare_invoke();
-        s.key(&q.pending)
-            .key(&q.flow_jobs)
-            .key(&q.flows)
-            .key(&q.flowdefs)
-            .key(&q.jobs)
-            .key(&q.info)
-            .key(&q.leases)
+        waiting_keys(&mut s, q);
+        s.key(&q.leases)
             .key(&q.owners)
             .key(&q.wake)
             .key(&q.dead)
@@ -486,13 +478,8 @@ impl Scripts {
         items: &[PurgeItem<'_>],
     ) -> ScriptInvocation<'_> {
         let mut s = self.purge.prepare_invoke();
-        s.key(&q.pending)
-            .key(&q.flow_jobs)
-            .key(&q.flows)
-            .key(&q.flowdefs)
-            .key(&q.jobs)
-            .key(&q.info)
-            .key(&ks.quota_waiting)
+        waiting_keys(&mut s, q);
+        s.key(&ks.quota_waiting)
             .key(&ks.quota_waiting_limits)
             .arg(reply_ttl.as_secs());
         for item in items {

@@ -275,26 +275,27 @@ impl Broker for RedisBroker {
         let q = self.queue_keys(job.queue);
         let flow_def = FlowDef::encode(job.flow);
         let answer = self
-            .invoke(self.scripts.enqueue(
-                &self.keyspace,
-                &q,
-                &s::Enqueue {
-                    id: job.id,
-                    priority: job.priority.clamp(
-                        thr_core::priority::HIGHEST,
-                        thr_core::priority::LOWEST,
-                    ),
-                    frame: &job.frame,
-                    timeout: job.timeout,
-                    flow: &job.flow.id(),
-                    flow_def: &flow_def,
-                    max_waiting: job.max_waiting.unwrap_or(0),
-                    aging_step_ms: aging_step_ms(job.max_wait_boost),
-                    front: job.front,
-                    method: job.method,
-                    from_dead: false,
-                },
-            ))
+            .invoke(
+                self.scripts.enqueue(
+                    &self.keyspace,
+                    &q,
+                    &s::Enqueue {
+                        id: job.id,
+                        priority: job
+                            .priority
+                            .clamp(thr_core::priority::HIGHEST, thr_core::priority::LOWEST),
+                        frame: &job.frame,
+                        timeout: job.timeout,
+                        flow: &job.flow.id(),
+                        flow_def: &flow_def,
+                        max_waiting: job.max_waiting.unwrap_or(0),
+                        aging_step_ms: aging_step_ms(job.max_wait_boost),
+                        front: job.front,
+                        method: job.method,
+                        from_dead: false,
+                    },
+                ),
+            )
             .await?;
         Ok(match s::parse_enqueued(answer)? {
             s::Enqueued::Queued => Admission::Queued,
@@ -517,13 +518,10 @@ impl Broker for RedisBroker {
             })
             .collect();
         let answer = self
-            .invoke(self.scripts.reap(
-                &self.keyspace,
-                &q,
-                HEARTBEAT_TIMEOUT,
-                REPLY_TTL,
-                &actions,
-            ))
+            .invoke(
+                self.scripts
+                    .reap(&self.keyspace, &q, HEARTBEAT_TIMEOUT, REPLY_TTL, &actions),
+            )
             .await?;
         let counts = s::parse_list(answer, "reap")?;
         let n = |i: usize| counts.get(i).and_then(s::int).unwrap_or(0).max(0) as u64;

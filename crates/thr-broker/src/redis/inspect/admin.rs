@@ -19,12 +19,16 @@ use crate::protocol::scripts::{self as s, PurgeItem};
 use crate::redis::{REPLY_TTL, RedisBroker};
 
 /// Most jobs one `purge` script call withdraws. Each costs Redis about
-/// 50 µs of CPU (ten commands and their Lua glue: the job's keys, its
+/// 55 µs of CPU (ten commands and their Lua glue: the job's keys, its
 /// flow, its quota counts, its client's answer; measured with 100,000 jobs
-/// waiting), so a slice is about 2.5 ms of Redis's time: under the 10 ms
-/// budget even when Redis shares a busy machine and runs at a third of a
-/// core. Slices of 500 took 25 ms.
-const PURGE_SLICE: usize = 50;
+/// waiting on a slow 2-core VM), so a slice is about 1.4 ms of Redis's
+/// time. Short slices matter beyond their average: a Redis busy for
+/// several ms at a stretch is likelier to be preempted mid-call on a
+/// crowded machine, and then a call stretches past 10 ms (slices of 50
+/// averaged 2.8 ms but reached 10–20 ms under a parallel build; slices of
+/// 25 stayed under 10 ms). More round trips cost the purge wall time, not
+/// Redis.
+const PURGE_SLICE: usize = 25;
 
 /// What a purged job's client is told.
 const PURGED: &str = "thr: request purged by an operator\n";

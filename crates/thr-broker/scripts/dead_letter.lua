@@ -1,7 +1,7 @@
 -- dead_letter: sets aside a claimed job that cannot be run (an undecodable
 -- payload) with the reason, answers its client, settles it and frees its
 -- quota slots. Guarded by the lease's token.
--- includes: clock records quota
+-- includes: clock records quota lease
 local K_leases, K_owners, K_jobs, K_info = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_dead, K_reasons, K_replies, K_settled = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_held, K_holders = KEYS[9], KEYS[10]
@@ -25,11 +25,5 @@ if info then
   remember = math.max(remember, info.deadline - now)
 end
 redis.call('SET', K_settled, 'dead', 'PX', int(remember))
-redis.call('ZREM', K_leases, id)
-redis.call('HDEL', K_owners, id)
-redis.call('HDEL', K_jobs, id)
-redis.call('HDEL', K_info, id)
-for i = 6, #ARGV do
-  sem_drop(K_held, K_holders, ARGV[i], id)
-end
+end_running(id, K_leases, K_owners, K_jobs, K_info, K_held, K_holders, {unpack(ARGV, 6)})
 return 1

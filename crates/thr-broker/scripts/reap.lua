@@ -3,7 +3,7 @@
 -- then does what the caller decided: put it back in its place, answer its
 -- client, or set it aside in the dead letters and answer. Atomic, so two
 -- reapers never handle one job twice.
--- includes: clock order records quota liveness
+-- includes: clock order records quota liveness lease
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_wake, K_dead, K_reasons, K_waiting = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
@@ -19,11 +19,9 @@ local now = clock()
 local alive = liveness_now(K_liveness, now)
 local requeued, answered, buried = 0, 0, 0
 
+-- Ends a lost job that is not put back (its slots are freed already).
 local function forget(id)
-  redis.call('ZREM', K_leases, id)
-  redis.call('HDEL', K_owners, id)
-  redis.call('HDEL', K_jobs, id)
-  redis.call('HDEL', K_info, id)
+  end_running(id, K_leases, K_owners, K_jobs, K_info, K_held, K_holders, {})
 end
 
 local i = 0

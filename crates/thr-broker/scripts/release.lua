@@ -4,7 +4,7 @@
 -- run). Guarded by the lease: repeated (its answer was lost), or called
 -- after the job was reaped, it pushes nothing. It also records the job's
 -- latency (enqueue to reply, on Redis's clock) for operators' percentiles.
--- includes: clock records quota order
+-- includes: clock records quota order lease
 local K_leases, K_owners, K_jobs, K_info = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_wake, K_replies, K_latency, K_settled = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_generation, K_held, K_holders = KEYS[9], KEYS[10], KEYS[11]
@@ -43,12 +43,6 @@ if info then
   end
 end
 redis.call('SET', K_settled, 'answered:' .. token, 'PX', int(remember))
-redis.call('ZREM', K_leases, id)
-redis.call('HDEL', K_owners, id)
-redis.call('HDEL', K_jobs, id)
-redis.call('HDEL', K_info, id)
-for i = 8, #ARGV do
-  sem_drop(K_held, K_holders, ARGV[i], id)
-end
+end_running(id, K_leases, K_owners, K_jobs, K_info, K_held, K_holders, {unpack(ARGV, 8)})
 ring(K_wake)
 return 'delivered'

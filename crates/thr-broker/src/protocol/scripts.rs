@@ -67,6 +67,7 @@ pub fn helper(name: &str) -> Option<&'static str> {
         "drain" => include_str!("../../scripts/lib/drain.lua"),
         "liveness" => include_str!("../../scripts/lib/liveness.lua"),
         "waiting" => include_str!("../../scripts/lib/waiting.lua"),
+        "lease" => include_str!("../../scripts/lib/lease.lua"),
         _ => return None,
     })
 }

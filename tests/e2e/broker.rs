@@ -404,6 +404,7 @@ async fn a_fresh_claim_by_a_worker_with_no_heartbeat_yet_is_not_reaped() {
         worker: "w-gone".into(),
         token: claimed[0].lease.token.clone(),
         claimed_ms: 1000,
+        streaming: false,
     };
     let _: () = redis::cmd("HSET")
         .arg(&keys("q").owners)

@@ -72,6 +72,12 @@ scenarios![
     gauges_count_waiting_jobs_and_quota_waits,
     queues_are_independent,
     doorbell_rings_on_enqueue,
+    stream_head_then_pieces_in_order,
+    stream_window_bounds_waiting_pieces,
+    repeated_pushes_and_reads_are_idempotent,
+    cancelled_stream_stops_its_worker,
+    lost_streaming_worker_aborts_its_stream,
+    upload_chunks_are_stored_once_in_order,
 ];
 
 #[test]

@@ -14,5 +14,6 @@ mod recovery;
 mod resilience;
 mod routing;
 mod rules;
+mod streaming;
 mod thrctl;
 mod transparency;

@@ -37,7 +37,7 @@ elseif op == 'owner' then
   if not o then
     return {}
   end
-  return {o.worker, o.token, num(o.claimed)}
+  return {o.worker, o.token, num(o.claimed), o.streaming and 's' or '-', owner_pack(o)}
 elseif op == 'def' then
   local out = {}
   for _, q in ipairs(parse_def(ARGV[2])) do
@@ -156,13 +156,33 @@ fn lua_and_rust_read_records_alike() {
         worker: "w-9f".into(),
         token: "claim-42".into(),
         claimed_ms: 1_700_000_000_999,
+        streaming: false,
     };
-    let read: Vec<String> = script
-        .arg("owner")
-        .arg(owner.encode())
-        .invoke(&mut conn)
-        .unwrap();
-    assert_eq!(read, ["w-9f", "claim-42", "1700000000999"]);
+    for owner in [
+        owner.clone(),
+        Owner {
+            streaming: true,
+            ..owner
+        },
+    ] {
+        let read: Vec<String> = script
+            .arg("owner")
+            .arg(owner.encode())
+            .invoke(&mut conn)
+            .unwrap();
+        let flag = if owner.streaming { "s" } else { "-" };
+        assert_eq!(
+            read,
+            [
+                "w-9f",
+                "claim-42",
+                "1700000000999",
+                flag,
+                owner.encode().as_str()
+            ],
+            "Lua reads and writes the owner record as Rust does"
+        );
+    }
 
     // FlowDef.
     let flow = Flow {
@@ -305,6 +325,10 @@ const SCRIPTS: &[&str] = &[
     "claim",
     "renew",
     "release",
+    "stream_head",
+    "push_pieces",
+    "take_pieces",
+    "put_chunk",
     "hand_back",
     "dead_letter",
     "heartbeat",

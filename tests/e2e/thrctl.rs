@@ -450,6 +450,8 @@ async fn purging_100_000_waiting_jobs_never_blocks_redis() {
             timeout_ms: 600_000,
             flow: flows[i % 10].id(),
             flow_def: String::new(),
+            body_chunks: 0,
+            body_len: 0,
         };
         (meta.id.clone(), meta.priority, Job::encode(&meta, b"x"))
     };

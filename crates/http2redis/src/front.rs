@@ -24,12 +24,12 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
-use thr_backend::Forwarder;
+use http_body_util::{BodyExt, Limited};
+use thr_backend::{Failure, Forwarder};
 use thr_broker::Broker;
 use thr_broker::protocol::records::FlowDef;
 use thr_core::config::{Config, QueueConfig};
-use thr_core::envelope::{HeaderList, Job, JobMeta, Reply, ReplyMeta};
+use thr_core::envelope::{HeaderList, JobMeta, Reply, ReplyMeta};
 use thr_core::quota::Flow;
 use thr_core::rules::{self, Answer, Decision, RuleRequest};
 use tracing::Instrument;
@@ -39,8 +39,10 @@ use crate::body::ReplyBody;
 use crate::edge::EdgeLimiter;
 use crate::error::FrontError;
 use crate::forwarded;
+use crate::pieces;
 use crate::queueing::{self, QueueRules, Withdrawals};
 use crate::replies::ReplyRouter;
+use crate::upload::{self, Stored};
 
 /// The client's address, put in request extensions by the server.
 #[derive(Debug, Clone, Copy)]
@@ -193,7 +195,7 @@ impl<B: Broker> Front<B> {
     /// Answers one request.
     pub async fn handle<Bd>(&self, req: Request<Bd>) -> Response<ReplyBody>
     where
-        Bd: Body<Data = Bytes>,
+        Bd: Body<Data = Bytes> + Send + 'static,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let config = self.config();
@@ -206,8 +208,9 @@ impl<B: Broker> Front<B> {
         response
     }
 
-    /// The phases of a request, in order: admit, read the body, apply the
-    /// rules, authorize, dispatch (queue or bypass), respond.
+    /// The phases of a request, in order: admit, apply the rules,
+    /// authorize, read the body (into Redis when big), dispatch (queue or
+    /// bypass), respond.
     async fn serve<Bd>(
         &self,
         req: Request<Bd>,
@@ -215,28 +218,61 @@ impl<B: Broker> Front<B> {
         cx: &mut RequestCx,
     ) -> Result<Response<ReplyBody>, FrontError>
     where
-        Bd: Body<Data = Bytes>,
+        Bd: Body<Data = Bytes> + Send + 'static,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
         let mut rreq = self.admit(parts, config, cx)?;
-        let body = read_body(body, config.front.max_body).await?;
         let decision = rules::evaluate(&config.rules, &mut rreq);
         if let Some(answer) = &decision.answer {
             let mut response = direct_answer(answer);
             rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
             return Ok(response);
         }
+        if let Some(timeout) = decision.reply_timeout {
+            cx.timeout = timeout;
+            cx.deadline = cx.started + timeout;
+        }
         if let Some(denied) = self.authorize(&decision, &mut rreq, cx).await? {
             return Ok(denied);
         }
         let queue = &config.queues[decision.queue];
         cx.queue = Some(queue.name.clone());
-        let is_head = rreq.method == Method::HEAD;
-        let reply = self.dispatch(config, &decision, rreq, body, cx).await?;
         cx.priority = Some(decision.priority);
+        let is_head = rreq.method == Method::HEAD;
+        if decision.bypass {
+            let mut response = self.bypass(config, &decision, rreq, body, cx).await?;
+            rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
+            return Ok(response);
+        }
+        // A body kept in Redis lives as long as its job may wait and run.
+        let keep = cx.timeout + queue.backend_timeout + queue.lease;
+        let body = upload::store(
+            body,
+            config.front.max_body,
+            &self.inner.broker,
+            &cx.job_id,
+            keep,
+        )
+        .instrument(cx.span.clone())
+        .await?;
+        let reply = self.dispatch(config, &decision, rreq, body, cx).await?;
         cx.backend_ms = Some(reply.meta.backend_ms);
-        let mut response = to_response(reply, &decision, is_head)?;
+        let body = if reply.meta.stream {
+            // Silence from a live worker is bounded by backend_timeout; a
+            // lost one's stream is aborted by the reaper within its lease.
+            let idle = queue.backend_timeout + queue.lease + Duration::from_secs(10);
+            Some(pieces::stream(
+                self,
+                &reply.meta.id,
+                idle,
+                config.front.client_write_timeout,
+                cx.span.clone(),
+            ))
+        } else {
+            None
+        };
+        let mut response = to_response(reply, body, &decision, is_head)?;
         rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
         Ok(response)
     }
@@ -341,18 +377,22 @@ impl<B: Broker> Front<B> {
         }
     }
 
-    /// Dispatch: the job goes on its queue (or, for `bypass`, straight to
-    /// the queue's backend) and its reply comes back.
+    /// Dispatch: the job goes on its queue and its reply (or the head of
+    /// its streamed reply) comes back.
     async fn dispatch(
         &self,
         config: &Config,
         decision: &Decision,
         rreq: RuleRequest,
-        body: Bytes,
+        body: Stored,
         cx: &RequestCx,
     ) -> Result<Reply, FrontError> {
         let queue = &config.queues[decision.queue];
         let flow = Flow::of(&config.limits, decision.queue, &rreq);
+        let (inline, body_chunks, body_len) = match body {
+            Stored::Inline(data) => (data, 0, 0),
+            Stored::InRedis { chunks, len } => (Bytes::new(), chunks, len),
+        };
         let meta = JobMeta {
             id: cx.job_id.clone(),
             request_id: cx.request_id.clone(),
@@ -365,36 +405,14 @@ impl<B: Broker> Front<B> {
             timeout_ms: cx.timeout.as_millis() as u64,
             flow: flow.id(),
             flow_def: FlowDef::encode(&flow),
+            body_chunks,
+            body_len,
         };
-        if decision.bypass {
-            let forwarder = self.bypass_forwarder(queue);
-            let left = cx
-                .timeout
-                .saturating_sub(cx.started.elapsed())
-                .min(queue.backend_timeout);
-            let job = Job { meta, body };
-            let outcome = forwarder
-                .1
-                .forward(&job, left)
-                .instrument(cx.span.clone())
-                .await;
-            return Ok(Reply {
-                meta: ReplyMeta {
-                    id: job.meta.id,
-                    status: outcome.status.as_u16(),
-                    headers: outcome.headers,
-                    worker: String::new(),
-                    backend_ms: outcome.elapsed.as_millis() as u64,
-                    chunked: outcome.chunked,
-                },
-                body: outcome.body,
-            });
-        }
         queueing::enqueue_and_wait(
             self,
             cx,
             meta,
-            body,
+            inline,
             &flow,
             QueueRules {
                 max_waiting: queue.max_waiting,
@@ -403,6 +421,92 @@ impl<B: Broker> Front<B> {
             },
         )
         .await
+    }
+
+    /// `bypass`: straight to the queue's backend, both bodies streamed
+    /// through (the request body bounded by `max_body`).
+    async fn bypass<Bd>(
+        &self,
+        config: &Config,
+        decision: &Decision,
+        rreq: RuleRequest,
+        body: Bd,
+        cx: &mut RequestCx,
+    ) -> Result<Response<ReplyBody>, FrontError>
+    where
+        Bd: Body<Data = Bytes> + Send + 'static,
+        Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let queue = &config.queues[decision.queue];
+        let forwarder = self.bypass_forwarder(queue);
+        let left = cx
+            .timeout
+            .saturating_sub(cx.started.elapsed())
+            .min(queue.backend_timeout);
+        let meta = JobMeta {
+            id: cx.job_id.clone(),
+            request_id: cx.request_id.clone(),
+            queue: queue.name.clone(),
+            priority: decision.priority,
+            front: self.inner.id.clone(),
+            method: rreq.method.as_str().to_string(),
+            target: rreq.target,
+            headers: HeaderList::from_map(&rreq.headers),
+            timeout_ms: cx.timeout.as_millis() as u64,
+            flow: String::new(),
+            flow_def: String::new(),
+            body_chunks: 0,
+            body_len: 0,
+        };
+        let is_head = rreq.method == Method::HEAD;
+        let body = Limited::new(body, config.front.max_body)
+            .map_err(|e| -> thr_backend::BoxError { e })
+            .boxed_unsync();
+        let started = Instant::now();
+        let sent = forwarder
+            .1
+            .send(&meta, body, left)
+            .instrument(cx.span.clone())
+            .await;
+        cx.backend_ms = Some(started.elapsed().as_millis() as u64);
+        let (head, incoming) = match sent {
+            Ok(sent) => sent,
+            Err(failure) => {
+                let reply = Reply {
+                    meta: ReplyMeta {
+                        id: meta.id,
+                        status: failure.status.as_u16(),
+                        headers: Failure::headers(),
+                        worker: String::new(),
+                        backend_ms: 0,
+                        chunked: false,
+                        stream: false,
+                    },
+                    body: failure.body(),
+                };
+                return to_response(reply, None, decision, is_head);
+            }
+        };
+        let reply = Reply {
+            meta: ReplyMeta {
+                id: meta.id,
+                status: head.status.as_u16(),
+                headers: head.headers,
+                worker: String::new(),
+                backend_ms: 0,
+                chunked: head.chunked,
+                stream: head.length != Some(0),
+            },
+            body: Bytes::new(),
+        };
+        let direct = reply.meta.stream.then(|| {
+            ReplyBody::direct(
+                incoming
+                    .map_err(|e| -> thr_backend::BoxError { Box::new(e) })
+                    .boxed_unsync(),
+            )
+        });
+        to_response(reply, direct, decision, is_head)
     }
 
     fn edge_limiter(&self, config: &Config) -> Option<Arc<EdgeLimiter>> {
@@ -435,21 +539,6 @@ impl<B: Broker> Front<B> {
     }
 }
 
-/// Reads a request body whole, bounded by `max_body`.
-async fn read_body<Bd>(body: Bd, max_body: usize) -> Result<Bytes, FrontError>
-where
-    Bd: Body<Data = Bytes>,
-    Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    match Limited::new(body, max_body).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(FrontError::BodyTooLarge)
-        }
-        Err(_) => Err(FrontError::BadBody),
-    }
-}
-
 fn direct_answer(answer: &Answer) -> Response<ReplyBody> {
     let mut response = Response::new(ReplyBody::sized(answer.body.clone()));
     *response.status_mut() = answer.status;
@@ -459,8 +548,11 @@ fn direct_answer(answer: &Answer) -> Response<ReplyBody> {
     response
 }
 
+/// The client's response to `reply`; `streamed` is its body when it does
+/// not travel in the reply (a streamed or bypassed response).
 fn to_response(
     reply: Reply,
+    streamed: Option<ReplyBody>,
     decision: &Decision,
     is_head: bool,
 ) -> Result<Response<ReplyBody>, FrontError> {
@@ -471,14 +563,17 @@ fn to_response(
         && !status.is_informational()
         && status != StatusCode::NO_CONTENT
         && status != StatusCode::NOT_MODIFIED;
-    if data.is_empty()
+    if streamed.is_none()
+        && data.is_empty()
         && may_have_body
         && let Some(default) = &decision.default_body
     {
         data = default.clone();
         headers.remove(header::CONTENT_LENGTH);
     }
-    let body = if reply.meta.chunked {
+    let body = if let Some(body) = streamed {
+        body
+    } else if reply.meta.chunked {
         ReplyBody::streamed(data)
     } else {
         ReplyBody::sized(data)

@@ -28,9 +28,11 @@ pub mod error;
 pub mod explain;
 pub mod forwarded;
 pub mod front;
+pub mod pieces;
 pub mod queueing;
 pub mod replies;
 pub mod server;
+pub mod upload;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -72,6 +72,7 @@ pub(crate) async fn enqueue_and_wait<B: Broker>(
         id: meta.id.clone(),
         deadline: cx.deadline,
         armed: true,
+        upload: meta.body_chunks > 0,
     };
     enqueue(front, cx, &meta, frame, flow, &rules, &mut pending).await?;
     front.router().confirm(&meta.id);
@@ -88,7 +89,7 @@ pub(crate) async fn enqueue_and_wait<B: Broker>(
         }
         Ok(Ok(Answer::Lost)) => {
             // The broker does not know the job: it never ran and never will.
-            pending.disarm();
+            pending.never_runs();
             Err(FrontError::JobLost)
         }
         // The router was dropped: the front is going away.
@@ -145,7 +146,7 @@ async fn enqueue<B: Broker>(
                 drain_rate,
             }) => {
                 // Nothing was queued; nothing to withdraw.
-                pending.disarm();
+                pending.never_runs();
                 let retry_after = retry_after(waiting, drain_rate, cx.timeout);
                 metrics::counter!("thr_refused_total", "queue" => meta.queue.clone(), "reason" => "max_waiting").increment(1);
                 cx.span.in_scope(|| {
@@ -179,7 +180,7 @@ async fn enqueue<B: Broker>(
             .in_scope(|| tracing::warn!(%err, unknown, "enqueue failed"));
         if !unknown {
             // Redis never received it: nothing can run.
-            pending.disarm();
+            pending.never_runs();
             return Err(FrontError::BrokerDown);
         }
         if down {
@@ -194,7 +195,7 @@ async fn enqueue<B: Broker>(
         let remember = cx.timeout;
         return match broker.withdraw(&meta.queue, &meta.id, remember).await {
             Ok(Withdrawal::Withdrawn) => {
-                pending.disarm();
+                pending.never_runs();
                 Err(FrontError::BrokerDown)
             }
             // It runs or ran: its reply is what the client waits for, but
@@ -228,6 +229,9 @@ struct Pending<B: Broker> {
     id: String,
     deadline: Instant,
     armed: bool,
+    /// Its body waits in Redis (chunks): dropped once the job is certain
+    /// never to run (a job that ran has it dropped by its worker).
+    upload: bool,
 }
 
 impl<B: Broker> Pending<B> {
@@ -237,6 +241,28 @@ impl<B: Broker> Pending<B> {
         self.armed = false;
         self.front.router().forget(&self.id);
     }
+
+    /// The job is certain never to run: nothing to withdraw, and its body
+    /// (if it waits in Redis) can go.
+    fn never_runs(&mut self) {
+        self.disarm();
+        if self.upload {
+            drop_upload(&self.front, &self.id);
+        }
+    }
+}
+
+/// Drops job `id`'s stored request body in the background.
+pub(crate) fn drop_upload<B: Broker>(front: &Front<B>, id: &str) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    let (front, id) = (front.clone(), id.to_string());
+    tokio::spawn(async move {
+        if let Err(err) = front.broker().drop_upload(&id).await {
+            tracing::debug!(job = %id, %err, "could not drop a request body (it expires by itself)");
+        }
+    });
 }
 
 impl<B: Broker> Drop for Pending<B> {
@@ -252,6 +278,7 @@ impl<B: Broker> Drop for Pending<B> {
         let queue = std::mem::take(&mut self.queue);
         let id = std::mem::take(&mut self.id);
         let deadline = self.deadline;
+        let upload = self.upload;
         let withdrawals: Arc<Withdrawals> = front.withdrawals();
         withdrawals.spawn(async move {
             let mut failures = 0;
@@ -262,6 +289,9 @@ impl<B: Broker> Drop for Pending<B> {
                         metrics::counter!("thr_jobs_cancelled_total", "queue" => queue.clone())
                             .increment(1);
                         tracing::debug!(job = %id, "waiting job withdrawn");
+                        if upload {
+                            let _ = front.broker().drop_upload(&id).await;
+                        }
                         return;
                     }
                     Ok(_) => {

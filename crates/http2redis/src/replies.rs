@@ -16,7 +16,7 @@ use std::time::Duration;
 use thr_broker::ReplyStream;
 use thr_broker::backoff::backoff;
 use thr_core::envelope::{FrontMessage, Reply};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 /// How a waiting request ends.
 #[derive(Debug)]
@@ -37,10 +37,12 @@ struct Waiter {
     started: bool,
 }
 
-/// Job id → the request waiting for its reply.
+/// Job id → the request waiting for its reply; and job id → the reader
+/// of its streamed response, woken by data notices.
 #[derive(Default, Clone)]
 pub struct ReplyRouter {
     waiting: Arc<Mutex<HashMap<String, Waiter>>>,
+    streams: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
 }
 
 impl std::fmt::Debug for ReplyRouter {
@@ -79,9 +81,37 @@ impl ReplyRouter {
         self.lock().remove(id);
     }
 
+    /// Registers the reader of job `id`'s streamed response.
+    pub fn watch_stream(&self, id: &str) -> Arc<Notify> {
+        let notify = Arc::new(Notify::new());
+        self.lock_streams().insert(id.to_string(), notify.clone());
+        notify
+    }
+
+    /// Forgets the reader of job `id`'s streamed response.
+    pub fn unwatch_stream(&self, id: &str) {
+        self.lock_streams().remove(id);
+    }
+
+    /// Streamed responses being read now.
+    pub fn streams(&self) -> usize {
+        self.lock_streams().len()
+    }
+
+    fn lock_streams(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Routes one message; false when nobody waits for it.
     pub fn deliver(&self, message: FrontMessage) -> bool {
         match message {
+            FrontMessage::Data(d) => match self.lock_streams().get(&d.id) {
+                Some(n) => {
+                    n.notify_one();
+                    true
+                }
+                None => false,
+            },
             FrontMessage::Started(s) => match self.lock().get_mut(&s.id) {
                 Some(w) => {
                     w.started = true;
@@ -133,9 +163,12 @@ impl ReplyRouter {
 /// Pops messages until `stop` turns true. Each pop is allowed to finish (a
 /// popped message must not be dropped half-way), so stopping takes up to
 /// `block` seconds.
+/// `orphan` is told of a streamed response whose head came for nobody
+/// (its client went away first): its stream must be cancelled.
 pub async fn run_loop<R: ReplyStream>(
     mut stream: R,
     router: ReplyRouter,
+    orphan: impl Fn(String) + Send,
     mut stop: watch::Receiver<bool>,
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
@@ -148,8 +181,12 @@ pub async fn run_loop<R: ReplyStream>(
                     match FrontMessage::decode(frame) {
                         Ok(message) => {
                             let id = message.id().to_string();
+                            let head = matches!(&message, FrontMessage::Reply(r) if r.meta.stream);
                             if !router.deliver(message) {
                                 tracing::debug!(job = %id, "message for a request no longer waiting");
+                                if head {
+                                    orphan(id);
+                                }
                             }
                         }
                         Err(err) => tracing::warn!(%err, "undecodable reply dropped"),

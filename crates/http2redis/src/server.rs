@@ -80,9 +80,21 @@ pub async fn serve<B: Broker>(
 ) -> anyhow::Result<()> {
     let settings = front.config().front.clone();
     let (stop_replies, stop_rx) = watch::channel(false);
+    let orphan = {
+        let front = front.clone();
+        move |id: String| {
+            let front = front.clone();
+            tokio::spawn(async move {
+                if let Err(err) = front.broker().cancel_stream(&id).await {
+                    tracing::debug!(job = %id, %err, "could not cancel an orphan stream (its worker gives up by itself)");
+                }
+            });
+        }
+    };
     let reply_loop = tokio::spawn(replies::run_loop(
         front.broker().replies(front.id()),
         front.router().clone(),
+        orphan,
         stop_rx.clone(),
     ));
     let (beats_tx, beats) = tokio::sync::mpsc::channel(4);

@@ -13,14 +13,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use thr_backend::Failure;
 use thr_broker::backoff::backoff;
 use thr_broker::{Broker, Claimed, Delivery, Lease};
-use thr_core::envelope::{Job, Reply, ReplyMeta};
+use thr_core::envelope::{CHUNK, Job, Reply, ReplyMeta};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::queue::QueueRunner;
+use crate::stream::{self, BodyEnd, FirstPart};
 
 /// Runs `claimed` on `runner`'s backend; `permit` is its slot.
 pub async fn run<B: Broker>(
@@ -127,59 +129,257 @@ async fn execute<B: Broker>(
         }
     };
     let span = tracing::info_span!("job", request_id = %job.meta.request_id, job = %job.meta.id);
-    async {
-        let (timeout, duration, safe) = {
-            let q = runner.queue.load();
-            (
-                q.backend_timeout,
-                q.lease,
-                q.retry_methods.contains(&job.meta.method),
-            )
-        };
-        let clock = LeaseClock::new(duration);
-        // A request that must not be answered "try again" once it may have
-        // run tells its front that it started (see `Broker::started`).
-        let notice = async {
-            if !safe && let Err(err) = runner.broker.started(&lease).await {
-                tracing::debug!(%err, "could not send the started notice");
+    run_job(runner, job, lease, permit).instrument(span).await
+}
+
+async fn run_job<B: Broker>(
+    runner: &QueueRunner<B>,
+    job: Job,
+    lease: Lease,
+    permit: OwnedSemaphorePermit,
+) {
+    let q = runner.queue.load_full();
+    let (timeout, duration) = (q.backend_timeout, q.lease);
+    let safe = q.retry_methods.contains(&job.meta.method);
+    let clock = LeaseClock::new(duration);
+    let broker = &*runner.broker;
+    // A request that must not be answered "try again" once it may have
+    // run tells its front that it started (see `Broker::started`).
+    let notice = async {
+        if !safe && let Err(err) = broker.started(&lease).await {
+            tracing::debug!(%err, "could not send the started notice");
+        }
+    };
+    let body = if job.meta.body_chunks > 0 {
+        stream::upload_body(
+            runner.broker.clone(),
+            job.meta.id.clone(),
+            job.meta.body_chunks,
+            job.meta.body_len,
+        )
+    } else {
+        thr_backend::full_body(job.body.clone())
+    };
+    // The call is not cut when the client gives up: a legacy backend
+    // keeps working on a request whose connection closed, so the slot
+    // must stay taken until it answers, or max_inflight would not
+    // protect it. Clients that gave up before the claim never get here.
+    let forwarder = runner.forwarder.load_full();
+    let started = std::time::Instant::now();
+    let call = async {
+        let (sent, ()) = tokio::join!(forwarder.send(&job.meta, body, timeout), notice);
+        match sent {
+            Ok((head, mut body)) => {
+                if let Some(max) = q.max_response
+                    && head.length.is_some_and(|n| n > max)
+                {
+                    return Err(Failure {
+                        status: http::StatusCode::BAD_GATEWAY,
+                        reason: "response larger than max_response",
+                    });
+                }
+                let first = stream::first_part(&mut body, head.length, timeout).await;
+                Ok((head, body, first))
             }
-        };
-        // The call is not cut when the client gives up: a legacy backend
-        // keeps working on a request whose connection closed, so the slot
-        // must stay taken until it answers, or max_inflight would not
-        // protect it. Clients that gave up before the claim never get here.
-        let forwarder = runner.forwarder.load_full();
-        let call = async {
-            let (outcome, ()) = tokio::join!(forwarder.forward(&job, timeout), notice);
-            outcome
-        };
-        let outcome = renewing(&*runner.broker, &lease, duration, &clock, call).await;
-        drop(permit);
-        let backend_ms = outcome.elapsed.as_millis() as u64;
-        metrics::counter!("thr_jobs_total", "queue" => queue.clone(), "status" => outcome.status.as_u16().to_string()).increment(1);
-        tracing::info!(
-            method = %job.meta.method,
-            target = %job.meta.target,
-            status = outcome.status.as_u16(),
-            backend_ms,
-            "forwarded"
-        );
-        let frame = Reply::encode(
-            &ReplyMeta {
-                id: job.meta.id.clone(),
-                status: outcome.status.as_u16(),
-                headers: outcome.headers,
-                worker: runner.worker_id.clone(),
+            Err(failure) => Err(failure),
+        }
+    };
+    let outcome = renewing(broker, &lease, duration, &clock, call).await;
+    let (head, body, first) = match outcome {
+        Ok((head, _, FirstPart::Whole(data))) => {
+            drop(permit);
+            let backend_ms = started.elapsed().as_millis() as u64;
+            log_forwarded(runner, &job, head.status.as_u16(), backend_ms);
+            let meta = reply_meta(runner, &job, &head, backend_ms, false);
+            finish(
+                runner,
+                &job,
+                &lease,
+                Reply::encode(&meta, &data),
                 backend_ms,
-                chunked: outcome.chunked,
-            },
-            &outcome.body,
-        );
-        let delivery = deliver(&*runner.broker, &lease, frame, backend_ms, &clock);
-        renewing(&*runner.broker, &lease, duration, &clock, delivery).await;
+                &clock,
+            )
+            .await;
+            return;
+        }
+        Ok((_, _, FirstPart::Failed(reason))) => {
+            drop(permit);
+            let failure = Failure {
+                status: http::StatusCode::BAD_GATEWAY,
+                reason,
+            };
+            answer_failure(runner, &job, &lease, &failure, started, &clock).await;
+            return;
+        }
+        Err(failure) => {
+            drop(permit);
+            answer_failure(runner, &job, &lease, &failure, started, &clock).await;
+            return;
+        }
+        Ok((head, body, FirstPart::Stream(first))) => (head, body, first),
+    };
+
+    // A streamed response: the head goes now, the body in pieces.
+    let head_ms = started.elapsed().as_millis() as u64;
+    let meta = reply_meta(runner, &job, &head, head_ms, true);
+    let head_frame = Reply::encode(&meta, b"");
+    let sent = renewing(
+        broker,
+        &lease,
+        duration,
+        &clock,
+        deliver_head(broker, &lease, head_frame, &clock),
+    )
+    .await;
+    if !sent {
+        drop(permit);
+        drop_upload(runner, &job).await;
+        return;
     }
-    .instrument(span)
-    .await
+    let buffer = (q.response_buffer / CHUNK).max(1);
+    let (tx, rx) = tokio::sync::mpsc::channel(buffer);
+    let read = async {
+        let end = renewing(
+            broker,
+            &lease,
+            duration,
+            &clock,
+            stream::read_body(body, first, tx, timeout, q.max_response),
+        )
+        .await;
+        // The backend is done: its slot and the job's quota slots are free
+        // for the next job while the rest of the response still flows.
+        drop(permit);
+        let backend_ms = started.elapsed().as_millis() as u64;
+        match &end {
+            BodyEnd::Complete => log_forwarded(runner, &job, head.status.as_u16(), backend_ms),
+            BodyEnd::Cut(why) => {
+                tracing::warn!(reason = %why, status = head.status.as_u16(), backend_ms, "response cut")
+            }
+            BodyEnd::Unread => tracing::info!(
+                status = head.status.as_u16(),
+                backend_ms,
+                "client went away mid-response"
+            ),
+        }
+        let delivery = deliver(broker, &lease, Bytes::new(), backend_ms, &clock);
+        renewing(broker, &lease, duration, &clock, delivery).await;
+    };
+    let push = stream::push_pieces(broker, &lease, rx);
+    let ((), _complete) = tokio::join!(read, push);
+    drop_upload(runner, &job).await;
+}
+
+fn reply_meta<B: Broker>(
+    runner: &QueueRunner<B>,
+    job: &Job,
+    head: &thr_backend::Head,
+    backend_ms: u64,
+    stream: bool,
+) -> ReplyMeta {
+    ReplyMeta {
+        id: job.meta.id.clone(),
+        status: head.status.as_u16(),
+        headers: head.headers.clone(),
+        worker: runner.worker_id.clone(),
+        backend_ms,
+        chunked: head.chunked,
+        stream,
+    }
+}
+
+fn log_forwarded<B: Broker>(runner: &QueueRunner<B>, job: &Job, status: u16, backend_ms: u64) {
+    metrics::counter!("thr_jobs_total", "queue" => runner.name.clone(), "status" => status.to_string()).increment(1);
+    tracing::info!(
+        method = %job.meta.method,
+        target = %job.meta.target,
+        status,
+        backend_ms,
+        "forwarded"
+    );
+}
+
+/// Answers a call that produced no response head (502, 504, 400).
+async fn answer_failure<B: Broker>(
+    runner: &QueueRunner<B>,
+    job: &Job,
+    lease: &Lease,
+    failure: &Failure,
+    started: std::time::Instant,
+    clock: &LeaseClock,
+) {
+    let backend_ms = started.elapsed().as_millis() as u64;
+    log_forwarded(runner, job, failure.status.as_u16(), backend_ms);
+    let meta = ReplyMeta {
+        id: job.meta.id.clone(),
+        status: failure.status.as_u16(),
+        headers: Failure::headers(),
+        worker: runner.worker_id.clone(),
+        backend_ms,
+        chunked: false,
+        stream: false,
+    };
+    let frame = Reply::encode(&meta, &failure.body());
+    finish(runner, job, lease, frame, backend_ms, clock).await;
+}
+
+/// Delivers a whole reply (renewing the lease meanwhile) and drops the
+/// job's request body.
+async fn finish<B: Broker>(
+    runner: &QueueRunner<B>,
+    job: &Job,
+    lease: &Lease,
+    frame: Bytes,
+    backend_ms: u64,
+    clock: &LeaseClock,
+) {
+    let broker = &*runner.broker;
+    let duration = runner.queue.load().lease;
+    let delivery = deliver(broker, lease, frame, backend_ms, clock);
+    renewing(broker, lease, duration, clock, delivery).await;
+    drop_upload(runner, job).await;
+}
+
+async fn drop_upload<B: Broker>(runner: &QueueRunner<B>, job: &Job) {
+    if job.meta.body_chunks > 0
+        && let Err(err) = runner.broker.drop_upload(&job.meta.id).await
+    {
+        tracing::debug!(%err, "could not drop the request body (it expires by itself)");
+    }
+}
+
+/// Sends a streamed response's head, asking again after every failure
+/// until it is known to be delivered (true) or the lease is known to be
+/// gone (false).
+async fn deliver_head<B: Broker>(
+    broker: &B,
+    lease: &Lease,
+    frame: Bytes,
+    clock: &LeaseClock,
+) -> bool {
+    let mut failures = 0;
+    loop {
+        match broker.stream_head(lease, frame.clone()).await {
+            Ok(Delivery::Delivered) => return true,
+            Ok(Delivery::LeaseLost) => {
+                tracing::warn!(
+                    "response head not delivered: the job was taken back from this worker"
+                );
+                return false;
+            }
+            Err(err) if clock.expired() => {
+                metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
+                tracing::error!(%err, "response head not delivered within the lease; the reaper answers the client");
+                return false;
+            }
+            Err(err) => {
+                failures += 1;
+                metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
+                tracing::warn!(%err, attempt = failures, "could not push the response head, asking again");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+        }
+    }
 }
 
 /// Pushes the reply, asking again after every failure until it is known to

@@ -20,6 +20,7 @@ pub mod job;
 pub mod queue;
 pub mod reaper;
 pub mod reload;
+pub mod stream;
 pub mod worker;
 
 use std::future::Future;

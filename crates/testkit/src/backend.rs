@@ -11,6 +11,10 @@
 //! | `cookies=N`  | add N `Set-Cookie` fields                                    |
 //! | `bytes=N`    | body of N deterministic binary bytes (else: echo the body)   |
 //! | `chunked=N`  | stream the body in N chunks (Transfer-Encoding: chunked)     |
+//! | `stream=N`   | N pattern bytes made as they are sent, in 64 KiB frames      |
+//! | `length=1`   | with `stream`: declare Content-Length (else chunked)         |
+//! | `cut=N`      | with `stream`: close the connection after N bytes            |
+//! | `events=K`   | server-sent events: K events `data: I`, `every=MS` apart     |
 //!
 //! Every response carries `X-Echo-Method` and `X-Echo-Target` (the raw
 //! request target as received).
@@ -121,6 +125,7 @@ impl BackendBuilder {
             record: self.record,
             active: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
+            streams: Arc::new(AtomicUsize::new(0)),
         });
         let (addr, task) = match &self.unix {
             Some(path) => {
@@ -180,6 +185,8 @@ struct State {
     record: bool,
     active: AtomicUsize,
     peak: AtomicUsize,
+    /// Streamed bodies still being sent (`stream`, `events`).
+    streams: Arc<AtomicUsize>,
 }
 
 /// A running backend; stops when dropped.
@@ -231,6 +238,13 @@ impl SlowBackend {
     }
 
     /// Forgets recorded requests.
+    /// Streamed bodies (`stream`, `events`) still being sent: a stream
+    /// whose reader went away is dropped, and stops counting.
+    pub fn open_streams(&self) -> usize {
+        self.state.streams.load(Ordering::SeqCst)
+    }
+
+    /// Forgets the requests recorded so far.
     pub fn clear(&self) {
         self.state.recorded.lock().expect("lock").clear();
     }
@@ -259,10 +273,7 @@ pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 256) as u8).collect()
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    state: Arc<State>,
-) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Out>, Infallible> {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -325,6 +336,26 @@ async fn handle(
     for i in 0..query_param(&target, "cookies").unwrap_or(0) {
         builder = builder.header("set-cookie", format!("c{i}=v{i}; Path=/"));
     }
+    if let Some(total) = query_param(&target, "stream") {
+        let cut = query_param(&target, "cut");
+        if query_param(&target, "length") == Some(1) {
+            builder = builder.header("content-length", total.to_string());
+        }
+        let body = lazy_pattern(total, cut, state.streams.clone());
+        return Ok(builder.body(body).expect("valid response"));
+    }
+    if let Some(events) = query_param(&target, "events") {
+        let every = Duration::from_millis(query_param(&target, "every").unwrap_or(100));
+        let mut builder = builder;
+        if let Some(h) = builder.headers_mut() {
+            h.insert(
+                "content-type",
+                HeaderValue::from_static("text/event-stream"),
+            );
+        }
+        let body = event_stream(events, every, state.streams.clone());
+        return Ok(builder.body(body).expect("valid response"));
+    }
     let response = match query_param(&target, "chunked") {
         Some(chunks) if chunks > 0 => {
             let size = payload.len().div_ceil(chunks as usize).max(1);
@@ -333,9 +364,69 @@ async fn handle(
                 .map(|c| Ok(Frame::data(Bytes::copy_from_slice(c))))
                 .collect();
             let stream = futures_util::stream::iter(frames);
-            builder.body(BoxBody::new(StreamBody::new(stream)))
+            builder.body(StreamBody::new(stream).map_err(|n| match n {}).boxed())
         }
-        _ => builder.body(BoxBody::new(Full::new(payload))),
+        _ => builder.body(Full::new(payload).map_err(|n| match n {}).boxed()),
     };
     Ok(response.expect("valid response"))
+}
+
+/// Counts a streamed body while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Open {
+    fn new(count: Arc<AtomicUsize>) -> Open {
+        count.fetch_add(1, Ordering::SeqCst);
+        Open(count)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body; an error mid-way makes hyper drop the connection, so
+/// the reader sees the body cut.
+type Out = BoxBody<Bytes, std::io::Error>;
+
+fn cut_here() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "cut on purpose")
+}
+
+/// `total` bytes of [`pattern`], made 64 KiB at a time as the reader takes
+/// them; after `cut` bytes, an error (hyper closes the connection).
+fn lazy_pattern(total: u64, cut: Option<u64>, streams: Arc<AtomicUsize>) -> Out {
+    const FRAME: u64 = 64 * 1024;
+    let state = (0u64, Open::new(streams));
+    let stream = futures_util::stream::unfold(state, move |(sent, open)| async move {
+        let end = cut.unwrap_or(total).min(total);
+        if sent >= end {
+            if sent != u64::MAX && cut.is_some_and(|c| c < total) {
+                return Some((Err(cut_here()), (u64::MAX, open)));
+            }
+            return None;
+        }
+        let n = FRAME.min(end - sent);
+        let data: Vec<u8> = (sent..sent + n).map(|i| (i * 7 % 256) as u8).collect();
+        Some((Ok(Frame::data(Bytes::from(data))), (sent + n, open)))
+    });
+    StreamBody::new(stream).boxed()
+}
+
+/// Server-sent events: `data: I` every `every`, the first at once.
+fn event_stream(events: u64, every: Duration, streams: Arc<AtomicUsize>) -> Out {
+    let state = (0u64, Open::new(streams));
+    let stream = futures_util::stream::unfold(state, move |(i, open)| async move {
+        if i >= events {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(every).await;
+        }
+        let event = Bytes::from(format!("data: {i}\n\n"));
+        Some((Ok(Frame::data(event)), (i + 1, open)))
+    });
+    StreamBody::new(stream).boxed()
 }

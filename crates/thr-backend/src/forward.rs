@@ -1,39 +1,81 @@
-//! One backend call: job in, reply out. Every outcome becomes a reply, so
-//! the client is always answered: the backend's response, or 502 when it
-//! cannot be reached, or 504 when it is too slow.
+//! One backend call: a request head and a body stream in, the response
+//! head and its body stream out (ARCHITECTURE.md decision 12). Nothing is
+//! collected here: the worker decides whether a response is small enough
+//! to travel whole or streams in pieces, and a bypassed request streams
+//! straight through the front. A call that fails before a response head
+//! becomes a [`Failure`] (502 when the backend cannot be reached, 504 when
+//! it is too slow), so the client is always answered.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use thr_core::config::{BackendAddress, QueueConfig};
-use thr_core::envelope::{HeaderList, Job};
+use thr_core::envelope::{HeaderList, JobMeta};
 use thr_core::headers::strip_hop_by_hop;
 
 use crate::connector::UnixConnector;
 
-/// What came back from the backend (or instead of it).
-#[derive(Debug, Clone)]
-pub struct Outcome {
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body on its way to the backend: in memory, read from Redis
+/// chunk by chunk, or the client's own stream (bypass).
+pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A request body held in memory.
+pub fn full_body(data: Bytes) -> RequestBody {
+    Full::new(data)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A call that produced no response head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
     /// Status for the client.
     pub status: StatusCode,
-    /// Headers for the client, hop-by-hop removed.
+    /// Why, in a few words (the body of thr's answer).
+    pub reason: &'static str,
+}
+
+impl Failure {
+    /// The header fields of thr's own answer.
+    pub fn headers() -> HeaderList {
+        HeaderList(vec![(
+            "content-type".into(),
+            b"text/plain; charset=utf-8".to_vec(),
+        )])
+    }
+
+    /// The body of thr's own answer.
+    pub fn body(&self) -> Bytes {
+        Bytes::from(format!("{}\n", self.reason))
+    }
+}
+
+/// A response head from the backend, hop-by-hop fields removed.
+#[derive(Debug, Clone)]
+pub struct Head {
+    /// Status for the client.
+    pub status: StatusCode,
+    /// Header fields for the client.
     pub headers: HeaderList,
-    /// Body for the client.
-    pub body: Bytes,
-    /// Time spent on the backend call.
-    pub elapsed: Duration,
-    /// The backend gave no Content-Length (it streamed the body).
+    /// The declared body length (Content-Length), if any.
+    pub length: Option<u64>,
+    /// The backend sent its body without a length (chunked).
     pub chunked: bool,
 }
 
 enum Pool {
-    Http(Client<HttpConnector, Full<Bytes>>),
-    Unix(Client<UnixConnector, Full<Bytes>>),
+    Http(Client<HttpConnector, RequestBody>),
+    Unix(Client<UnixConnector, RequestBody>),
 }
 
 /// A pooled keep-alive client bound to one queue's backend.
@@ -69,70 +111,81 @@ impl Forwarder {
         }
     }
 
-    /// Sends `job` to the backend, giving up after `timeout`.
-    pub async fn forward(&self, job: &Job, timeout: Duration) -> Outcome {
-        let started = Instant::now();
-        let outcome = match self.request(job) {
-            Ok(req) => match tokio::time::timeout(timeout, self.send(req)).await {
-                Ok(Ok((status, headers, body))) => Ok((status, headers, body)),
-                Ok(Err(err)) => {
-                    tracing::warn!(error = %err, "backend call failed");
-                    Err((StatusCode::BAD_GATEWAY, "backend unavailable"))
-                }
-                Err(_) => Err((StatusCode::GATEWAY_TIMEOUT, "backend timed out")),
-            },
-            Err(reason) => Err((StatusCode::BAD_REQUEST, reason)),
-        };
-        let elapsed = started.elapsed();
-        match outcome {
-            Ok((status, mut headers, body)) => {
-                let chunked = headers.contains_key(http::header::TRANSFER_ENCODING)
-                    && !headers.contains_key(http::header::CONTENT_LENGTH);
-                strip_hop_by_hop(&mut headers);
-                Outcome {
-                    chunked,
-                    status,
-                    headers: HeaderList::from_map(&headers),
-                    body,
-                    elapsed,
-                }
+    /// Sends a request to the backend and waits up to `timeout` for the
+    /// response head; the body is left to the caller to read.
+    pub async fn send(
+        &self,
+        meta: &JobMeta,
+        body: RequestBody,
+        timeout: Duration,
+    ) -> Result<(Head, Incoming), Failure> {
+        let req = self.request(meta, body).map_err(|reason| Failure {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        })?;
+        let sent = async {
+            match &self.pool {
+                Pool::Http(client) => client.request(req).await,
+                Pool::Unix(client) => client.request(req).await,
             }
-            Err((status, reason)) => Outcome {
-                status,
-                headers: HeaderList(vec![(
-                    "content-type".into(),
-                    b"text/plain; charset=utf-8".to_vec(),
-                )]),
-                body: Bytes::from(format!("{reason}\n")),
-                elapsed,
-                chunked: false,
-            },
+        };
+        let response = match tokio::time::timeout(timeout, sent).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "backend call failed");
+                return Err(Failure {
+                    status: StatusCode::BAD_GATEWAY,
+                    reason: "backend unavailable",
+                });
+            }
+            Err(_) => {
+                return Err(Failure {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    reason: "backend timed out",
+                });
+            }
+        };
+        let (parts, body) = response.into_parts();
+        // thr never asks a backend to switch protocols on a queued request
+        // (Upgrade is stripped; upgrades are tunnelled by the front).
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Failure {
+                status: StatusCode::BAD_GATEWAY,
+                reason: "backend switched protocols without being asked to",
+            });
         }
+        Ok((head_of(parts.status, parts.headers), body))
     }
 
-    fn request(&self, job: &Job) -> Result<Request<Full<Bytes>>, &'static str> {
-        let method =
-            Method::from_bytes(job.meta.method.as_bytes()).map_err(|_| "invalid method")?;
-        let uri = format!("{}{}", self.prefix, job.meta.target);
+    fn request(
+        &self,
+        meta: &JobMeta,
+        body: RequestBody,
+    ) -> Result<Request<RequestBody>, &'static str> {
+        let method = Method::from_bytes(meta.method.as_bytes()).map_err(|_| "invalid method")?;
+        let uri = format!("{}{}", self.prefix, meta.target);
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
-            .body(Full::new(job.body.clone()))
+            .body(body)
             .map_err(|_| "invalid request target")?;
-        *req.headers_mut() = job.meta.headers.to_map();
+        *req.headers_mut() = meta.headers.to_map();
         Ok(req)
     }
+}
 
-    async fn send(
-        &self,
-        req: Request<Full<Bytes>>,
-    ) -> Result<(StatusCode, HeaderMap, Bytes), Box<dyn std::error::Error + Send + Sync>> {
-        let response = match &self.pool {
-            Pool::Http(client) => client.request(req).await?,
-            Pool::Unix(client) => client.request(req).await?,
-        };
-        let (parts, body) = response.into_parts();
-        let body = body.collect().await?.to_bytes();
-        Ok((parts.status, parts.headers, body))
+/// The head a client is given for a backend's `status` and `headers`.
+pub fn head_of(status: StatusCode, mut headers: HeaderMap) -> Head {
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let chunked = headers.contains_key(http::header::TRANSFER_ENCODING) && length.is_none();
+    strip_hop_by_hop(&mut headers);
+    Head {
+        status,
+        headers: HeaderList::from_map(&headers),
+        length,
+        chunked,
     }
 }

@@ -5,7 +5,9 @@
 //!   a job into an outcome (the backend's response, or 502/504);
 //! - [`connector`]: reaching backends that listen on a unix socket.
 
+pub mod channel;
 pub mod connector;
 pub mod forward;
 
-pub use forward::{Forwarder, Outcome};
+pub use channel::ChannelBody;
+pub use forward::{BoxError, Failure, Forwarder, Head, RequestBody, full_body, head_of};

@@ -7,14 +7,15 @@
 local K_leases, K_owners, K_info, K_workers, K_liveness = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local timeout, limit, cursor = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
 -- ARGV[3] HSCAN cursor over owners ('0' to start).
--- Returns {next cursor ('0': done), id, token, method, attempts, front, ...}.
+-- Returns {next cursor ('0': done), id, token, method, attempts, front,
+-- streaming ('1': its response head went out), ...}.
 local now = clock()
 local alive = liveness_now(K_liveness, now)
 local out = {'0'}
 local seen = {}
 
 local function add(id, owner)
-  if seen[id] or #out >= 1 + 5 * limit then
+  if seen[id] or #out >= 1 + 6 * limit then
     return
   end
   local info = info_unpack(redis.call('HGET', K_info, id))
@@ -24,6 +25,7 @@ local function add(id, owner)
   out[#out + 1] = info and info.method or ''
   out[#out + 1] = info and tostring(info.attempts) or '-1'
   out[#out + 1] = info and info.front or ''
+  out[#out + 1] = (owner and owner.streaming) and '1' or '0'
 end
 
 if lease_lost(alive, 0, now, timeout) then

@@ -22,16 +22,21 @@ if not owner then
     return 'lost'
   end
   -- Redis lost its data under the running job: nobody else can answer it.
-  redis.call('LPUSH', K_replies, frame)
-  redis.call('EXPIRE', K_replies, reply_ttl)
+  if frame ~= '' then
+    redis.call('LPUSH', K_replies, frame)
+    redis.call('EXPIRE', K_replies, reply_ttl)
+  end
   return 'delivered'
 end
 if owner.token ~= token then
   return 'lost'
 end
 local now, sec = clock()
-redis.call('LPUSH', K_replies, frame)
-redis.call('EXPIRE', K_replies, reply_ttl)
+-- An empty frame ends a streamed job: its head went out already.
+if frame ~= '' then
+  redis.call('LPUSH', K_replies, frame)
+  redis.call('EXPIRE', K_replies, reply_ttl)
+end
 local info = info_unpack(redis.call('HGET', K_info, id))
 local remember = 1000
 if info then

@@ -15,6 +15,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
+use thr_core::envelope::Piece;
 use thr_core::quota::Flow;
 
 use crate::BrokerError;
@@ -247,6 +248,21 @@ pub enum Delivery {
     LeaseLost,
 }
 
+/// What became of pieces pushed to a streamed response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// How many of the pieces are in the stream now (fewer than given when
+    /// the window is full: push the rest later).
+    Taken(usize),
+    /// Its client went away (or the stream is gone): stop.
+    Cancelled,
+}
+
+/// How long a streamed response's pieces and state, or a request body's
+/// chunks beyond its job's wait, outlive the last call that touched them:
+/// what is left when a daemon dies mid-stream goes away by itself.
+pub const STREAM_TTL: Duration = Duration::from_secs(600);
+
 /// A queue's current load, for gauges.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Gauges {
@@ -319,6 +335,68 @@ pub trait Broker: Send + Sync + 'static {
         frame: Bytes,
         backend_ms: u64,
     ) -> impl Future<Output = Result<Delivery, BrokerError>> + Send;
+
+    /// Starts a streamed response: sends its head (a reply frame marked
+    /// `stream`) to the waiting front; its body follows through
+    /// [`Broker::push_pieces`]. Guarded by the lease and sent once; from
+    /// then on the job cannot run again: if its worker is lost, the reaper
+    /// aborts its stream (the client sees a truncated response). The job
+    /// still ends with [`Broker::reply`] and an empty frame.
+    fn stream_head(
+        &self,
+        lease: &Lease,
+        frame: Bytes,
+    ) -> impl Future<Output = Result<Delivery, BrokerError>> + Send;
+
+    /// Appends pieces of a streamed response, numbered from `first` (a
+    /// repeated call never appends a piece twice), as many as the window
+    /// ([`thr_core::envelope::WINDOW`] pieces waiting) has room for. Works
+    /// after the job ended ([`Broker::reply`]): the rest of a body read
+    /// ahead is still delivered.
+    fn push_pieces(
+        &self,
+        lease: &Lease,
+        first: u64,
+        pieces: &[Piece],
+    ) -> impl Future<Output = Result<Pushed, BrokerError>> + Send;
+
+    /// A front reads the pieces of job `id`'s response from number `from`
+    /// on (at most `max`); the pieces before `from` are dropped. None: the
+    /// stream is gone (cancelled, expired, or lost with the broker's data).
+    fn take_pieces(
+        &self,
+        id: &str,
+        from: u64,
+        max: usize,
+    ) -> impl Future<Output = Result<Option<Vec<Piece>>, BrokerError>> + Send;
+
+    /// The client of job `id` went away: its pieces are dropped and its
+    /// worker's next push is told to stop.
+    fn cancel_stream(&self, id: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// The front read the whole response of job `id`: its state goes.
+    fn close_stream(&self, id: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Stores chunk `index` (0, 1, … in order) of job `id`'s request body,
+    /// kept for `ttl` unless dropped; a repeated call stores it once. False
+    /// when earlier chunks are missing (expired or lost).
+    fn put_upload_chunk(
+        &self,
+        id: &str,
+        index: u32,
+        chunk: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BrokerError>> + Send;
+
+    /// Chunk `index` of job `id`'s request body (None: missing).
+    fn upload_chunk(
+        &self,
+        id: &str,
+        index: u32,
+    ) -> impl Future<Output = Result<Option<Bytes>, BrokerError>> + Send;
+
+    /// Drops job `id`'s request body (its job ended or never will run).
+    fn drop_upload(&self, id: &str) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Sets aside a claimed job that cannot be run (an undecodable
     /// payload), with the reason, and answers its client `answer` (a reply

@@ -44,13 +44,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use thr_core::envelope::{FrontMessage, Reply};
+use thr_core::envelope::{FrontMessage, Piece, Reply, ReplyMeta, WINDOW};
 use thr_core::quota::{Flow, QuotaKey};
 use tokio::time::{Instant, sleep};
 
 use crate::{
     Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell, Gauges,
-    JobState, Lease, NewJob, Reaped, ReplyStream, RetryPolicy, Withdrawal,
+    JobState, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, Withdrawal,
 };
 
 /// A running scenario.
@@ -125,6 +125,12 @@ scenarios![
     gauges_count_waiting_jobs_and_quota_waits,
     queues_are_independent,
     doorbell_rings_on_enqueue,
+    stream_head_then_pieces_in_order,
+    stream_window_bounds_waiting_pieces,
+    repeated_pushes_and_reads_are_idempotent,
+    cancelled_stream_stops_its_worker,
+    lost_streaming_worker_aborts_its_stream,
+    upload_chunks_are_stored_once_in_order,
 ];
 
 // ---- fixtures ---------------------------------------------------------------
@@ -361,8 +367,12 @@ fn retry(max_attempts: u32) -> RetryPolicy {
 /// `reply ID STATUS` or `started ID`.
 fn describe(frame: Bytes) -> String {
     match FrontMessage::decode(frame) {
+        Ok(FrontMessage::Reply(r)) if r.meta.stream => {
+            format!("head {} {}", r.meta.id, r.meta.status)
+        }
         Ok(FrontMessage::Reply(r)) => format!("reply {} {}", r.meta.id, r.meta.status),
         Ok(FrontMessage::Started(s)) => format!("started {}", s.id),
+        Ok(FrontMessage::Data(d)) => format!("data {}", d.id),
         Err(e) => format!("undecodable frame: {e}"),
     }
 }
@@ -1385,4 +1395,211 @@ pub async fn doorbell_rings_on_enqueue<B: Broker>(b: &B) {
         "a job was enqueued"
     );
     take_one(b, "bell").await;
+}
+
+// ---- streamed bodies ------------------------------------------------------------
+
+/// The head frame of a streamed 200 response to job `id`.
+fn stream_head_frame(id: &str) -> Bytes {
+    Reply::encode(
+        &ReplyMeta {
+            id: id.to_string(),
+            status: 200,
+            headers: Default::default(),
+            worker: WORKER.to_string(),
+            backend_ms: 1,
+            chunked: true,
+            stream: true,
+        },
+        b"",
+    )
+}
+
+fn data(text: &str) -> Piece {
+    Piece::Data(Bytes::from(text.to_string()))
+}
+
+async fn push<B: Broker>(b: &B, lease: &Lease, first: u64, pieces: &[Piece]) -> Pushed {
+    b.push_pieces(lease, first, pieces)
+        .await
+        .unwrap_or_else(|e| panic!("push_pieces {}: {e}", lease.id))
+}
+
+async fn take_from<B: Broker>(b: &B, id: &str, from: u64) -> Option<Vec<Piece>> {
+    b.take_pieces(id, from, 64)
+        .await
+        .unwrap_or_else(|e| panic!("take_pieces {id}: {e}"))
+}
+
+/// A streamed response: the head reaches the front once (a repeated call
+/// pushes nothing), a data notice tells it pieces wait, the pieces come in
+/// order, and the job still ends with an empty reply that pushes nothing.
+pub async fn stream_head_then_pieces_in_order<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    queued(b, job("s1", 50, &free)).await;
+    let s1 = take_one(b, "s1").await;
+    let head = || b.stream_head(&s1.lease, stream_head_frame("s1"));
+    assert_eq!(head().await.unwrap(), Delivery::Delivered);
+    assert_eq!(head().await.unwrap(), Delivery::Delivered, "repeated");
+    assert_eq!(front_messages(&mut front, 1).await, ["head s1 200"]);
+    assert_eq!(take_from(b, "s1", 0).await, Some(vec![]), "nothing yet");
+    let pieces = [data("ab"), data("cd")];
+    assert_eq!(push(b, &s1.lease, 0, &pieces).await, Pushed::Taken(2));
+    assert_eq!(front_messages(&mut front, 1).await, ["data s1"]);
+    assert_eq!(take_from(b, "s1", 0).await, Some(pieces.to_vec()));
+    // The job ends (its slots free) while the rest of its body still flows.
+    assert_eq!(
+        b.reply(&s1.lease, Bytes::new(), 3).await.unwrap(),
+        Delivery::Delivered
+    );
+    assert_eq!(states(b, &["s1"]).await, [JobState::Settled]);
+    assert_eq!(
+        push(b, &s1.lease, 2, &[data("ef"), Piece::End]).await,
+        Pushed::Taken(2)
+    );
+    assert_eq!(
+        take_from(b, "s1", 2).await,
+        Some(vec![data("ef"), Piece::End]),
+        "pieces 0 and 1 were dropped as read"
+    );
+    assert_eq!(
+        front_messages(&mut front, 0).await,
+        Vec::<String>::new(),
+        "no reply frame: the head was the answer"
+    );
+    b.close_stream("s1").await.unwrap();
+    assert_eq!(take_from(b, "s1", 4).await, None, "closed");
+}
+
+/// At most [`WINDOW`] pieces wait for the front; the rest is taken once
+/// the front has read what was there.
+pub async fn stream_window_bounds_waiting_pieces<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("w1", 50, &free)).await;
+    let w1 = take_one(b, "w1").await;
+    assert_eq!(
+        b.stream_head(&w1.lease, stream_head_frame("w1"))
+            .await
+            .unwrap(),
+        Delivery::Delivered
+    );
+    let many: Vec<Piece> = (0..WINDOW + 3).map(|i| data(&format!("p{i}"))).collect();
+    assert_eq!(push(b, &w1.lease, 0, &many).await, Pushed::Taken(WINDOW));
+    assert_eq!(
+        push(b, &w1.lease, WINDOW as u64, &many[WINDOW..]).await,
+        Pushed::Taken(0),
+        "the window is full"
+    );
+    let read = take_from(b, "w1", 0).await.unwrap();
+    assert_eq!(read, many[..WINDOW].to_vec());
+    // Nothing is dropped until the front says it has read it.
+    assert_eq!(
+        push(b, &w1.lease, WINDOW as u64, &many[WINDOW..]).await,
+        Pushed::Taken(0)
+    );
+    assert_eq!(take_from(b, "w1", WINDOW as u64).await, Some(vec![]));
+    assert_eq!(
+        push(b, &w1.lease, WINDOW as u64, &many[WINDOW..]).await,
+        Pushed::Taken(3)
+    );
+    assert_eq!(
+        take_from(b, "w1", WINDOW as u64).await,
+        Some(many[WINDOW..].to_vec())
+    );
+}
+
+/// A push or a read repeated after a lost answer neither duplicates nor
+/// loses a piece.
+pub async fn repeated_pushes_and_reads_are_idempotent<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("r1", 50, &free)).await;
+    let r1 = take_one(b, "r1").await;
+    b.stream_head(&r1.lease, stream_head_frame("r1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        push(b, &r1.lease, 0, &[data("a"), data("b")]).await,
+        Pushed::Taken(2)
+    );
+    assert_eq!(
+        push(b, &r1.lease, 0, &[data("a"), data("b")]).await,
+        Pushed::Taken(2),
+        "again"
+    );
+    assert_eq!(
+        push(b, &r1.lease, 1, &[data("b"), data("c")]).await,
+        Pushed::Taken(2),
+        "overlapping: only c is new"
+    );
+    let first = take_from(b, "r1", 0).await.unwrap();
+    assert_eq!(first, [data("a"), data("b"), data("c")]);
+    assert_eq!(take_from(b, "r1", 0).await.unwrap(), first, "read again");
+    assert_eq!(take_from(b, "r1", 1).await.unwrap(), [data("b"), data("c")]);
+}
+
+/// A front whose client went away cancels the stream: its pieces go, and
+/// the worker's next push is told to stop.
+pub async fn cancelled_stream_stops_its_worker<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("c1", 50, &free)).await;
+    let c1 = take_one(b, "c1").await;
+    b.stream_head(&c1.lease, stream_head_frame("c1"))
+        .await
+        .unwrap();
+    assert_eq!(push(b, &c1.lease, 0, &[data("a")]).await, Pushed::Taken(1));
+    b.cancel_stream("c1").await.unwrap();
+    assert_eq!(push(b, &c1.lease, 1, &[data("b")]).await, Pushed::Cancelled);
+    assert_eq!(take_from(b, "c1", 0).await, None, "cancelled");
+    assert_eq!(
+        b.reply(&c1.lease, Bytes::new(), 3).await.unwrap(),
+        Delivery::Delivered,
+        "the job still ends and frees its slots"
+    );
+}
+
+/// A streaming job whose worker is lost never runs again, even a GET: its
+/// client has a head already. The reaper aborts its stream.
+pub async fn lost_streaming_worker_aborts_its_stream<B: Broker>(b: &B) {
+    beat(b).await;
+    let free = no_quota();
+    queued(b, job("l1", 50, &free)).await;
+    let l1 = take(b, 1, SHORT_LEASE).await.remove(0);
+    b.stream_head(&l1.lease, stream_head_frame("l1"))
+        .await
+        .unwrap();
+    assert_eq!(push(b, &l1.lease, 0, &[data("a")]).await, Pushed::Taken(1));
+    pass(b, PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &retry(3)).await,
+        Reaped {
+            answered: 1,
+            ..Reaped::default()
+        }
+    );
+    assert_eq!(idle(b, "a streaming job is not requeued").await, None);
+    let pieces = take_from(b, "l1", 0).await.expect("still readable");
+    assert_eq!(pieces[0], data("a"));
+    assert!(
+        matches!(pieces.last(), Some(Piece::Abort(_))),
+        "ends with an abort: {pieces:?}"
+    );
+}
+
+/// Request bodies: chunks are stored in order, once each; a gap is
+/// refused; a dropped body is gone.
+pub async fn upload_chunks_are_stored_once_in_order<B: Broker>(b: &B) {
+    let put = |i: u32, text: &'static str| {
+        b.put_upload_chunk("u1", i, Bytes::from_static(text.as_bytes()), LONG)
+    };
+    assert!(put(0, "zero").await.unwrap());
+    assert!(put(0, "zero").await.unwrap(), "repeated: stored once");
+    assert!(put(1, "one").await.unwrap());
+    assert!(!put(3, "three").await.unwrap(), "chunk 2 is missing");
+    let get = |i| b.upload_chunk("u1", i);
+    assert_eq!(get(0).await.unwrap().as_deref(), Some(&b"zero"[..]));
+    assert_eq!(get(1).await.unwrap().as_deref(), Some(&b"one"[..]));
+    assert_eq!(get(2).await.unwrap(), None);
+    b.drop_upload("u1").await.unwrap();
+    assert_eq!(get(0).await.unwrap(), None);
 }

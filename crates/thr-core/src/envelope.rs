@@ -8,6 +8,13 @@
 //! controls, are written as JSON strings with one char per byte (Latin-1), so
 //! they survive byte for byte and stay readable when ASCII. A frame of another
 //! version is refused with a clear error instead of being misread.
+//!
+//! Bodies bigger than one [`CHUNK`] never travel in a frame (ARCHITECTURE.md
+//! decision 12): a request body waits in Redis as a list of chunks
+//! ([`JobMeta::body_chunks`]); a response is a head frame marked
+//! [`ReplyMeta::stream`] followed by [`Piece`]s in a per-job list that holds
+//! at most [`WINDOW`] of them, so no Redis command ever carries more than
+//! one chunk and Redis holds a bounded window per response.
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -16,6 +23,18 @@ const MAGIC: &[u8; 3] = b"THR";
 const KIND_JOB: u8 = b'Q';
 const KIND_REPLY: u8 = b'R';
 const KIND_STARTED: u8 = b'S';
+const KIND_DATA: u8 = b'D';
+
+/// Largest piece of a body in one Redis value. 128 KiB: a Redis command
+/// carrying it takes ~0.1 ms of Redis time, so a stream never delays other
+/// daemons' calls noticeably, while a 1 GiB body is still only 8,192
+/// commands (at 16 KiB the per-command overhead halved the throughput; at
+/// 1 MiB each call held Redis ~1 ms). See README "How bodies travel".
+pub const CHUNK: usize = 128 * 1024;
+
+/// Most pieces of one response waiting in Redis (8 × 128 KiB = 1 MiB): the
+/// flow-control window between a worker and the front that reads them.
+pub const WINDOW: usize = 8;
 const HEADER_LEN: usize = 3 + 1 + 1 + 4;
 
 /// Version of the frame layout and its metadata; bump on incompatible change.
@@ -87,6 +106,12 @@ pub struct JobMeta {
     /// that `thrctl retry` can put a dead letter back on its queue.
     #[serde(default)]
     pub flow_def: String,
+    /// The body waits in Redis as this many chunks (0: it is in the frame).
+    #[serde(default)]
+    pub body_chunks: u32,
+    /// The body's length in bytes when it waits in Redis.
+    #[serde(default)]
+    pub body_len: u64,
 }
 
 /// A request taken off a queue.
@@ -115,6 +140,9 @@ pub struct ReplyMeta {
     /// frames it the same way.
     #[serde(default)]
     pub chunked: bool,
+    /// The head of a streamed response: the body follows as [`Piece`]s.
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// A reply on its way back to a front.
@@ -215,13 +243,30 @@ impl Started {
     }
 }
 
+/// A notice to a front that pieces of a streamed response wait for it
+/// (sent when the job's list turns non-empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataReady {
+    /// The job.
+    pub id: String,
+}
+
+impl DataReady {
+    /// Encodes a data notice.
+    pub fn encode(&self) -> Bytes {
+        encode(KIND_DATA, self, b"")
+    }
+}
+
 /// What a front pops from its list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontMessage {
-    /// A job's reply.
+    /// A job's reply (or the head of its streamed response).
     Reply(Reply),
     /// A job has started.
     Started(Started),
+    /// Pieces of a streamed response wait.
+    Data(DataReady),
 }
 
 impl FrontMessage {
@@ -231,6 +276,10 @@ impl FrontMessage {
             let (meta, _) = decode(KIND_STARTED, frame)?;
             return Ok(FrontMessage::Started(meta));
         }
+        if frame.len() > 3 && frame[3] == KIND_DATA {
+            let (meta, _) = decode(KIND_DATA, frame)?;
+            return Ok(FrontMessage::Data(meta));
+        }
         Reply::decode(frame).map(FrontMessage::Reply)
     }
 
@@ -239,6 +288,7 @@ impl FrontMessage {
         match self {
             FrontMessage::Reply(r) => &r.meta.id,
             FrontMessage::Started(s) => &s.id,
+            FrontMessage::Data(d) => &d.id,
         }
     }
 }
@@ -264,6 +314,7 @@ impl Reply {
                 worker: who.to_string(),
                 backend_ms: 0,
                 chunked: false,
+                stream: false,
             },
             text.as_bytes(),
         )
@@ -278,6 +329,44 @@ impl Reply {
     pub fn decode(frame: Bytes) -> Result<Reply, DecodeError> {
         let (meta, body) = decode(KIND_REPLY, frame)?;
         Ok(Reply { meta, body })
+    }
+}
+
+/// One element of a streamed response's list: a piece of the body, its
+/// end, or an abort (the client must see a truncated response).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// Body bytes (at most one [`CHUNK`]).
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// The body stops here, incomplete; why, for logs.
+    Abort(String),
+}
+
+impl Piece {
+    /// The stored form: a tag byte (`d`, `e`, `x`), then the bytes.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Piece::Data(b) => {
+                let mut out = BytesMut::with_capacity(1 + b.len());
+                out.extend_from_slice(b"d");
+                out.extend_from_slice(b);
+                out.freeze()
+            }
+            Piece::End => Bytes::from_static(b"e"),
+            Piece::Abort(why) => Bytes::from(format!("x{why}")),
+        }
+    }
+
+    /// Reads a stored piece (anything unknown reads as an abort).
+    pub fn decode(stored: Bytes) -> Piece {
+        match stored.first() {
+            Some(b'd') => Piece::Data(stored.slice(1..)),
+            Some(b'e') if stored.len() == 1 => Piece::End,
+            Some(b'x') => Piece::Abort(String::from_utf8_lossy(&stored[1..]).into_owned()),
+            _ => Piece::Abort("unreadable piece".into()),
+        }
     }
 }
 
@@ -332,6 +421,8 @@ mod tests {
             timeout_ms: 30_000,
             flow: "-".into(),
             flow_def: String::new(),
+            body_chunks: 0,
+            body_len: 0,
         }
     }
 
@@ -391,6 +482,24 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn pieces_and_data_notices_round_trip() {
+        for p in [
+            Piece::Data(Bytes::from_static(b"abc")),
+            Piece::Data(Bytes::new()),
+            Piece::End,
+            Piece::Abort("backend closed".into()),
+        ] {
+            assert_eq!(Piece::decode(p.encode()), p);
+        }
+        assert!(matches!(Piece::decode(Bytes::new()), Piece::Abort(_)));
+        let notice = DataReady { id: "j7".into() }.encode();
+        assert_eq!(
+            FrontMessage::decode(notice).unwrap(),
+            FrontMessage::Data(DataReady { id: "j7".into() })
+        );
     }
 
     proptest! {

@@ -83,6 +83,10 @@ pub async fn spawn(
     addr: SocketAddr,
     ready: Readiness,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    // The recorder goes in before anything is served: a counter recorded
+    // while none is installed is lost for good (the serve task may only
+    // run after the first requests on a busy machine).
+    metrics();
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "admin listener: /metrics /healthz /readyz");
     Ok(tokio::spawn(serve(listener, ready)))

@@ -23,16 +23,25 @@ local function info_unpack(s)
   }
 end
 
--- Owner: "worker token claimed_ms".
+-- Owner: "worker token claimed_ms", then "\ts" once the job's response
+-- head went out (it streams: it can no longer run again).
 local function owner_unpack(s)
   if not s then
     return nil
   end
-  local worker, token, claimed = string.match(s, '^([^\t]*)\t([^\t]*)\t(%d+)$')
-  if not worker then
+  local worker, token, claimed, streaming = string.match(s, '^([^\t]*)\t([^\t]*)\t(%d+)(\t?s?)$')
+  if not worker or (streaming ~= '' and streaming ~= '\ts') then
     return nil
   end
-  return { worker = worker, token = token, claimed = tonumber(claimed) }
+  return { worker = worker, token = token, claimed = tonumber(claimed), streaming = streaming == '\ts' }
+end
+
+local function owner_pack(o)
+  local s = o.worker .. '\t' .. o.token .. '\t' .. int(o.claimed)
+  if o.streaming then
+    s = s .. '\ts'
+  end
+  return s
 end
 
 -- FlowDef: quotas separated by ';', each "token max_concurrent interval_ms burst max_waiting".

@@ -83,6 +83,24 @@ impl Keyspace {
         QueueKeys::new(&self.root, name)
     }
 
+    /// List: a request body's chunks, while its job waits or runs.
+    pub fn upload(&self, id: &str) -> String {
+        format!("{}j:{id}:upload", self.root)
+    }
+
+    /// List: the pieces of a streamed response not yet taken by its front
+    /// (at most `WINDOW`).
+    pub fn pieces(&self, id: &str) -> String {
+        format!("{}j:{id}:pieces", self.root)
+    }
+
+    /// Hash: a streamed response's state: `head` (number of the list's
+    /// first piece), `next` (number of the next piece to append),
+    /// `cancelled` (its client went away).
+    pub fn stream(&self, id: &str) -> String {
+        format!("{}j:{id}:stream", self.root)
+    }
+
     /// The list front `id` pops its messages from.
     pub fn replies(&self, front: &str) -> String {
         format!("{}f:{front}:replies", self.root)

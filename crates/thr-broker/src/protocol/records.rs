@@ -84,12 +84,18 @@ pub struct Owner {
     pub token: String,
     /// When it was claimed (ms, Redis clock).
     pub claimed_ms: u64,
+    /// Its response head went out: it streams, and cannot run again.
+    pub streaming: bool,
 }
 
 impl Owner {
     /// The record as stored.
     pub fn encode(&self) -> String {
-        format!("{}\t{}\t{}", self.worker, self.token, self.claimed_ms)
+        let streaming = if self.streaming { "\ts" } else { "" };
+        format!(
+            "{}\t{}\t{}{streaming}",
+            self.worker, self.token, self.claimed_ms
+        )
     }
 
     /// Reads a stored record.
@@ -99,8 +105,16 @@ impl Owner {
             worker: f.next()?.to_string(),
             token: f.next()?.to_string(),
             claimed_ms: f.next()?.parse().ok()?,
+            streaming: false,
         };
-        f.next().is_none().then_some(owner)
+        match (f.next(), f.next()) {
+            (None, _) => Some(owner),
+            (Some("s"), None) => Some(Owner {
+                streaming: true,
+                ..owner
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -215,8 +229,15 @@ mod tests {
             worker: "w".into(),
             token: "t".into(),
             claimed_ms: 5,
+            streaming: false,
         };
-        assert_eq!(Owner::decode(&owner.encode()), Some(owner));
+        assert_eq!(Owner::decode(&owner.encode()), Some(owner.clone()));
+        let streaming = Owner {
+            streaming: true,
+            ..owner
+        };
+        assert_eq!(Owner::decode(&streaming.encode()), Some(streaming));
+        assert_eq!(Owner::decode("w\tt\t5\tx"), None);
         let flow = Flow {
             quotas: vec![QuotaKey {
                 token: "user=a".into(),

@@ -34,6 +34,10 @@ pub(crate) struct Scripts {
     reap: Script,
     purge: Script,
     stats: Script,
+    stream_head: Script,
+    push_pieces: Script,
+    take_pieces: Script,
+    put_chunk: Script,
 }
 
 /// The scripts' text, for tests that run them by hand.
@@ -52,6 +56,10 @@ pub fn source(name: &str) -> Option<&'static str> {
         "reap" => text::REAP,
         "purge" => text::PURGE,
         "stats" => text::STATS,
+        "stream_head" => text::STREAM_HEAD,
+        "push_pieces" => text::PUSH_PIECES,
+        "take_pieces" => text::TAKE_PIECES,
+        "put_chunk" => text::PUT_CHUNK,
         _ => return None,
     })
 }
@@ -89,6 +97,10 @@ impl Scripts {
             reap: Script::new(text::REAP),
             purge: Script::new(text::PURGE),
             stats: Script::new(text::STATS),
+            stream_head: Script::new(text::STREAM_HEAD),
+            push_pieces: Script::new(text::PUSH_PIECES),
+            take_pieces: Script::new(text::TAKE_PIECES),
+            put_chunk: Script::new(text::PUT_CHUNK),
         })
     }
 }
@@ -598,15 +610,18 @@ pub(crate) struct LostJob {
     /// -1 when its record is gone (or unreadable).
     pub attempts: i64,
     pub front: String,
+    /// Its response head went out (it streams).
+    pub streaming: bool,
 }
 
 pub(crate) fn parse_reap_scan(value: Value) -> Result<(String, Vec<LostJob>), BrokerError> {
     let items = items(value, "reap_scan")?;
     let cursor = items.first().and_then(string).unwrap_or_else(|| "0".into());
     let lost = items[1.min(items.len())..]
-        .chunks(5)
+        .chunks(6)
         .filter_map(|c| match c {
-            [id, token, method, attempts, front] => Some(LostJob {
+            [id, token, method, attempts, front, streaming] => Some(LostJob {
+                streaming: string(streaming).as_deref() == Some("1"),
                 id: string(id)?,
                 token: string(token).unwrap_or_default(),
                 method: string(method).unwrap_or_default(),
@@ -621,4 +636,93 @@ pub(crate) fn parse_reap_scan(value: Value) -> Result<(String, Vec<LostJob>), Br
 
 pub(crate) fn parse_list(value: Value, what: &str) -> Result<Vec<Value>, BrokerError> {
     items(value, what)
+}
+
+/// Arguments of `stream_head`.
+pub(crate) struct StreamHead<'a> {
+    pub id: &'a str,
+    pub token: &'a str,
+    pub front: &'a str,
+    pub frame: &'a [u8],
+    pub reply_ttl: Duration,
+    pub stream_ttl: Duration,
+}
+
+/// Arguments of `push_pieces`.
+pub(crate) struct PushPieces<'a> {
+    pub id: &'a str,
+    pub front: &'a str,
+    /// Number of the first piece; None appends whatever the window.
+    pub first: Option<u64>,
+    pub window: usize,
+    pub stream_ttl: Duration,
+    pub notice: &'a [u8],
+    pub reply_ttl: Duration,
+    pub pieces: &'a [bytes::Bytes],
+}
+
+impl Scripts {
+    pub(crate) fn stream_head(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        a: &StreamHead<'_>,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.stream_head.prepare_invoke();
+        s.key(&q.owners)
+            .key(ks.replies(a.front))
+            .key(ks.stream(a.id))
+            .arg(a.id)
+            .arg(a.token)
+            .arg(a.frame)
+            .arg(a.reply_ttl.as_secs())
+            .arg(ms(a.stream_ttl));
+        s
+    }
+
+    pub(crate) fn push_pieces(&self, ks: &Keyspace, a: &PushPieces<'_>) -> ScriptInvocation<'_> {
+        let mut s = self.push_pieces.prepare_invoke();
+        s.key(ks.pieces(a.id))
+            .key(ks.stream(a.id))
+            .key(ks.replies(a.front))
+            .arg(a.first.map_or(-1, |f| f as i64))
+            .arg(a.window)
+            .arg(ms(a.stream_ttl))
+            .arg(a.notice)
+            .arg(a.reply_ttl.as_secs());
+        for p in a.pieces {
+            s.arg(p.as_ref());
+        }
+        s
+    }
+
+    pub(crate) fn take_pieces(
+        &self,
+        ks: &Keyspace,
+        id: &str,
+        from: u64,
+        max: usize,
+        stream_ttl: Duration,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.take_pieces.prepare_invoke();
+        s.key(ks.pieces(id))
+            .key(ks.stream(id))
+            .arg(from)
+            .arg(max)
+            .arg(ms(stream_ttl));
+        s
+    }
+
+    pub(crate) fn put_chunk(
+        &self,
+        ks: &Keyspace,
+        id: &str,
+        index: u32,
+        chunk: &[u8],
+        ttl: Duration,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.put_chunk.prepare_invoke();
+        s.key(ks.upload(id)).arg(index).arg(ms(ttl)).arg(chunk);
+        s
+    }
 }

@@ -24,15 +24,15 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo};
-use thr_core::envelope::{Reply, Started as StartedNotice};
+use thr_core::envelope::{DataReady, Piece, Reply, Started as StartedNotice, WINDOW};
 
 use crate::protocol::keys::{DEFAULT_NAMESPACE, Keyspace, LATENCY_SAMPLES, QueueKeys};
 use crate::protocol::records::FlowDef;
 use crate::protocol::scripts::{self as s, Scripts};
 use crate::{
     Admission, Beat, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
-    FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Reaped, RetryPolicy,
-    Withdrawal,
+    FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Pushed, Reaped, RetryPolicy,
+    STREAM_TTL, Withdrawal,
 };
 pub use blocking::{RedisDoorbell, RedisReplies};
 
@@ -65,6 +65,10 @@ pub(crate) const REPLY_TTL: Duration = Duration::from_secs(120);
 pub struct RedisBroker {
     client: Client,
     manager: ConnectionManager,
+    /// Body traffic (pieces and chunks, up to 1 MiB per call) has a
+    /// connection of its own, so that it never queues control calls
+    /// (enqueue, claim, reply, heartbeats) behind it.
+    bulk: ConnectionManager,
     command_timeout: Duration,
     scripts: &'static Scripts,
     keyspace: Arc<Keyspace>,
@@ -152,10 +156,12 @@ impl RedisBroker {
             // Fail fast while Redis is down; the next command tries again.
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
+        let bulk = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(RedisBroker {
             client,
             manager,
+            bulk,
             command_timeout,
             scripts: Scripts::get(),
             keyspace: Arc::new(Keyspace::new(namespace)),
@@ -206,6 +212,29 @@ impl RedisBroker {
         }
     }
 
+    /// Runs a prepared script on the body-traffic connection.
+    async fn invoke_bulk(
+        &self,
+        script: redis::ScriptInvocation<'_>,
+    ) -> Result<redis::Value, BrokerError> {
+        let conn = self.bulk.clone();
+        match tokio::time::timeout(self.command_timeout, async move {
+            let mut conn = conn;
+            script.invoke_async(&mut conn).await
+        })
+        .await
+        {
+            Ok(result) => result.map_err(BrokerError::from),
+            Err(_) => Err(BrokerError::Timeout {
+                what: format!(
+                    "{} did not answer within {:?}",
+                    self.display_url, self.command_timeout
+                ),
+                source: None,
+            }),
+        }
+    }
+
     /// Runs a prepared script on the shared connection.
     pub(crate) async fn invoke(
         &self,
@@ -228,6 +257,38 @@ impl RedisBroker {
                 holds: FlowDef::holds(&flow),
                 generation: generation.to_string(),
             },
+        }
+    }
+
+    /// Appends `pieces` to job `id`'s stream (see `push_pieces.lua`).
+    async fn push(
+        &self,
+        id: &str,
+        front: &str,
+        first: Option<u64>,
+        pieces: &[Piece],
+    ) -> Result<Pushed, BrokerError> {
+        let encoded: Vec<Bytes> = pieces.iter().map(Piece::encode).collect();
+        let notice = DataReady { id: id.to_string() }.encode();
+        let answer = self
+            .invoke_bulk(self.scripts.push_pieces(
+                &self.keyspace,
+                &s::PushPieces {
+                    id,
+                    front,
+                    first,
+                    window: WINDOW,
+                    stream_ttl: STREAM_TTL,
+                    notice: &notice,
+                    reply_ttl: REPLY_TTL,
+                    pieces: &encoded,
+                },
+            ))
+            .await?;
+        match s::int(&answer) {
+            Some(n) if n >= 0 => Ok(Pushed::Taken(n as usize)),
+            Some(_) => Ok(Pushed::Cancelled),
+            None => Err(BrokerError::Protocol(format!("push_pieces: {answer:?}"))),
         }
     }
 
@@ -453,6 +514,132 @@ impl Broker for RedisBroker {
         }
     }
 
+    async fn stream_head(&self, lease: &Lease, frame: Bytes) -> Result<Delivery, BrokerError> {
+        let q = self.queue_keys(&lease.queue);
+        let answer = self
+            .invoke(self.scripts.stream_head(
+                &self.keyspace,
+                &q,
+                &s::StreamHead {
+                    id: &lease.id,
+                    token: &lease.token,
+                    front: &lease.front,
+                    frame: &frame,
+                    reply_ttl: REPLY_TTL,
+                    stream_ttl: STREAM_TTL,
+                },
+            ))
+            .await?;
+        match s::string(&answer).as_deref() {
+            Some("delivered" | "again") => Ok(Delivery::Delivered),
+            Some("lost") => Ok(Delivery::LeaseLost),
+            _ => Err(BrokerError::Protocol(format!("stream_head: {answer:?}"))),
+        }
+    }
+
+    async fn push_pieces(
+        &self,
+        lease: &Lease,
+        first: u64,
+        pieces: &[Piece],
+    ) -> Result<Pushed, BrokerError> {
+        self.push(&lease.id, &lease.front, Some(first), pieces)
+            .await
+    }
+
+    async fn take_pieces(
+        &self,
+        id: &str,
+        from: u64,
+        max: usize,
+    ) -> Result<Option<Vec<Piece>>, BrokerError> {
+        let answer = self
+            .invoke_bulk(
+                self.scripts
+                    .take_pieces(&self.keyspace, id, from, max.max(1), STREAM_TTL),
+            )
+            .await?;
+        match answer {
+            redis::Value::Nil | redis::Value::Boolean(false) => Ok(None),
+            redis::Value::Array(items) => Ok(Some(
+                items
+                    .into_iter()
+                    .map(|v| match v {
+                        redis::Value::BulkString(b) => Piece::decode(Bytes::from(b)),
+                        _ => Piece::Abort("unreadable piece".into()),
+                    })
+                    .collect(),
+            )),
+            other => Err(BrokerError::Protocol(format!("take_pieces: {other:?}"))),
+        }
+    }
+
+    async fn cancel_stream(&self, id: &str) -> Result<(), BrokerError> {
+        let (pieces, state) = (self.keyspace.pieces(id), self.keyspace.stream(id));
+        self.run(|mut conn| async move {
+            redis::pipe()
+                .del(&pieces)
+                .ignore()
+                .hset(&state, "cancelled", 1)
+                .ignore()
+                .pexpire(&state, STREAM_TTL.as_millis() as i64)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn close_stream(&self, id: &str) -> Result<(), BrokerError> {
+        let (pieces, state) = (self.keyspace.pieces(id), self.keyspace.stream(id));
+        self.run(|mut conn| async move {
+            redis::pipe()
+                .del(&[&pieces, &state])
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn put_upload_chunk(
+        &self,
+        id: &str,
+        index: u32,
+        chunk: Bytes,
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let answer = self
+            .invoke_bulk(
+                self.scripts
+                    .put_chunk(&self.keyspace, id, index, &chunk, ttl),
+            )
+            .await?;
+        Ok(s::int(&answer).is_some_and(|n| n > i64::from(index)))
+    }
+
+    async fn upload_chunk(&self, id: &str, index: u32) -> Result<Option<Bytes>, BrokerError> {
+        let key = self.keyspace.upload(id);
+        let bulk = self.bulk.clone();
+        let chunk: Option<Vec<u8>> = self
+            .run(|_| async move {
+                let mut conn = bulk;
+                redis::cmd("LINDEX")
+                    .arg(&key)
+                    .arg(index)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(chunk.map(Bytes::from))
+    }
+
+    async fn drop_upload(&self, id: &str) -> Result<(), BrokerError> {
+        let key = self.keyspace.upload(id);
+        self.run(|mut conn| async move { redis::cmd("DEL").arg(&key).exec_async(&mut conn).await })
+            .await
+    }
+
     async fn dead_letter(
         &self,
         lease: &Lease,
@@ -524,6 +711,10 @@ impl Broker for RedisBroker {
             )
             .await?;
         let counts = s::parse_list(answer, "reap")?;
+        for job in lost.iter().filter(|j| j.streaming) {
+            let why = Piece::Abort("the worker streaming it was lost".into());
+            self.push(&job.id, &job.front, None, &[why]).await?;
+        }
         let n = |i: usize| counts.get(i).and_then(s::int).unwrap_or(0).max(0) as u64;
         total.requeued += n(0);
         total.answered += n(1);
@@ -629,6 +820,12 @@ impl Broker for RedisBroker {
 /// client 502 (setting a safe one aside in the dead letters, since every
 /// attempt lost its worker). Returns the action and the answer's frame.
 fn reap_decision(job: &s::LostJob, policy: &RetryPolicy) -> (&'static str, Bytes) {
+    if job.streaming {
+        // Its client has a response head: it cannot run again, and the
+        // abort pushed to its stream tells the front to cut the response.
+        let text = "thr: the worker streaming this response was lost\n";
+        return ("answer", Reply::plain(&job.id, 502, text, "reaper", &[]));
+    }
     let safe = policy.methods.contains(&job.method);
     let attempts = job.attempts.max(0) as u32 + 1;
     if safe && attempts < policy.max_attempts {
@@ -673,6 +870,7 @@ mod tests {
             method: method.into(),
             attempts,
             front: "f".into(),
+            streaming: false,
         };
         assert_eq!(reap_decision(&job("GET", 0), &policy).0, "requeue");
         assert_eq!(reap_decision(&job("GET", 1), &policy).0, "requeue");

@@ -20,7 +20,12 @@ use super::{
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-const DEFAULT_MAX_BODY: u64 = 10 << 20;
+/// 100 MiB: ordinary uploads (photos, office files, short videos) pass;
+/// a body waits whole in Redis until its job runs, so this is also the
+/// Redis memory one upload may take.
+const DEFAULT_MAX_BODY: u64 = 100 << 20;
+/// 1 MiB read ahead per streamed response (besides Redis's window).
+const DEFAULT_RESPONSE_BUFFER: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
 const DEFAULT_MAX_HEADERS: i64 = 100;
 const DEFAULT_MAX_INFLIGHT: usize = 16;
@@ -321,6 +326,12 @@ pub fn compile(
             Duration::ZERO,
             |s| duration(s),
         ),
+        client_write_timeout: c.value(
+            &key(&["http2redis", "client_write_timeout"]),
+            &f.client_write_timeout,
+            Duration::from_secs(60),
+            |s| positive_duration(s),
+        ),
     };
 
     let worker = WorkerSettings {
@@ -420,6 +431,21 @@ pub fn compile(
                 _ => Err("must be between 1 and 100".to_string()),
             },
         );
+        let response_buffer = c.value(
+            &at("response_buffer"),
+            &q.response_buffer,
+            DEFAULT_RESPONSE_BUFFER as usize,
+            |v| {
+                let n = size_value(v)?;
+                if n > 1 << 30 {
+                    return Err("must be at most 1GiB (it is held in the worker's memory)".into());
+                }
+                Ok(n as usize)
+            },
+        );
+        let max_response = c.value(&at("max_response"), &q.max_response, None, |v| {
+            size_value(v).map(Some)
+        });
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -431,6 +457,8 @@ pub fn compile(
                 max_inflight_total,
                 retry_methods,
                 max_attempts,
+                response_buffer,
+                max_response,
             });
         }
     }

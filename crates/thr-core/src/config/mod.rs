@@ -88,7 +88,9 @@ pub struct FrontSettings {
     /// How long a client waits for its reply before getting a 504 (and its
     /// job being cancelled).
     pub reply_timeout: Duration,
-    /// Largest request body accepted; larger ones get a 413.
+    /// Largest request body accepted; larger ones get a 413. Bodies travel
+    /// through Redis in chunks and wait there whole until the job runs, so
+    /// this bounds Redis memory per upload, not the daemons'.
     pub max_body: usize,
     /// Largest request head (request line and headers) accepted, in bytes.
     pub max_header_bytes: usize,
@@ -107,6 +109,9 @@ pub struct FrontSettings {
     /// While Redis is unreachable, hold requests this long (retrying) before
     /// answering 503. Zero: answer 503 at once.
     pub redis_down_grace: Duration,
+    /// A client that takes nothing of its response for this long is cut
+    /// off and its stream's resources (in the front and in Redis) freed.
+    pub client_write_timeout: Duration,
 }
 
 /// `[redis2http]`: the workers that feed the backends.
@@ -140,6 +145,13 @@ pub struct QueueConfig {
     pub retry_methods: Vec<String>,
     /// Runs of one job before it is set aside in the dead letters.
     pub max_attempts: u32,
+    /// How much of a response the worker reads ahead of a slow client (on
+    /// top of the window held in Redis): a response that fits frees the
+    /// backend at once, whatever the client's pace.
+    pub response_buffer: usize,
+    /// Largest response body passed on (none: no limit). A larger declared
+    /// length is answered 502; a stream that grows past it is cut.
+    pub max_response: Option<u64>,
 }
 
 /// Where a daemon listens.

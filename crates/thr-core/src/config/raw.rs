@@ -102,6 +102,7 @@ pub struct RawThen {
     pub remove_response_headers: Option<Vec<String>>,
     pub default_body: Option<String>,
     pub auth: Option<RawAuth>,
+    pub reply_timeout: Option<String>,
 }
 
 /// `then.auth`.
@@ -136,6 +137,7 @@ pub struct RawFront {
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
     pub admin: Option<Str>,
     pub redis_down_grace: Option<Str>,
+    pub client_write_timeout: Option<Str>,
     pub edge_limit: Option<RawEdgeLimit>,
 }
 
@@ -158,6 +160,8 @@ pub struct RawQueue {
     pub max_inflight_total: Option<Spanned<i64>>,
     pub retry_methods: Option<Spanned<Vec<String>>>,
     pub max_attempts: Option<Spanned<i64>>,
+    pub response_buffer: Option<Spanned<toml::Value>>,
+    pub max_response: Option<Spanned<toml::Value>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

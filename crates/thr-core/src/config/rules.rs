@@ -284,6 +284,12 @@ fn actions(
         a.response_headers.push(HeaderEdit::Set(name, values));
     }
     a.default_body = then.default_body.clone().map(Bytes::from);
+    if let Some(text) = &then.reply_timeout {
+        match positive_duration(text) {
+            Ok(d) => a.reply_timeout = Some(d),
+            Err(e) => c.error(&at(&["then", "reply_timeout"]), None, e),
+        }
+    }
     if let Some(auth) = &then.auth {
         a.auth = auth_spec(c, at(&["then", "auth"]), auth).map(Arc::new);
     }

@@ -23,7 +23,10 @@ fn issue_example_parses_verbatim() {
         ListenAddr::Tcp("127.0.0.1:8080".parse().unwrap())
     );
     assert_eq!(c.front.reply_timeout, Duration::from_secs(30));
-    assert_eq!(c.front.max_body, 10 << 20);
+    assert_eq!(c.front.max_body, 100 << 20);
+    assert_eq!(c.queues[0].response_buffer, 1 << 20);
+    assert_eq!(c.queues[0].max_response, None);
+    assert_eq!(c.front.client_write_timeout, Duration::from_secs(60));
     let q = c.default_queue();
     assert_eq!(q.name, "default");
     assert_eq!(q.max_inflight.get(), 64);

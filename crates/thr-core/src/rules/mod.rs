@@ -136,6 +136,9 @@ pub struct Actions {
     pub default_body: Option<Bytes>,
     /// Check with an auth service first.
     pub auth: Option<Arc<AuthSpec>>,
+    /// How long the client waits for the response head (long-polls,
+    /// reports), instead of `[http2redis] reply_timeout`.
+    pub reply_timeout: Option<std::time::Duration>,
 }
 
 /// What the rules decided for one request.
@@ -157,6 +160,8 @@ pub struct Decision {
     pub default_body: Option<Bytes>,
     /// Indices of the rules that matched, in order.
     pub matched: Vec<usize>,
+    /// The wait for the response head a rule set (None: the default).
+    pub reply_timeout: Option<std::time::Duration>,
 }
 
 impl Default for Decision {
@@ -170,6 +175,7 @@ impl Default for Decision {
             response_headers: Vec::new(),
             default_body: None,
             matched: Vec::new(),
+            reply_timeout: None,
         }
     }
 }
@@ -290,6 +296,9 @@ impl Actions {
         }
         if let Some(b) = &self.default_body {
             decision.default_body = Some(b.clone());
+        }
+        if let Some(t) = self.reply_timeout {
+            decision.reply_timeout = Some(t);
         }
         decision
             .response_headers

@@ -24,6 +24,7 @@ const DEFAULT_MAX_BODY: u64 = 10 << 20;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
 const DEFAULT_MAX_HEADERS: i64 = 100;
 const DEFAULT_MAX_INFLIGHT: usize = 16;
+const DEFAULT_MAX_TUNNELS: u32 = 100;
 
 /// Collects errors while compiling, each tied to a key path and a position.
 pub(super) struct Checker<'t> {
@@ -420,6 +421,15 @@ pub fn compile(
                 _ => Err("must be between 1 and 100".to_string()),
             },
         );
+        let max_tunnels = c.value(
+            &at("max_tunnels"),
+            &q.max_tunnels,
+            DEFAULT_MAX_TUNNELS,
+            |n| match u32::try_from(*n) {
+                Ok(n @ 0..=100_000) => Ok(n),
+                _ => Err("must be between 0 and 100000 (0 refuses upgrades)".to_string()),
+            },
+        );
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -431,6 +441,7 @@ pub fn compile(
                 max_inflight_total,
                 retry_methods,
                 max_attempts,
+                max_tunnels,
             });
         }
     }

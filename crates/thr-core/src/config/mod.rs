@@ -140,6 +140,10 @@ pub struct QueueConfig {
     pub retry_methods: Vec<String>,
     /// Runs of one job before it is set aside in the dead letters.
     pub max_attempts: u32,
+    /// Upgrade tunnels (WebSocket and the like) open at once to this queue's
+    /// backend, per front process. Tunnels bypass the queue, so this is
+    /// what bounds them; 0 refuses upgrade requests on this queue.
+    pub max_tunnels: u32,
 }
 
 /// Where a daemon listens.

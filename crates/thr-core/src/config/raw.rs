@@ -158,6 +158,7 @@ pub struct RawQueue {
     pub max_inflight_total: Option<Spanned<i64>>,
     pub retry_methods: Option<Spanned<Vec<String>>>,
     pub max_attempts: Option<Spanned<i64>>,
+    pub max_tunnels: Option<Spanned<i64>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

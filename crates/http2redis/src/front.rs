@@ -4,7 +4,8 @@
 //! `max_body`), apply the rules (which may answer it, rewrite it, pick its
 //! queue and priority, or let it bypass the queue), authorize (an auth
 //! service, when a rule says so), dispatch (queue it and wait for the reply,
-//! [`crate::queueing`]; or forward it directly for `bypass`), respond, log.
+//! [`crate::queueing`]; or forward it directly for `bypass`; or, for an
+//! upgrade request, tunnel it to the backend, [`crate::tunnel`]), respond, log.
 //! If the client is answered any other way or goes away (hyper drops the
 //! handler's future), a guard withdraws the job from Redis, so the backend
 //! never works for nobody.
@@ -41,6 +42,7 @@ use crate::error::FrontError;
 use crate::forwarded;
 use crate::queueing::{self, QueueRules, Withdrawals};
 use crate::replies::ReplyRouter;
+use crate::tunnel::{Tunnels, Upgrade};
 
 /// The client's address, put in request extensions by the server.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +74,8 @@ struct Inner<B> {
     edge: ArcSwapOption<EdgeLimiter>,
     /// Background withdrawals of jobs whose clients went away.
     withdrawals: Arc<Withdrawals>,
+    /// Open upgrade tunnels, counted per queue.
+    tunnels: Tunnels,
 }
 
 /// One request's context through its phases: what the summary log line
@@ -151,6 +155,7 @@ impl<B: Broker> Front<B> {
                 bypass: Mutex::new(HashMap::new()),
                 edge: ArcSwapOption::empty(),
                 withdrawals: Arc::default(),
+                tunnels: Tunnels::default(),
             }),
         }
     }
@@ -173,6 +178,11 @@ impl<B: Broker> Front<B> {
     /// The background withdrawals of jobs whose clients went away.
     pub(crate) fn withdrawals(&self) -> Arc<Withdrawals> {
         self.inner.withdrawals.clone()
+    }
+
+    /// The open upgrade tunnels.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.inner.tunnels
     }
 
     /// Waits for the withdrawals under way (shutdown).
@@ -210,7 +220,7 @@ impl<B: Broker> Front<B> {
     /// rules, authorize, dispatch (queue or bypass), respond.
     async fn serve<Bd>(
         &self,
-        req: Request<Bd>,
+        mut req: Request<Bd>,
         config: &Config,
         cx: &mut RequestCx,
     ) -> Result<Response<ReplyBody>, FrontError>
@@ -218,8 +228,12 @@ impl<B: Broker> Front<B> {
         Bd: Body<Data = Bytes>,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let upgrade = Upgrade::take(&mut req);
         let (parts, body) = req.into_parts();
         let mut rreq = self.admit(parts, config, cx)?;
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(&mut rreq.headers);
+        }
         let body = read_body(body, config.front.max_body).await?;
         let decision = rules::evaluate(&config.rules, &mut rreq);
         if let Some(answer) = &decision.answer {
@@ -232,6 +246,15 @@ impl<B: Broker> Front<B> {
         }
         let queue = &config.queues[decision.queue];
         cx.queue = Some(queue.name.clone());
+        if let Some(upgrade) = upgrade {
+            let tunnel = self
+                .inner
+                .tunnels
+                .open(upgrade, queue, rreq, body, &cx.span);
+            let mut response = tunnel.await?;
+            rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
+            return Ok(response);
+        }
         let is_head = rreq.method == Method::HEAD;
         let reply = self.dispatch(config, &decision, rreq, body, cx).await?;
         cx.priority = Some(decision.priority);
@@ -465,6 +488,10 @@ fn to_response(
     is_head: bool,
 ) -> Result<Response<ReplyBody>, FrontError> {
     let status = StatusCode::from_u16(reply.meta.status).map_err(|_| FrontError::BadReply)?;
+    // A 101 goes only to a client that asked to upgrade (crate::tunnel).
+    if status.is_informational() {
+        return Err(FrontError::BadReply);
+    }
     let mut headers = reply.meta.headers.to_map();
     let mut data = reply.body;
     let may_have_body = !is_head

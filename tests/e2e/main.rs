@@ -16,3 +16,4 @@ mod routing;
 mod rules;
 mod thrctl;
 mod transparency;
+mod tunnel;

@@ -399,6 +399,40 @@ mod tests {
         assert!(Upgrade::take(&mut request(Version::HTTP_11, &no_upgrade)).is_none());
     }
 
+    fn queue(max_tunnels: u32) -> QueueConfig {
+        let text = format!(
+            "[[queues]]\nname = \"ws\"\nbackend = \"http://127.0.0.1:1\"\nmax_tunnels = {max_tunnels}\n"
+        );
+        let config = thr_core::config::Config::parse(&text, "test.toml").unwrap();
+        config.queues[0].clone()
+    }
+
+    #[test]
+    fn the_cap_counts_open_tunnels_and_follows_reloads() {
+        let tunnels = Tunnels::default();
+        let two = queue(2);
+        let (a, b) = (tunnels.take(&two).unwrap(), tunnels.take(&two).unwrap());
+        assert!(matches!(
+            tunnels.take(&two),
+            Err(FrontError::TunnelsFull { queue }) if queue == "ws"
+        ));
+        drop(a);
+        let c = tunnels
+            .take(&two)
+            .expect("a closed tunnel gives its slot back");
+        // A reload lowering the cap: the open ones stay, and count.
+        assert!(tunnels.take(&queue(1)).is_err());
+        drop((b, c));
+        let d = tunnels.take(&queue(1)).unwrap();
+        assert!(tunnels.take(&queue(1)).is_err());
+        assert!(matches!(
+            tunnels.take(&queue(0)),
+            Err(FrontError::UpgradeRefused { .. })
+        ));
+        drop(d);
+        assert_eq!(lock(&tunnels.open)["ws"].load(Ordering::SeqCst), 0);
+    }
+
     #[test]
     fn h2c_is_never_tunnelled() {
         let h2c = [

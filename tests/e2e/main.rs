@@ -17,3 +17,4 @@ mod rules;
 mod streaming;
 mod thrctl;
 mod transparency;
+mod tunnel;

@@ -1,13 +1,15 @@
 //! Every way a request can fail at the front, and the one place that turns a
 //! failure into a status code. Messages are short and never leak internals.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 
 use crate::body::ReplyBody;
 
 /// Why the front answers instead of the backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontError {
     /// Body larger than `max_body`.
     BodyTooLarge,
@@ -41,6 +43,21 @@ pub enum FrontError {
         /// Seconds for Retry-After.
         retry_after: u64,
     },
+    /// An upgrade request to a queue whose tunnels are all open
+    /// (`max_tunnels`); another may open when one closes.
+    TunnelsFull {
+        /// The queue.
+        queue: String,
+    },
+    /// An upgrade request to a queue that takes none (`max_tunnels = 0`).
+    UpgradeRefused {
+        /// The queue.
+        queue: String,
+    },
+    /// The backend could not be reached for a tunnel.
+    BackendUnavailable,
+    /// The backend did not answer an upgrade within `backend_timeout`.
+    BackendTimeout,
 }
 
 impl FrontError {
@@ -77,12 +94,38 @@ impl FrontError {
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests, slow down",
             ),
+            FrontError::TunnelsFull { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the tunnel cap is reached, try again later",
+            ),
+            // Permanent, unlike a full cap: a 403 that no retry changes.
+            FrontError::UpgradeRefused { .. } => {
+                (StatusCode::FORBIDDEN, "upgrades are not allowed here")
+            }
+            FrontError::BackendUnavailable => (StatusCode::BAD_GATEWAY, "backend unavailable"),
+            FrontError::BackendTimeout => (StatusCode::GATEWAY_TIMEOUT, "backend timed out"),
+        }
+    }
+
+    /// The reason in the body: [`Self::status`]'s, naming the queue where
+    /// the queue's own setting is why (the operator wrote it; it is in logs
+    /// and metrics too).
+    fn reason(&self) -> Cow<'static, str> {
+        match self {
+            FrontError::TunnelsFull { queue } => Cow::Owned(format!(
+                "the tunnel cap of queue {queue} is reached, try again later"
+            )),
+            FrontError::UpgradeRefused { queue } => {
+                Cow::Owned(format!("queue {queue} does not allow upgrades"))
+            }
+            _ => Cow::Borrowed(self.status().1),
         }
     }
 
     /// The response the client gets.
     pub fn into_response(self) -> Response<ReplyBody> {
-        let (status, reason) = self.status();
+        let (status, _) = self.status();
+        let reason = self.reason();
         let mut response = Response::new(ReplyBody::sized(Bytes::from(format!("{reason}\n"))));
         *response.status_mut() = status;
         response.headers_mut().insert(

@@ -4,7 +4,8 @@
 //! `max_body`), apply the rules (which may answer it, rewrite it, pick its
 //! queue and priority, or let it bypass the queue), authorize (an auth
 //! service, when a rule says so), dispatch (queue it and wait for the reply,
-//! [`crate::queueing`]; or forward it directly for `bypass`), respond, log.
+//! [`crate::queueing`]; or forward it directly for `bypass`; or, for an
+//! upgrade request, tunnel it to the backend, [`crate::tunnel`]), respond, log.
 //! If the client is answered any other way or goes away (hyper drops the
 //! handler's future), a guard withdraws the job from Redis, so the backend
 //! never works for nobody.
@@ -42,6 +43,7 @@ use crate::forwarded;
 use crate::pieces;
 use crate::queueing::{self, QueueRules, Withdrawals};
 use crate::replies::ReplyRouter;
+use crate::tunnel::{Tunnels, Upgrade};
 use crate::upload::{self, Stored};
 
 /// The client's address, put in request extensions by the server.
@@ -74,6 +76,8 @@ struct Inner<B> {
     edge: ArcSwapOption<EdgeLimiter>,
     /// Background withdrawals of jobs whose clients went away.
     withdrawals: Arc<Withdrawals>,
+    /// Open upgrade tunnels, counted per queue.
+    tunnels: Tunnels,
 }
 
 /// One request's context through its phases: what the summary log line
@@ -153,6 +157,7 @@ impl<B: Broker> Front<B> {
                 bypass: Mutex::new(HashMap::new()),
                 edge: ArcSwapOption::empty(),
                 withdrawals: Arc::default(),
+                tunnels: Tunnels::default(),
             }),
         }
     }
@@ -175,6 +180,11 @@ impl<B: Broker> Front<B> {
     /// The background withdrawals of jobs whose clients went away.
     pub(crate) fn withdrawals(&self) -> Arc<Withdrawals> {
         self.inner.withdrawals.clone()
+    }
+
+    /// The open upgrade tunnels.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.inner.tunnels
     }
 
     /// Waits for the withdrawals under way (shutdown).
@@ -213,7 +223,7 @@ impl<B: Broker> Front<B> {
     /// bypass), respond.
     async fn serve<Bd>(
         &self,
-        req: Request<Bd>,
+        mut req: Request<Bd>,
         config: &Config,
         cx: &mut RequestCx,
     ) -> Result<Response<ReplyBody>, FrontError>
@@ -221,8 +231,12 @@ impl<B: Broker> Front<B> {
         Bd: Body<Data = Bytes> + Send + 'static,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let upgrade = Upgrade::take(&mut req);
         let (parts, body) = req.into_parts();
         let mut rreq = self.admit(parts, config, cx)?;
+        if let Some(upgrade) = &upgrade {
+            upgrade.restore(&mut rreq.headers);
+        }
         let decision = rules::evaluate(&config.rules, &mut rreq);
         if let Some(answer) = &decision.answer {
             let mut response = direct_answer(answer);
@@ -238,6 +252,20 @@ impl<B: Broker> Front<B> {
         }
         let queue = &config.queues[decision.queue];
         cx.queue = Some(queue.name.clone());
+        if let Some(upgrade) = upgrade {
+            // A handshake's body (none, for WebSocket) goes with it.
+            let body = match Limited::new(body, config.front.max_body).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => return Err(FrontError::BadBody),
+            };
+            let tunnel = self
+                .inner
+                .tunnels
+                .open(upgrade, queue, rreq, body, &cx.span);
+            let mut response = tunnel.await?;
+            rules::edit_response_headers(response.headers_mut(), &decision.response_headers);
+            return Ok(response);
+        }
         cx.priority = Some(decision.priority);
         let is_head = rreq.method == Method::HEAD;
         if decision.bypass {
@@ -557,6 +585,10 @@ fn to_response(
     is_head: bool,
 ) -> Result<Response<ReplyBody>, FrontError> {
     let status = StatusCode::from_u16(reply.meta.status).map_err(|_| FrontError::BadReply)?;
+    // A 101 goes only to a client that asked to upgrade (crate::tunnel).
+    if status.is_informational() {
+        return Err(FrontError::BadReply);
+    }
     let mut headers = reply.meta.headers.to_map();
     let mut data = reply.body;
     let may_have_body = !is_head

@@ -15,6 +15,8 @@
 //!   and hands each to the request waiting for it (ARCHITECTURE.md decision 1);
 //! - [`edge`] sheds abusive clients with 429 before any Redis round trip;
 //! - [`auth`] asks an external service before queueing, when a rule says so;
+//! - [`tunnel`] takes upgrade requests (WebSocket) straight to the backend,
+//!   within each queue's `max_tunnels`;
 //! - [`forwarded`] writes the proxy headers (X-Forwarded-*, X-Request-Id);
 //! - [`body`] frames reply bodies as the backend framed them;
 //! - [`explain`] shows operators what the rules do to a request;
@@ -32,6 +34,7 @@ pub mod pieces;
 pub mod queueing;
 pub mod replies;
 pub mod server;
+pub mod tunnel;
 pub mod upload;
 
 use std::future::Future;

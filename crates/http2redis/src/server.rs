@@ -1,5 +1,6 @@
 //! Accepting clients: TCP or unix listener, HTTP/1.1 and h2c on the same
-//! port, bounded request heads, and a graceful drain on shutdown.
+//! port, bounded request heads, upgrades handed over to [`crate::tunnel`],
+//! and a graceful drain on shutdown (open tunnels included).
 
 use std::future::Future;
 use std::io;
@@ -184,7 +185,11 @@ pub async fn serve<B: Broker>(
         });
         match io {
             Io::Tcp(io) => {
-                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+                let conn = graceful.watch(
+                    builder
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                );
                 tokio::spawn(async move {
                     if let Err(err) = conn.await {
                         tracing::debug!(%err, "connection ended with an error");
@@ -192,7 +197,11 @@ pub async fn serve<B: Broker>(
                 });
             }
             Io::Unix(io) => {
-                let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+                let conn = graceful.watch(
+                    builder
+                        .serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                );
                 tokio::spawn(async move {
                     if let Err(err) = conn.await {
                         tracing::debug!(%err, "connection ended with an error");
@@ -210,12 +219,19 @@ pub async fn serve<B: Broker>(
         waiting = front.router().len(),
         "stopped accepting; draining"
     );
+    // An upgraded connection has left hyper (and `graceful`): its tunnel
+    // gets the same grace, then is closed.
+    let drained = async {
+        graceful.shutdown().await;
+        front.tunnels().drained().await;
+    };
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = drained => {}
         _ = tokio::time::sleep(settings.shutdown_grace) => {
             tracing::warn!(waiting = front.router().len(), "shutdown grace elapsed; closing remaining connections");
         }
     }
+    front.tunnels().close();
     let _ = stop_replies.send(true);
     let _ = reply_loop.await;
     let _ = presence.await;

@@ -5,12 +5,14 @@
 //! - [`backend::SlowBackend`]: an in-process HTTP backend that behaves like
 //!   a legacy app (N synchronous workers, a delay) and records what it got;
 //! - [`daemons::Thr`]: http2redis and redis2http started in-process;
-//! - [`bins`]: the real binaries, for tests that send signals or kill.
+//! - [`bins`]: the real binaries, for tests that send signals or kill;
+//! - [`ws::EchoBackend`]: a WebSocket backend that echoes messages.
 
 pub mod backend;
 pub mod bins;
 pub mod daemons;
 pub mod redis;
+pub mod ws;
 
 pub use backend::{BackendBuilder, SlowBackend};
 pub use daemons::Thr;

@@ -16,7 +16,8 @@ pub const HOP_BY_HOP: [&str; 8] = [
     "transfer-encoding",
 ];
 
-/// `upgrade` is hop-by-hop too, listed apart because thr does not tunnel.
+/// `upgrade` is hop-by-hop too, listed apart: the front puts it back on the
+/// upgrade requests it tunnels (`http2redis::tunnel`).
 pub const UPGRADE: &str = "upgrade";
 
 /// Removes hop-by-hop fields, including those the Connection field names.

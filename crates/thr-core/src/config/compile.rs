@@ -29,6 +29,7 @@ const DEFAULT_RESPONSE_BUFFER: u64 = 1 << 20;
 const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
 const DEFAULT_MAX_HEADERS: i64 = 100;
 const DEFAULT_MAX_INFLIGHT: usize = 16;
+const DEFAULT_MAX_TUNNELS: u32 = 100;
 
 /// Collects errors while compiling, each tied to a key path and a position.
 pub(super) struct Checker<'t> {
@@ -446,6 +447,15 @@ pub fn compile(
         let max_response = c.value(&at("max_response"), &q.max_response, None, |v| {
             size_value(v).map(Some)
         });
+        let max_tunnels = c.value(
+            &at("max_tunnels"),
+            &q.max_tunnels,
+            DEFAULT_MAX_TUNNELS,
+            |n| match u32::try_from(*n) {
+                Ok(n @ 0..=100_000) => Ok(n),
+                _ => Err("must be between 0 and 100000 (0 refuses upgrades)".to_string()),
+            },
+        );
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -459,6 +469,7 @@ pub fn compile(
                 max_attempts,
                 response_buffer,
                 max_response,
+                max_tunnels,
             });
         }
     }

@@ -152,6 +152,10 @@ pub struct QueueConfig {
     /// Largest response body passed on (none: no limit). A larger declared
     /// length is answered 502; a stream that grows past it is cut.
     pub max_response: Option<u64>,
+    /// Upgrade tunnels (WebSocket and the like) open at once to this queue's
+    /// backend, per front process. Tunnels bypass the queue, so this is
+    /// what bounds them; 0 refuses upgrade requests on this queue.
+    pub max_tunnels: u32,
 }
 
 /// Where a daemon listens.

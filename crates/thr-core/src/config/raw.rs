@@ -162,6 +162,7 @@ pub struct RawQueue {
     pub max_attempts: Option<Spanned<i64>>,
     pub response_buffer: Option<Spanned<toml::Value>>,
     pub max_response: Option<Spanned<toml::Value>>,
+    pub max_tunnels: Option<Spanned<i64>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

@@ -249,3 +249,43 @@ fn limit_scheduling_and_edge_errors() {
     assert_eq!(edge.rate.burst.get(), 100);
     assert_eq!(ok.scheduling.max_wait_boost, Some(Duration::from_secs(30)));
 }
+
+#[test]
+fn max_tunnels_defaults_to_100_and_zero_refuses_upgrades() {
+    let c = Config::parse(ISSUE_EXAMPLE, "thr.toml").unwrap();
+    assert_eq!(c.default_queue().max_tunnels, 100);
+    let text = format!(
+        "{ISSUE_EXAMPLE}max_tunnels = 0\n[[queues]]\nname = \"ws\"\nbackend = \"http://h:1\"\nmax_tunnels = 5\n"
+    );
+    let c = Config::parse(&text, "thr.toml").unwrap();
+    assert_eq!(c.queues[0].max_tunnels, 0);
+    assert_eq!(c.queues[1].max_tunnels, 5);
+}
+
+#[test]
+fn max_tunnels_errors_name_the_key() {
+    let typo = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\nmax_tunels = 3\n";
+    let errs = Config::parse(typo, "f.toml").unwrap_err();
+    assert_eq!(
+        errs.to_string().trim(),
+        "1 error in configuration:\n  f.toml:4:1: `queues[0].max_tunels`: unknown key"
+    );
+    let wrong_type = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\nmax_tunnels = \"lots\"\n";
+    let errs = Config::parse(wrong_type, "f.toml").unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].key, "queues[0].max_tunnels");
+    assert_eq!(errs.0[0].line, Some(4));
+    let out_of_range = "[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\nmax_tunnels = -1\n[[queues]]\nname = \"b\"\nbackend = \"http://h:1\"\nmax_tunnels = 100001\n";
+    let joined = Config::parse(out_of_range, "f.toml")
+        .unwrap_err()
+        .to_string();
+    for expected in [
+        "f.toml:4:15: `queues[0].max_tunnels`: must be between 0 and 100000",
+        "f.toml:8:15: `queues[1].max_tunnels`: must be between 0 and 100000",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing {expected:?} in:\n{joined}"
+        );
+    }
+}

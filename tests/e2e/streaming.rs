@@ -466,3 +466,49 @@ async fn reply_timeout_per_rule_max_response_and_a_client_that_never_reads() {
     );
     drop(raw);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_survives_a_redis_pause_byte_for_byte() {
+    // A slow Redis is not a failed one: pushes and reads whose answers are
+    // late are asked again, and numbering keeps every piece exactly once.
+    let backend = SlowBackend::builder().start().await;
+    let stack = Binaries::start(backend, 1, "").await;
+    let total = 64 * MIB;
+    let response = request(
+        &stack.url(),
+        "GET",
+        &format!("/dl?stream={total}"),
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut read = 0u64;
+    let mut checked = Vec::new();
+    while read < 8 * MIB {
+        let data = body
+            .frame()
+            .await
+            .expect("more")
+            .expect("a frame")
+            .into_data()
+            .unwrap();
+        read += data.len() as u64;
+        checked.extend_from_slice(&data);
+    }
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(3000)
+        .arg("ALL")
+        .query(&mut stack.redis.conn())
+        .unwrap();
+    while let Some(frame) = body.frame().await {
+        let data = frame.expect("not cut by a pause").into_data().unwrap();
+        checked.extend_from_slice(&data);
+    }
+    assert_eq!(checked.len() as u64, total);
+    assert!(
+        checked == testkit::backend::pattern(total as usize),
+        "bytes differ after the pause"
+    );
+}

@@ -256,6 +256,9 @@ impl<B: Broker> Front<B> {
             // A handshake's body (none, for WebSocket) goes with it.
             let body = match Limited::new(body, config.front.max_body).collect().await {
                 Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(FrontError::BodyTooLarge);
+                }
                 Err(_) => return Err(FrontError::BadBody),
             };
             let tunnel = self
@@ -422,19 +425,11 @@ impl<B: Broker> Front<B> {
             Stored::InRedis { chunks, len } => (Bytes::new(), chunks, len),
         };
         let meta = JobMeta {
-            id: cx.job_id.clone(),
-            request_id: cx.request_id.clone(),
-            queue: queue.name.clone(),
-            priority: decision.priority,
-            front: self.inner.id.clone(),
-            method: rreq.method.as_str().to_string(),
-            target: rreq.target,
-            headers: HeaderList::from_map(&rreq.headers),
-            timeout_ms: cx.timeout.as_millis() as u64,
             flow: flow.id(),
             flow_def: FlowDef::encode(&flow),
             body_chunks,
             body_len,
+            ..self.job_meta(&queue.name, decision, rreq, cx)
         };
         queueing::enqueue_and_wait(
             self,
@@ -449,6 +444,32 @@ impl<B: Broker> Front<B> {
             },
         )
         .await
+    }
+
+    /// What a request becomes as a job of `queue` (no quotas, body inline:
+    /// queueing fills those in).
+    fn job_meta(
+        &self,
+        queue: &str,
+        decision: &Decision,
+        rreq: RuleRequest,
+        cx: &RequestCx,
+    ) -> JobMeta {
+        JobMeta {
+            id: cx.job_id.clone(),
+            request_id: cx.request_id.clone(),
+            queue: queue.to_string(),
+            priority: decision.priority,
+            front: self.inner.id.clone(),
+            method: rreq.method.as_str().to_string(),
+            target: rreq.target,
+            headers: HeaderList::from_map(&rreq.headers),
+            timeout_ms: cx.timeout.as_millis() as u64,
+            flow: String::new(),
+            flow_def: String::new(),
+            body_chunks: 0,
+            body_len: 0,
+        }
     }
 
     /// `bypass`: straight to the queue's backend, both bodies streamed
@@ -471,22 +492,8 @@ impl<B: Broker> Front<B> {
             .timeout
             .saturating_sub(cx.started.elapsed())
             .min(queue.backend_timeout);
-        let meta = JobMeta {
-            id: cx.job_id.clone(),
-            request_id: cx.request_id.clone(),
-            queue: queue.name.clone(),
-            priority: decision.priority,
-            front: self.inner.id.clone(),
-            method: rreq.method.as_str().to_string(),
-            target: rreq.target,
-            headers: HeaderList::from_map(&rreq.headers),
-            timeout_ms: cx.timeout.as_millis() as u64,
-            flow: String::new(),
-            flow_def: String::new(),
-            body_chunks: 0,
-            body_len: 0,
-        };
         let is_head = rreq.method == Method::HEAD;
+        let meta = self.job_meta(&queue.name, decision, rreq, cx);
         let body = Limited::new(body, config.front.max_body)
             .map_err(|e| -> thr_backend::BoxError { e })
             .boxed_unsync();

@@ -200,7 +200,27 @@ impl RedisBroker {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.command_timeout, f(self.manager.clone())).await {
+        self.run_on(self.manager.clone(), f).await
+    }
+
+    /// Runs `f` on the body-traffic connection, bounded by the command
+    /// timeout.
+    async fn run_bulk<T, F>(&self, f: impl FnOnce(ConnectionManager) -> F) -> Result<T, BrokerError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_on(self.bulk.clone(), f).await
+    }
+
+    async fn run_on<T, F>(
+        &self,
+        conn: ConnectionManager,
+        f: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, BrokerError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.command_timeout, f(conn)).await {
             Ok(result) => result.map_err(BrokerError::from),
             Err(_) => Err(BrokerError::Timeout {
                 what: format!(
@@ -217,22 +237,8 @@ impl RedisBroker {
         &self,
         script: redis::ScriptInvocation<'_>,
     ) -> Result<redis::Value, BrokerError> {
-        let conn = self.bulk.clone();
-        match tokio::time::timeout(self.command_timeout, async move {
-            let mut conn = conn;
-            script.invoke_async(&mut conn).await
-        })
-        .await
-        {
-            Ok(result) => result.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::Timeout {
-                what: format!(
-                    "{} did not answer within {:?}",
-                    self.display_url, self.command_timeout
-                ),
-                source: None,
-            }),
-        }
+        self.run_bulk(|mut conn| async move { script.invoke_async(&mut conn).await })
+            .await
     }
 
     /// Runs a prepared script on the shared connection.
@@ -620,10 +626,8 @@ impl Broker for RedisBroker {
 
     async fn upload_chunk(&self, id: &str, index: u32) -> Result<Option<Bytes>, BrokerError> {
         let key = self.keyspace.upload(id);
-        let bulk = self.bulk.clone();
         let chunk: Option<Vec<u8>> = self
-            .run(|_| async move {
-                let mut conn = bulk;
+            .run_bulk(|mut conn| async move {
                 redis::cmd("LINDEX")
                     .arg(&key)
                     .arg(index)

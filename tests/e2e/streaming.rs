@@ -439,6 +439,13 @@ async fn reply_timeout_per_rule_max_response_and_a_client_that_never_reads() {
     // A client that reads nothing: cut after client_write_timeout, and its
     // stream's resources (backend call, worker slot, Redis pieces) freed.
     use tokio::io::AsyncWriteExt;
+    until_async(
+        Duration::from_secs(10),
+        "the cut stream is released",
+        || stack.backend.open_streams() == 0,
+    )
+    .await;
+    let before = stack.backend.count();
     let mut raw = tokio::net::TcpStream::connect(stack.addr()).await.unwrap();
     raw.write_all(
         format!(
@@ -449,8 +456,8 @@ async fn reply_timeout_per_rule_max_response_and_a_client_that_never_reads() {
     )
     .await
     .unwrap();
-    until_async(Duration::from_secs(5), "the download starts", || {
-        stack.backend.open_streams() == 1
+    until_async(Duration::from_secs(10), "the download starts", || {
+        stack.backend.count() > before
     })
     .await;
     until_async(

@@ -168,7 +168,9 @@ async fn a_gibibyte_download_streams_in_bounded_memory_and_a_slow_reader_holds_n
         let above = peak.saturating_sub(*idle);
         eprintln!("{name}: idle {} MiB, peak {} MiB", idle / MIB, peak / MIB);
         assert!(
-            above <= 64 * MIB,
+            // README "How bodies travel": a few MiB of live buffers per
+            // stream, plus what the allocator keeps of a GiB of churn.
+            above <= 96 * MIB,
             "{name} grew {} MiB during a 1 GiB download",
             above / MIB
         );

@@ -6,6 +6,7 @@ mod support;
 mod broker;
 mod config;
 mod conformance;
+mod edge;
 mod faults;
 mod limits;
 mod protocol;

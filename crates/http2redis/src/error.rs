@@ -15,8 +15,14 @@ pub enum FrontError {
     BodyTooLarge,
     /// The request body could not be read (client went away, bad framing).
     BadBody,
+    /// The request body came too slowly (`body_read_timeout`, `min_body_rate`).
+    BodyTooSlow,
     /// A request target thr cannot forward (authority-form, `*`).
     BadTarget,
+    /// More than one Host, or a Host that disagrees with the target's
+    /// authority (RFC 9112 §3.2): which one a rule or the backend would
+    /// believe is anyone's guess, so neither is.
+    BadHost,
     /// Redis could not take the job.
     BrokerDown,
     /// The auth service named by a rule could not give a verdict.
@@ -66,7 +72,12 @@ impl FrontError {
         match self {
             FrontError::BodyTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "request body too large"),
             FrontError::BadBody => (StatusCode::BAD_REQUEST, "could not read the request body"),
+            FrontError::BodyTooSlow => (StatusCode::REQUEST_TIMEOUT, "request body too slow"),
             FrontError::BadTarget => (StatusCode::BAD_REQUEST, "unsupported request target"),
+            FrontError::BadHost => (
+                StatusCode::BAD_REQUEST,
+                "one Host field, agreeing with the request target, is required",
+            ),
             FrontError::BrokerDown => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue unavailable, try again",
@@ -122,6 +133,15 @@ impl FrontError {
         }
     }
 
+    /// The error for a request body that could not be read.
+    pub fn of_body(err: Box<dyn std::error::Error + Send + Sync>) -> FrontError {
+        if crate::conn::is_too_slow(&*err) {
+            FrontError::BodyTooSlow
+        } else {
+            FrontError::BadBody
+        }
+    }
+
     /// The response the client gets.
     pub fn into_response(self) -> Response<ReplyBody> {
         let (status, _) = self.status();
@@ -139,6 +159,13 @@ impl FrontError {
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         };
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body is not worth waiting for.
+            response.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+        }
         if let Some(seconds) = retry_after {
             response
                 .headers_mut()

@@ -1,10 +1,12 @@
 //! Proxy headers on the way in: hop-by-hop fields removed (RFC 9110
-//! §7.6.1), X-Forwarded-For/-Proto/-Host added, X-Request-Id kept or created.
+//! §7.6.1), X-Forwarded-For/-Proto/-Host added, X-Request-Id kept or created
+//! (each of the four can be turned off: `[http2redis] add_headers`).
 
 use std::net::IpAddr;
 
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
+use thr_core::config::AddedHeaders;
 use thr_core::headers::strip_hop_by_hop;
 
 /// `X-Forwarded-For`.
@@ -54,12 +56,14 @@ const MAX_REQUEST_ID: usize = 200;
 ///
 /// `authority` is the request URI's authority (HTTP/2 carries the host
 /// there, not in a Host field); `peer` is the TCP peer, absent on unix
-/// sockets; `job_id` becomes the request id when the client sent none.
+/// sockets; `job_id` becomes the request id when the client sent none;
+/// `added` says which fields thr may add.
 pub fn prepare(
     headers: &mut HeaderMap,
     authority: Option<&str>,
     peer: Option<IpAddr>,
     job_id: &str,
+    added: AddedHeaders,
 ) -> String {
     strip_hop_by_hop(headers);
 
@@ -69,7 +73,7 @@ pub fn prepare(
         headers.insert(HOST, value);
     }
 
-    if let Some(ip) = peer {
+    if let Some(ip) = peer.filter(|_| added.forwarded_for) {
         // Several X-Forwarded-For fields are one list; append our hop to it.
         let previous: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
@@ -85,10 +89,11 @@ pub fn prepare(
             headers.insert(X_FORWARDED_FOR.clone(), value);
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if added.forwarded_proto && !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST)
+    if added.forwarded_host
+        && !headers.contains_key(&X_FORWARDED_HOST)
         && let Some(host) = headers.get(HOST).cloned()
     {
         headers.insert(X_FORWARDED_HOST.clone(), host);
@@ -102,8 +107,10 @@ pub fn prepare(
     match given {
         Some(id) => id,
         None => {
-            let value = HeaderValue::from_str(job_id).expect("job ids are hex");
-            headers.insert(X_REQUEST_ID.clone(), value);
+            if added.request_id {
+                let value = HeaderValue::from_str(job_id).expect("job ids are hex");
+                headers.insert(X_REQUEST_ID.clone(), value);
+            }
             job_id.to_string()
         }
     }
@@ -131,7 +138,13 @@ mod tests {
             ("connection", "close"),
             ("x-a", "1"),
         ]);
-        let id = prepare(&mut h, None, Some("10.1.2.3".parse().unwrap()), "abc");
+        let id = prepare(
+            &mut h,
+            None,
+            Some("10.1.2.3".parse().unwrap()),
+            "abc",
+            AddedHeaders::ALL,
+        );
         assert_eq!(id, "abc");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -152,6 +165,7 @@ mod tests {
             Some("h2.example"),
             Some("::1".parse().unwrap()),
             "abc",
+            AddedHeaders::ALL,
         );
         assert_eq!(id, "client-id-7");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
@@ -190,7 +204,35 @@ mod tests {
     #[test]
     fn unix_peers_add_no_forwarded_for() {
         let mut h = map(&[]);
-        prepare(&mut h, None, None, "abc");
+        prepare(&mut h, None, None, "abc", AddedHeaders::ALL);
         assert!(!h.contains_key("x-forwarded-for"));
+    }
+
+    #[test]
+    fn each_added_field_can_be_turned_off() {
+        let peer = Some("10.1.2.3".parse().unwrap());
+        let none = AddedHeaders {
+            forwarded_for: false,
+            forwarded_proto: false,
+            forwarded_host: false,
+            request_id: false,
+        };
+        let mut h = map(&[("host", "app.example")]);
+        let id = prepare(&mut h, None, peer, "abc", none);
+        assert_eq!(id, "abc", "the request id is still logged");
+        assert_eq!(h.len(), 1, "{h:?}");
+        for (i, name) in AddedHeaders::NAMES.iter().enumerate() {
+            let mut only = none;
+            *[
+                &mut only.forwarded_for,
+                &mut only.forwarded_proto,
+                &mut only.forwarded_host,
+                &mut only.request_id,
+            ][i] = true;
+            let mut h = map(&[("host", "app.example")]);
+            prepare(&mut h, None, peer, "abc", only);
+            assert_eq!(h.len(), 2, "{name}: {h:?}");
+            assert!(h.contains_key(*name), "{name}: {h:?}");
+        }
     }
 }

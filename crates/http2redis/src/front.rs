@@ -259,7 +259,7 @@ impl<B: Broker> Front<B> {
                 Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                     return Err(FrontError::BodyTooLarge);
                 }
-                Err(_) => return Err(FrontError::BadBody),
+                Err(e) => return Err(FrontError::of_body(e)),
             };
             let tunnel = self
                 .inner
@@ -323,6 +323,7 @@ impl<B: Broker> Front<B> {
             Some(pq) if pq.as_str().starts_with('/') => pq.as_str().to_string(),
             _ => return Err(FrontError::BadTarget),
         };
+        check_host(&parts)?;
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -339,7 +340,13 @@ impl<B: Broker> Front<B> {
         let mut headers = parts.headers;
         let real_ip = forwarded::real_ip(&headers, peer, &config.front.trusted_proxies);
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
-        let request_id = forwarded::prepare(&mut headers, authority.as_deref(), peer, &cx.job_id);
+        let request_id = forwarded::prepare(
+            &mut headers,
+            authority.as_deref(),
+            peer,
+            &cx.job_id,
+            config.front.add_headers,
+        );
         cx.span = tracing::info_span!("job", request_id = %request_id, job = %cx.job_id);
         cx.request_id = request_id;
         let rreq = RuleRequest {
@@ -572,6 +579,24 @@ impl<B: Broker> Front<B> {
             }
         }
     }
+}
+
+/// At most one Host, and none that disagrees with an absolute-form target
+/// or an h2 `:authority` (both are where hyper puts the URI's authority).
+fn check_host(parts: &http::request::Parts) -> Result<(), FrontError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(FrontError::BadHost);
+    }
+    if let (Some(host), Some(authority)) = (host, parts.uri.authority())
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Err(FrontError::BadHost);
+    }
+    Ok(())
 }
 
 fn direct_answer(answer: &Answer) -> Response<ReplyBody> {

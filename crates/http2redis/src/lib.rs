@@ -4,8 +4,10 @@
 //! put it on its queue in Redis, and wait for the reply that a worker pushes
 //! to this front's reply list; the client sees an ordinary HTTP response.
 //!
-//! - [`server`] accepts connections (TCP or unix, HTTP/1.1 and h2c) and
-//!   drains them on shutdown;
+//! - [`server`] accepts connections (TCP or unix, HTTP/1.1 and h2c) within
+//!   `max_connections`, and drains them on shutdown;
+//! - [`conn`] bounds each connection in time, whatever state it is in, and
+//!   each request body's pace;
 //! - [`front`] is the request handler, as named phases: admit, read,
 //!   rules, authorize, dispatch, respond;
 //! - [`queueing`] puts a job on its queue and waits for its answer, never
@@ -25,6 +27,7 @@
 pub mod audit;
 pub mod auth;
 pub mod body;
+pub mod conn;
 pub mod edge;
 pub mod error;
 pub mod explain;

@@ -76,6 +76,7 @@ async fn main() -> ExitCode {
         };
     }
     thr_daemon::init_tracing(cli.common.log_format);
+    thr_daemon::limits::raise_open_files();
     let listener = match http2redis::Listener::bind(&config.front.listen).await {
         Ok(listener) => listener,
         Err(err) => {

@@ -2,22 +2,25 @@
 //! port, bounded request heads, upgrades handed over to [`crate::tunnel`],
 //! and a graceful drain on shutdown (open tunnels included).
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use thr_broker::{Broker, Daemon};
 use thr_core::config::ListenAddr;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service;
 
+use crate::conn;
 use crate::front::{Front, Peer};
 use crate::replies;
 
@@ -160,53 +163,87 @@ pub async fn serve<B: Broker>(
         .auto_date_header(false)
         .max_header_list_size(settings.max_header_bytes as u32);
 
-    let graceful = GracefulShutdown::new();
+    let limits = conn::Limits::of(&settings);
+    let pace = conn::Pace::of(&settings);
+    let max_connections = max_connections(&settings);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let (stop_conns, stopping) = watch::channel(false);
+    let mut accept_errors = AcceptErrors::default();
     tokio::pin!(shutdown);
     loop {
         let conn = tokio::select! {
             conn = listener.accept() => conn,
             _ = &mut shutdown => break,
         };
-        let (io, peer) = match conn {
-            Ok(Conn::Tcp(stream, peer)) => (Io::Tcp(TokioIo::new(stream)), Some(peer)),
-            Ok(Conn::Unix(stream)) => (Io::Unix(TokioIo::new(stream)), None),
+        let conn = match conn {
+            Ok(conn) => {
+                accept_errors.recovered();
+                conn
+            }
             Err(err) => {
-                // Out of file descriptors and the like: pause, do not spin.
-                tracing::warn!(%err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of descriptors and the like: back off (the idle
+                // connections' bounds free some), and say so once in a while.
+                let pause = accept_errors.failed(&err);
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(conn);
+            continue;
+        };
+        let watch = Arc::new(conn::Watch::default());
+        let (io, peer) = match conn {
+            Conn::Tcp(stream, peer) => (
+                Io::Tcp(conn::Watched::new(TokioIo::new(stream), watch.clone())),
+                Some(peer),
+            ),
+            Conn::Unix(stream) => (
+                Io::Unix(conn::Watched::new(TokioIo::new(stream), watch.clone())),
+                None,
+            ),
+        };
         let app = front.clone();
-        let service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
-            req.extensions_mut().insert(Peer(peer));
-            let mut app = app.clone();
-            async move { app.call(req).await }
-        });
+        let service = {
+            let watch = watch.clone();
+            hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let open = watch.open();
+                let mut req = req.map(|body| conn::Paced::new(body, pace));
+                req.extensions_mut().insert(Peer(peer));
+                let mut app = app.clone();
+                async move {
+                    let response = app.call(req).await?;
+                    Ok::<_, Infallible>(response.map(|body| conn::Tracked::new(body, open)))
+                }
+            })
+        };
+        let stopping = stopping.clone();
         match io {
             Io::Tcp(io) => {
-                let conn = graceful.watch(
-                    builder
-                        .serve_connection_with_upgrades(io, service)
-                        .into_owned(),
-                );
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%err, "connection ended with an error");
-                    }
-                });
+                let conn = builder
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned();
+                tokio::spawn(drive(
+                    conn,
+                    |c: Pin<&mut _>| c.graceful_shutdown(),
+                    watch,
+                    limits,
+                    stopping,
+                    slot,
+                ));
             }
             Io::Unix(io) => {
-                let conn = graceful.watch(
-                    builder
-                        .serve_connection_with_upgrades(io, service)
-                        .into_owned(),
-                );
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%err, "connection ended with an error");
-                    }
-                });
+                let conn = builder
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned();
+                tokio::spawn(drive(
+                    conn,
+                    |c: Pin<&mut _>| c.graceful_shutdown(),
+                    watch,
+                    limits,
+                    stopping,
+                    slot,
+                ));
             }
         }
     }
@@ -221,8 +258,9 @@ pub async fn serve<B: Broker>(
     );
     // An upgraded connection has left hyper (and `graceful`): its tunnel
     // gets the same grace, then is closed.
+    let _ = stop_conns.send(true);
     let drained = async {
-        graceful.shutdown().await;
+        let _ = slots.acquire_many(max_connections as u32).await;
         front.tunnels().drained().await;
     };
     tokio::select! {
@@ -242,6 +280,127 @@ pub async fn serve<B: Broker>(
 }
 
 enum Io {
-    Tcp(TokioIo<tokio::net::TcpStream>),
-    Unix(TokioIo<tokio::net::UnixStream>),
+    Tcp(conn::Watched<TokioIo<tokio::net::TcpStream>>),
+    Unix(conn::Watched<TokioIo<tokio::net::UnixStream>>),
+}
+
+/// Serves one connection until it ends, outlives a bound of [`conn::Limits`]
+/// (then it is wound down, and dropped if that takes over a second; a
+/// client that reads nothing is dropped at once), or the
+/// server stops (wound down; the server's grace bounds the rest). `slot` is
+/// its place under `max_connections`.
+async fn drive<C>(
+    conn: C,
+    wind_down: impl Fn(Pin<&mut C>),
+    watch: Arc<conn::Watch>,
+    limits: conn::Limits,
+    mut stopping: watch::Receiver<bool>,
+    slot: OwnedSemaphorePermit,
+) where
+    C: Future<Output = Result<(), AutoError>>,
+{
+    let _slot = slot;
+    tokio::pin!(conn);
+    let mut winding = false;
+    let mut next = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(err) = ended {
+                    tracing::debug!(%err, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stopping.changed(), if !winding => {
+                if changed.is_err() || *stopping.borrow() {
+                    winding = true;
+                    wind_down(conn.as_mut());
+                }
+            }
+            _ = tokio::time::sleep_until(next) => match watch.check(&limits) {
+                Ok(at) => next = at,
+                Err(expired) => {
+                    metrics::counter!("thr_connections_closed_total", "reason" => expired.as_str())
+                        .increment(1);
+                    tracing::debug!(reason = expired.as_str(), "closing a connection");
+                    // An idle connection is told (h2 GOAWAY); one whose
+                    // client reads nothing could never take it.
+                    if expired != conn::Expired::NotReading {
+                        if !winding {
+                            wind_down(conn.as_mut());
+                        }
+                        let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}
+
+type AutoError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The `max_connections` in force: the configured one, or what the
+/// descriptor limit leaves after room for Redis, backends and tunnels.
+fn max_connections(settings: &thr_core::config::FrontSettings) -> usize {
+    let derived = || {
+        let files = thr_daemon::limits::open_files().unwrap_or(1024) as usize;
+        (files.saturating_sub(64) * 9 / 10).max(16)
+    };
+    let chosen = settings
+        .max_connections
+        .map_or_else(derived, |n| n as usize);
+    tracing::debug!(max_connections = chosen, "client connections bounded");
+    chosen.min(Semaphore::MAX_PERMITS)
+}
+
+/// Answers a connection beyond `max_connections` with a 503 (if its socket
+/// takes it at once) and closes it: the client learns why, and nothing
+/// waits on it.
+fn refuse(conn: Conn) {
+    const BODY: &str = "too many connections, try again later\n";
+    static RESPONSE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+            BODY.len()
+        )
+    });
+    metrics::counter!("thr_connections_refused_total").increment(1);
+    let _ = match &conn {
+        Conn::Tcp(stream, _) => stream.try_write(RESPONSE.as_bytes()),
+        Conn::Unix(stream) => stream.try_write(RESPONSE.as_bytes()),
+    };
+}
+
+/// Accept failures in a row: how long to pause, and log lines kept to one
+/// per [`AcceptErrors::LOG_EVERY`] (out of descriptors, accept fails for
+/// every pending client).
+#[derive(Default)]
+struct AcceptErrors {
+    failures: u32,
+    logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+
+    fn failed(&mut self, err: &io::Error) -> Duration {
+        self.failures += 1;
+        metrics::counter!("thr_accept_errors_total").increment(1);
+        if self.logged.is_none_or(|at| at.elapsed() >= Self::LOG_EVERY) {
+            tracing::warn!(%err, unlogged = self.unlogged, "accept failed; pausing accepts (idle connections are closed by their timeouts)");
+            self.logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        } else {
+            self.unlogged += 1;
+        }
+        // 50 ms doubling to 1 s: a full descriptor table frees up as idle
+        // connections reach their bounds.
+        thr_broker::backoff::backoff(self.failures).min(Duration::from_secs(1))
+    }
+
+    fn recovered(&mut self) {
+        self.failures = 0;
+    }
 }

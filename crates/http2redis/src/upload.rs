@@ -52,7 +52,7 @@ where
             let frame = match body.frame().await {
                 None => break,
                 Some(Ok(frame)) => frame,
-                Some(Err(_)) => return Err(FrontError::BadBody),
+                Some(Err(err)) => return Err(FrontError::of_body(err.into())),
             };
             let Ok(data) = frame.into_data() else {
                 continue;

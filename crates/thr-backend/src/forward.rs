@@ -4,12 +4,16 @@
 //! to travel whole or streams in pieces, and a bypassed request streams
 //! straight through the front. A call that fails before a response head
 //! becomes a [`Failure`] (502 when the backend cannot be reached, 504 when
-//! it is too slow), so the client is always answered.
+//! it is too slow), so the client is always answered. A call that failed
+//! before its request reached the backend (no connection, or a kept-alive
+//! connection the backend had closed, [`crate::reuse`]) is made once more
+//! on a fresh connection, whatever the method.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
+use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -21,6 +25,8 @@ use thr_core::envelope::{HeaderList, JobMeta};
 use thr_core::headers::strip_hop_by_hop;
 
 use crate::connector::UnixConnector;
+use crate::replay::Replay;
+use crate::reuse::{ProbedConnector, is_stale};
 
 /// Any error a body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,16 +80,35 @@ pub struct Head {
 }
 
 enum Pool {
-    Http(Client<HttpConnector, RequestBody>),
-    Unix(Client<UnixConnector, RequestBody>),
+    Http(Client<ProbedConnector<HttpConnector>, RequestBody>),
+    Unix(Client<ProbedConnector<UnixConnector>, RequestBody>),
+}
+
+impl Pool {
+    async fn request(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<http::Response<Incoming>, hyper_util::client::legacy::Error> {
+        match self {
+            Pool::Http(client) => client.request(req).await,
+            Pool::Unix(client) => client.request(req).await,
+        }
+    }
 }
 
 /// A pooled keep-alive client bound to one queue's backend.
 pub struct Forwarder {
     pool: Pool,
+    /// The same backend without kept-alive connections: a second attempt
+    /// must not find another stale one.
+    fresh: Pool,
     /// `http://authority/base` that targets are appended to.
     prefix: String,
 }
+
+/// The 502 reason for a response head over the queue's limits.
+const HEAD_TOO_LARGE: &str =
+    "backend response head too large (max_response_headers, max_response_header_size)";
 
 impl Forwarder {
     /// A client for `queue`'s backend, keeping up to `max_inflight`
@@ -92,7 +117,11 @@ impl Forwarder {
         let mut builder = Client::builder(TokioExecutor::new());
         builder
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(queue.max_inflight.get());
+            .pool_max_idle_per_host(queue.max_inflight.get())
+            .http1_max_headers(queue.max_response_headers)
+            .http1_max_buf_size(queue.max_response_header_size);
+        let mut once = builder.clone();
+        once.pool_max_idle_per_host(0);
         let backend = &queue.backend;
         match &backend.address {
             BackendAddress::Http { authority } => {
@@ -100,14 +129,19 @@ impl Forwarder {
                 connector.set_nodelay(true);
                 connector.set_connect_timeout(Some(Duration::from_secs(5)));
                 Forwarder {
-                    pool: Pool::Http(builder.build(connector)),
+                    pool: Pool::Http(builder.build(ProbedConnector(connector.clone()))),
+                    fresh: Pool::Http(once.build(ProbedConnector(connector))),
                     prefix: format!("http://{authority}{}", backend.base_path),
                 }
             }
-            BackendAddress::Unix(path) => Forwarder {
-                pool: Pool::Unix(builder.build(UnixConnector::new(path.clone()))),
-                prefix: format!("http://localhost{}", backend.base_path),
-            },
+            BackendAddress::Unix(path) => {
+                let connector = UnixConnector::new(path.clone());
+                Forwarder {
+                    pool: Pool::Unix(builder.build(ProbedConnector(connector.clone()))),
+                    fresh: Pool::Unix(once.build(ProbedConnector(connector))),
+                    prefix: format!("http://localhost{}", backend.base_path),
+                }
+            }
         }
     }
 
@@ -119,25 +153,9 @@ impl Forwarder {
         body: RequestBody,
         timeout: Duration,
     ) -> Result<(Head, Incoming), Failure> {
-        let req = self.request(meta, body).map_err(|reason| Failure {
-            status: StatusCode::BAD_REQUEST,
-            reason,
-        })?;
-        let sent = async {
-            match &self.pool {
-                Pool::Http(client) => client.request(req).await,
-                Pool::Unix(client) => client.request(req).await,
-            }
-        };
-        let response = match tokio::time::timeout(timeout, sent).await {
+        let response = match tokio::time::timeout(timeout, self.call(meta, body)).await {
             Ok(Ok(response)) => response,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "backend call failed");
-                return Err(Failure {
-                    status: StatusCode::BAD_GATEWAY,
-                    reason: "backend unavailable",
-                });
-            }
+            Ok(Err(failure)) => return Err(failure),
             Err(_) => {
                 return Err(Failure {
                     status: StatusCode::GATEWAY_TIMEOUT,
@@ -157,20 +175,81 @@ impl Forwarder {
         Ok((head_of(parts.status, parts.headers), body))
     }
 
-    fn request(
+    /// The call, made a second time on a fresh connection when the first
+    /// did not reach the backend.
+    async fn call(
         &self,
         meta: &JobMeta,
         body: RequestBody,
-    ) -> Result<Request<RequestBody>, &'static str> {
-        let method = Method::from_bytes(meta.method.as_bytes()).map_err(|_| "invalid method")?;
+    ) -> Result<http::Response<Incoming>, Failure> {
+        // An empty body needs no copy to be sent again.
+        let (body, back) = if body.is_end_stream() {
+            (body, None)
+        } else {
+            let (replay, back) = Replay::new(body);
+            (replay.boxed_unsync(), Some(back))
+        };
+        let err = match self.pool.request(self.request(meta, body)?).await {
+            Ok(response) => return Ok(response),
+            Err(err) => err,
+        };
+        if !(err.is_connect() || is_stale(&err)) {
+            return Err(failed(err));
+        }
+        let again = match back {
+            None => Some(full_body(Bytes::new())),
+            // The client drops the body as its call ends; the copy comes
+            // back then.
+            Some(back) => back
+                .await
+                .ok()
+                .and_then(|left| left.replay())
+                .map(|(replay, _)| replay.boxed_unsync()),
+        };
+        let Some(again) = again else {
+            return Err(failed(err));
+        };
+        tracing::debug!(error = %err, "backend call did not reach the backend; once more on a fresh connection");
+        self.fresh
+            .request(self.request(meta, again)?)
+            .await
+            .map_err(failed)
+    }
+
+    fn request(&self, meta: &JobMeta, body: RequestBody) -> Result<Request<RequestBody>, Failure> {
+        let bad = |reason| Failure {
+            status: StatusCode::BAD_REQUEST,
+            reason,
+        };
+        let method =
+            Method::from_bytes(meta.method.as_bytes()).map_err(|_| bad("invalid method"))?;
         let uri = format!("{}{}", self.prefix, meta.target);
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
             .body(body)
-            .map_err(|_| "invalid request target")?;
+            .map_err(|_| bad("invalid request target"))?;
         *req.headers_mut() = meta.headers.to_map();
         Ok(req)
+    }
+}
+
+/// The failure a client is told of for a call that produced no response.
+fn failed(err: hyper_util::client::legacy::Error) -> Failure {
+    let too_large = std::error::Error::source(&err)
+        .and_then(|e| e.downcast_ref::<hyper::Error>())
+        .is_some_and(|e| e.is_parse_too_large());
+    if too_large {
+        tracing::warn!(error = %err, "backend response head over the queue's limits");
+        return Failure {
+            status: StatusCode::BAD_GATEWAY,
+            reason: HEAD_TOO_LARGE,
+        };
+    }
+    tracing::warn!(error = %err, cause = ?std::error::Error::source(&err), "backend call failed");
+    Failure {
+        status: StatusCode::BAD_GATEWAY,
+        reason: "backend unavailable",
     }
 }
 

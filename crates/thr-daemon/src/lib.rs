@@ -127,3 +127,4 @@ pub fn fixed_config(config: Config) -> tokio::sync::watch::Receiver<Arc<Config>>
 mod reload;
 
 pub mod admin;
+pub mod limits;

@@ -14,8 +14,8 @@ use super::locate::{Locator, Seg, render};
 use super::raw::{RawConfig, Str};
 use super::units::{parse_duration, parse_size};
 use super::{
-    Backend, BackendAddress, Config, FrontSettings, ListenAddr, QueueConfig, RedisSettings,
-    WorkerSettings,
+    AddedHeaders, Backend, BackendAddress, Config, FrontSettings, ListenAddr, QueueConfig,
+    RedisSettings, WorkerSettings,
 };
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -108,6 +108,38 @@ pub(super) fn positive_duration(s: &str) -> Result<Duration, String> {
         return Err("must be longer than zero".into());
     }
     Ok(d)
+}
+
+/// Parses a byte rate such as `"1KiB/s"` (or `"0"`: none).
+fn byte_rate(s: &str) -> Result<u64, String> {
+    let size = s.trim().strip_suffix("/s").unwrap_or(s);
+    parse_size(size).map_err(|_| format!("`{s}` is not a rate; write e.g. \"1KiB/s\" or \"0\""))
+}
+
+/// Parses `add_headers`: a list of the field names thr may add.
+fn added_headers(list: &[String]) -> Result<AddedHeaders, String> {
+    let mut added = AddedHeaders {
+        forwarded_for: false,
+        forwarded_proto: false,
+        forwarded_host: false,
+        request_id: false,
+    };
+    for name in list {
+        let flag = match name.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => &mut added.forwarded_for,
+            "x-forwarded-proto" => &mut added.forwarded_proto,
+            "x-forwarded-host" => &mut added.forwarded_host,
+            "x-request-id" => &mut added.request_id,
+            _ => {
+                return Err(format!(
+                    "`{name}` is not a field thr adds; it adds {}",
+                    AddedHeaders::NAMES.join(", ")
+                ));
+            }
+        };
+        *flag = true;
+    }
+    Ok(added)
 }
 
 /// Parses `listen`: `host:port` or `unix:/path`.
@@ -333,6 +365,39 @@ pub fn compile(
             Duration::from_secs(60),
             |s| positive_duration(s),
         ),
+        idle_timeout: c.value(
+            &key(&["http2redis", "idle_timeout"]),
+            &f.idle_timeout,
+            Duration::from_secs(60),
+            |s| positive_duration(s),
+        ),
+        body_read_timeout: c.value(
+            &key(&["http2redis", "body_read_timeout"]),
+            &f.body_read_timeout,
+            Duration::from_secs(30),
+            |s| positive_duration(s),
+        ),
+        min_body_rate: c.value(
+            &key(&["http2redis", "min_body_rate"]),
+            &f.min_body_rate,
+            1 << 10,
+            |s| byte_rate(s),
+        ),
+        max_connections: c.value(
+            &key(&["http2redis", "max_connections"]),
+            &f.max_connections,
+            None,
+            |n| match u32::try_from(*n) {
+                Ok(n @ 1..=10_000_000) => Ok(Some(n)),
+                _ => Err("must be between 1 and 10000000".to_string()),
+            },
+        ),
+        add_headers: c.value(
+            &key(&["http2redis", "add_headers"]),
+            &f.add_headers,
+            AddedHeaders::ALL,
+            |list| added_headers(list),
+        ),
     };
 
     let worker = WorkerSettings {
@@ -456,6 +521,24 @@ pub fn compile(
                 _ => Err("must be between 0 and 100000 (0 refuses upgrades)".to_string()),
             },
         );
+        let max_response_headers = c.value(
+            &at("max_response_headers"),
+            &q.max_response_headers,
+            DEFAULT_MAX_HEADERS as usize,
+            |n| match *n {
+                1..=10_000 => Ok(*n as usize),
+                _ => Err("must be between 1 and 10000".into()),
+            },
+        );
+        let max_response_header_size = c.value(
+            &at("max_response_header_size"),
+            &q.max_response_header_size,
+            DEFAULT_MAX_HEADER_BYTES as usize,
+            |v| match size_value(v)? {
+                n @ 8192..=16_777_216 => Ok(n as usize),
+                _ => Err("must be between 8KiB and 16MiB".into()),
+            },
+        );
         if let (Some(name), Some(backend), Some(max_inflight)) = (name, backend, max_inflight) {
             queues.push(QueueConfig {
                 name,
@@ -470,6 +553,8 @@ pub fn compile(
                 response_buffer,
                 max_response,
                 max_tunnels,
+                max_response_headers,
+                max_response_header_size,
             });
         }
     }

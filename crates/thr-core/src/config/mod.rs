@@ -96,8 +96,25 @@ pub struct FrontSettings {
     pub max_header_bytes: usize,
     /// Most header fields accepted in one request.
     pub max_headers: usize,
-    /// A client must send its whole request head within this time.
+    /// A client must send its whole request head within this time; a new
+    /// connection must bring its first request within it too (whatever the
+    /// protocol: an unfinished h2 preface or SETTINGS exchange counts).
     pub header_read_timeout: Duration,
+    /// A connection with no request open (an idle keep-alive or h2
+    /// connection) is closed after this long.
+    pub idle_timeout: Duration,
+    /// Longest silence while a request body is being read; a body whose
+    /// client says nothing for this long is cut (408).
+    pub body_read_timeout: Duration,
+    /// Slowest average pace of a request body, in bytes per second, after
+    /// its first `body_read_timeout` (0: no minimum). A body sent slower is
+    /// cut (408): it would hold a connection and a task for ever.
+    pub min_body_rate: u64,
+    /// Most client connections open at once; beyond it a new connection is
+    /// answered 503 and closed. None: derived from the descriptor limit.
+    pub max_connections: Option<u32>,
+    /// Which proxy header fields thr adds to forwarded requests.
+    pub add_headers: AddedHeaders,
     /// How long a stopping front keeps answering the requests it holds.
     pub shutdown_grace: Duration,
     /// Peers whose X-Real-IP / X-Forwarded-For are believed (for `real_ip`).
@@ -112,6 +129,38 @@ pub struct FrontSettings {
     /// A client that takes nothing of its response for this long is cut
     /// off and its stream's resources (in the front and in Redis) freed.
     pub client_write_timeout: Duration,
+}
+
+/// The header fields thr adds to a request on its way to the backend
+/// (`[http2redis] add_headers`); each can be turned off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddedHeaders {
+    /// `X-Forwarded-For`: the client's address appended to the list.
+    pub forwarded_for: bool,
+    /// `X-Forwarded-Proto`: `http`, unless a proxy before thr set it.
+    pub forwarded_proto: bool,
+    /// `X-Forwarded-Host`: the Host the client asked for.
+    pub forwarded_host: bool,
+    /// `X-Request-Id`: the request's id, when the client sent none.
+    pub request_id: bool,
+}
+
+impl AddedHeaders {
+    /// Their names, as written in `add_headers`.
+    pub const NAMES: [&'static str; 4] = [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+    ];
+
+    /// Every field on (the default).
+    pub const ALL: AddedHeaders = AddedHeaders {
+        forwarded_for: true,
+        forwarded_proto: true,
+        forwarded_host: true,
+        request_id: true,
+    };
 }
 
 /// `[redis2http]`: the workers that feed the backends.
@@ -156,6 +205,11 @@ pub struct QueueConfig {
     /// backend, per front process. Tunnels bypass the queue, so this is
     /// what bounds them; 0 refuses upgrade requests on this queue.
     pub max_tunnels: u32,
+    /// Most header fields accepted in one backend response; more is a 502.
+    pub max_response_headers: usize,
+    /// Largest backend response head (status line and fields), in bytes;
+    /// a bigger one is a 502.
+    pub max_response_header_size: usize,
 }
 
 /// Where a daemon listens.

@@ -138,6 +138,11 @@ pub struct RawFront {
     pub admin: Option<Str>,
     pub redis_down_grace: Option<Str>,
     pub client_write_timeout: Option<Str>,
+    pub idle_timeout: Option<Str>,
+    pub body_read_timeout: Option<Str>,
+    pub min_body_rate: Option<Str>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub add_headers: Option<Spanned<Vec<String>>>,
     pub edge_limit: Option<RawEdgeLimit>,
 }
 
@@ -163,6 +168,8 @@ pub struct RawQueue {
     pub response_buffer: Option<Spanned<toml::Value>>,
     pub max_response: Option<Spanned<toml::Value>>,
     pub max_tunnels: Option<Spanned<i64>>,
+    pub max_response_headers: Option<Spanned<i64>>,
+    pub max_response_header_size: Option<Spanned<toml::Value>>,
 }
 
 /// Deserializes `text`, reporting syntax errors, type errors and every

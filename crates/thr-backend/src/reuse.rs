@@ -1,0 +1,302 @@
+//! Reusing a kept-alive backend connection safely. A backend may close an
+//! idle connection at any moment (gunicorn after 2 s, many apps after a few
+//! hundred ms); a request written into a connection its backend has already
+//! closed is never read by it, yet the client pool only learns of the close
+//! when its connection task next runs, and the call fails as if the request
+//! had been sent.
+//!
+//! So before the first byte of a new request goes into a connection (one
+//! that served others, or one the pool opened and kept), [`Probed`] asks the kernel (a non-blocking one-byte
+//! peek) whether the backend has closed it. If so, the write fails with
+//! [`StaleConnection`] and nothing is written: the forwarder then knows the
+//! request never reached the backend and sends it again on a fresh
+//! connection, whatever its method.
+//!
+//! The backend may also close the connection as the request is on its way
+//! (its idle timer fires as the request arrives, unread). Its kernel then
+//! resets the connection: a close with unread data, or data for a closed
+//! socket, is answered with a reset, never a plain end of stream. So a
+//! reset before any byte of the response and
+//! within [`RACE`] of the request's first byte, is taken for that race and
+//! also becomes a [`StaleConnection`]. When the backend's close crossed the
+//! request, the end of the stream comes first and the reset just after:
+//! an end of stream in that state is held for [`SETTLE`] to see whether
+//! a reset follows. A backend that read the whole request and then closed
+//! ends the stream without a reset, and a backend that takes longer than
+//! [`RACE`] to fail was working on it: both stay a 502, since the request
+//! may have run.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The backend closed a kept-alive connection before thr wrote a request
+/// into it: the request did not reach the backend.
+#[derive(Debug)]
+pub struct StaleConnection;
+
+impl std::fmt::Display for StaleConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the backend had closed this kept-alive connection")
+    }
+}
+
+impl std::error::Error for StaleConnection {}
+
+/// Whether `err` (or one of its causes) is a [`StaleConnection`].
+pub fn is_stale(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        // io::Error's source() skips the error it wraps: look inside.
+        if err.is::<StaleConnection>()
+            || err
+                .downcast_ref::<io::Error>()
+                .and_then(|e| e.get_ref())
+                .is_some_and(|inner| inner.is::<StaleConnection>())
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
+/// A socket whose peer's close can be seen without reading.
+pub trait Peek {
+    /// True when the peer has closed (or reset) the connection.
+    fn peer_closed(&self) -> bool;
+    /// True when the peer has reset the connection (its pending error).
+    fn was_reset(&self) -> bool;
+}
+
+fn reset(sock: socket2::SockRef<'_>) -> bool {
+    matches!(
+        sock.take_error(),
+        Ok(Some(err)) if matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+    )
+}
+
+fn closed(sock: socket2::SockRef<'_>) -> bool {
+    let mut byte = [MaybeUninit::<u8>::uninit()];
+    match sock.peek(&mut byte) {
+        // End of stream: the backend closed it.
+        Ok(0) => true,
+        // Bytes nobody asked for yet: left to the HTTP client to judge.
+        Ok(_) => false,
+        Err(err) if err.kind() == io::ErrorKind::WouldBlock => false,
+        Err(err) if err.kind() == io::ErrorKind::Interrupted => false,
+        // Reset and the like.
+        Err(_) => true,
+    }
+}
+
+impl Peek for tokio::net::TcpStream {
+    fn peer_closed(&self) -> bool {
+        closed(socket2::SockRef::from(self))
+    }
+
+    fn was_reset(&self) -> bool {
+        reset(socket2::SockRef::from(self))
+    }
+}
+
+impl Peek for tokio::net::UnixStream {
+    fn peer_closed(&self) -> bool {
+        closed(socket2::SockRef::from(self))
+    }
+
+    fn was_reset(&self) -> bool {
+        reset(socket2::SockRef::from(self))
+    }
+}
+
+/// How soon after a request's first byte a reset of a reused connection
+/// is taken for the idle-close race (see the module's doc): far more than
+/// a reset takes to come back, far less than any request takes to run.
+pub const RACE: Duration = Duration::from_millis(250);
+
+/// How long an end of stream in the race is held to see whether the reset
+/// that proves the request unread follows (a round trip, with room).
+pub const SETTLE: Duration = Duration::from_millis(10);
+
+/// A backend connection that checks it is still open before writing a
+/// request into it after a response came out of it.
+pub struct Probed<T> {
+    inner: T,
+    /// Nothing was written since the connection opened or a response was
+    /// read: the next write starts a new request. A connection may wait in
+    /// the pool before its first request too (the pool connects ahead and
+    /// keeps a connection it did not need), so the first request is
+    /// checked like the others.
+    reused: bool,
+    /// When the current request on a reused connection began, until a
+    /// byte (or the end) of its response is read.
+    racing_since: Option<Instant>,
+    /// An end of stream in the race, held until a reset can have followed.
+    settling: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> Probed<T> {
+    /// `inner`, fresh.
+    pub fn new(inner: T) -> Probed<T> {
+        Probed {
+            inner,
+            reused: true,
+            racing_since: None,
+            settling: None,
+        }
+    }
+
+    /// `err`, or a [`StaleConnection`] when it is the reset of the race.
+    fn judge(&self, err: io::Error) -> io::Error {
+        let reset = matches!(
+            err.kind(),
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+        );
+        if reset && self.racing_since.is_some_and(|at| at.elapsed() <= RACE) {
+            return io::Error::new(io::ErrorKind::ConnectionReset, StaleConnection);
+        }
+        err
+    }
+
+    fn written<R>(&self, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match poll {
+            Poll::Ready(Err(err)) => Poll::Ready(Err(self.judge(err))),
+            other => other,
+        }
+    }
+}
+
+impl<T: Peek> Probed<T> {
+    fn check(&mut self) -> io::Result<()> {
+        if std::mem::take(&mut self.reused) {
+            if self.inner.peer_closed() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    StaleConnection,
+                ));
+            }
+            self.racing_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+}
+
+impl<T: Peek + AsyncRead + Unpin> AsyncRead for Probed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(settling) = &mut self.settling {
+            std::task::ready!(settling.as_mut().poll(cx));
+            self.settling = None;
+            let unread = self.inner.was_reset();
+            self.racing_since = None;
+            if unread {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    StaleConnection,
+                )));
+            }
+            // A plain end of stream: reported as such.
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let ended = buf.filled().len() == before;
+                if ended && self.racing_since.is_some_and(|at| at.elapsed() <= RACE) {
+                    let mut settling = Box::pin(tokio::time::sleep(SETTLE));
+                    if settling.as_mut().poll(cx).is_pending() {
+                        self.settling = Some(settling);
+                        return Poll::Pending;
+                    }
+                }
+                // Bytes read (or the end of the stream, after which
+                // nothing is written anyway): what is written next is a
+                // new request.
+                self.reused = true;
+                self.racing_since = None;
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(err)) => Poll::Ready(Err(self.judge(err))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: Peek + AsyncWrite + Unpin> AsyncWrite for Probed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.written(poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.written(poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connection> Connection for Probed<T> {
+    fn connected(&self) -> Connected {
+        self.inner.connected()
+    }
+}
+
+/// A connector whose connections are [`Probed`].
+#[derive(Debug, Clone)]
+pub struct ProbedConnector<C>(pub C);
+
+impl<C, T> tower::Service<http::Uri> for ProbedConnector<C>
+where
+    C: tower::Service<http::Uri, Response = TokioIo<T>>,
+    C::Future: Send + 'static,
+    T: 'static,
+{
+    type Response = TokioIo<Probed<T>>;
+    type Error = C::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<Probed<T>>, C::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            connecting
+                .await
+                .map(|io| TokioIo::new(Probed::new(io.into_inner())))
+        })
+    }
+}

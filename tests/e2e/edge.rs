@@ -1,5 +1,5 @@
 //! Hostile clients and backends at the edge: every connection bounded in
-//! time, memory and meaning (ARCHITECTURE.md decision 13). Real sockets
+//! time, memory and meaning (ARCHITECTURE.md decision 18). Real sockets
 //! against the real front and worker.
 
 use std::collections::HashMap;

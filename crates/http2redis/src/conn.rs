@@ -1,5 +1,5 @@
 //! One client connection's bounds in time, whatever state it is in
-//! (ARCHITECTURE.md decision 13). hyper bounds a request head once it is
+//! (ARCHITECTURE.md decision 18). hyper bounds a request head once it is
 //! being read; this module bounds everything around it:
 //!
 //! - a new connection must bring its first request within

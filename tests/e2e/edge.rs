@@ -708,3 +708,111 @@ async fn a_request_the_backend_read_is_never_sent_twice() {
     assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
     thr.stop().await;
 }
+
+/// A backend that records each request's head as sent and answers "ok".
+async fn head_recording_backend() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                    let length = head
+                        .to_ascii_lowercase()
+                        .lines()
+                        .find_map(|l| {
+                            l.strip_prefix("content-length:")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .map_or(0, |v| v.parse::<usize>().unwrap());
+                    while buf.len() < end + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => return,
+                        }
+                    }
+                    seen.lock().unwrap().push(head);
+                    buf.drain(..end + length);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_quotes_and_brackets_in_a_query_pass_through_unchanged() {
+    testkit::init_logs();
+    let redis = RedisServer::start();
+    let (backend, heads) = head_recording_backend().await;
+    let rules = r#"
+[[rules]]
+when = { query = { q = "\"x\"" } }
+then = { set_headers = { X-Rule = "matched" } }
+"#;
+    let thr = Thr::start(
+        parse_config(&(config_text(&redis.url(), &backend, "") + rules)),
+        1,
+    )
+    .await;
+    let mut stream = TcpStream::connect(thr.addr()).await.unwrap();
+    // Two requests on one connection, the second after a body that looks
+    // like a request line: only request lines are touched.
+    stream
+        .write_all(b"GET /s?q=\"x\"&r=<y> HTTP/1.1\r\nHost: x\r\nX-Thr-Raw-Target: /evil\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut stream).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let body = "GET /?\"b\" HTTP/1.1\r\n\r\n";
+    stream
+        .write_all(
+            format!(
+                "POST /p?a=<1> HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let second = read_response(&mut stream).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "{heads:?}");
+    assert!(
+        heads[0].starts_with("GET /s?q=\"x\"&r=<y> HTTP/1.1\r\n"),
+        "{}",
+        heads[0]
+    );
+    let lower = heads[0].to_ascii_lowercase();
+    assert!(
+        lower.contains("x-rule: matched"),
+        "rules see the decoded value: {}",
+        heads[0]
+    );
+    assert!(!lower.contains("x-thr-raw-target"), "{}", heads[0]);
+    assert!(
+        heads[1].starts_with("POST /p?a=<1> HTTP/1.1\r\n"),
+        "{}",
+        heads[1]
+    );
+    // curl sends such queries unencoded too; direct and through thr agree.
+    thr.stop().await;
+}

@@ -40,6 +40,7 @@ use crate::body::ReplyBody;
 use crate::edge::EdgeLimiter;
 use crate::error::FrontError;
 use crate::forwarded;
+use crate::lenient::OriginalTarget;
 use crate::pieces;
 use crate::queueing::{self, QueueRules, Withdrawals};
 use crate::replies::ReplyRouter;
@@ -101,6 +102,9 @@ pub struct RequestCx {
     priority: Option<u8>,
     /// Time at the backend, when a backend answered.
     backend_ms: Option<u64>,
+    /// The target as hyper saw it and as the client sent it, when the
+    /// lenient follower had to encode its query ([`crate::lenient`]).
+    original_target: Option<(String, String)>,
 }
 
 impl RequestCx {
@@ -118,6 +122,7 @@ impl RequestCx {
             queue: None,
             priority: None,
             backend_ms: None,
+            original_target: None,
         }
     }
 
@@ -323,6 +328,9 @@ impl<B: Broker> Front<B> {
             Some(pq) if pq.as_str().starts_with('/') => pq.as_str().to_string(),
             _ => return Err(FrontError::BadTarget),
         };
+        if let Some(OriginalTarget(original)) = parts.extensions.get::<OriginalTarget>() {
+            cx.original_target = Some((target.clone(), original.clone()));
+        }
         check_host(&parts)?;
         let declared = parts
             .headers
@@ -469,7 +477,12 @@ impl<B: Broker> Front<B> {
             priority: decision.priority,
             front: self.inner.id.clone(),
             method: rreq.method.as_str().to_string(),
-            target: rreq.target,
+            // The backend gets the bytes the client sent, unless a rule
+            // rewrote the target.
+            target: match &cx.original_target {
+                Some((seen, original)) if *seen == rreq.target => original.clone(),
+                _ => rreq.target,
+            },
             headers: HeaderList::from_map(&rreq.headers),
             timeout_ms: cx.timeout.as_millis() as u64,
             flow: String::new(),

@@ -8,6 +8,8 @@
 //!   `max_connections`, and drains them on shutdown;
 //! - [`conn`] bounds each connection in time, whatever state it is in, and
 //!   each request body's pace;
+//! - [`lenient`] lets unencoded `"`, `<`, `>` in HTTP/1 query strings
+//!   through, as the common servers do;
 //! - [`front`] is the request handler, as named phases: admit, read,
 //!   rules, authorize, dispatch, respond;
 //! - [`queueing`] puts a job on its queue and waits for its answer, never
@@ -33,6 +35,7 @@ pub mod error;
 pub mod explain;
 pub mod forwarded;
 pub mod front;
+pub mod lenient;
 pub mod pieces;
 pub mod queueing;
 pub mod replies;

@@ -22,6 +22,7 @@ use tower::Service;
 
 use crate::conn;
 use crate::front::{Front, Peer};
+use crate::lenient::{Lenient, OriginalTarget, Originals};
 use crate::replies;
 
 /// A bound listening socket.
@@ -193,23 +194,25 @@ pub async fn serve<B: Broker>(
             continue;
         };
         let watch = Arc::new(conn::Watch::default());
+        let originals = Arc::new(Originals::default());
         let (io, peer) = match conn {
-            Conn::Tcp(stream, peer) => (
-                Io::Tcp(conn::Watched::new(TokioIo::new(stream), watch.clone())),
-                Some(peer),
-            ),
-            Conn::Unix(stream) => (
-                Io::Unix(conn::Watched::new(TokioIo::new(stream), watch.clone())),
-                None,
-            ),
+            Conn::Tcp(stream, peer) => (Io::Tcp(watched(stream, &originals, &watch)), Some(peer)),
+            Conn::Unix(stream) => (Io::Unix(watched(stream, &originals, &watch)), None),
         };
         let app = front.clone();
         let service = {
             let watch = watch.clone();
+            let originals = originals.clone();
             hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 let open = watch.open();
                 let mut req = req.map(|body| conn::Paced::new(body, pace));
                 req.extensions_mut().insert(Peer(peer));
+                // HTTP/1 requests come through the lenient follower, in order.
+                if req.version() < http::Version::HTTP_2
+                    && let Some(original) = originals.next()
+                {
+                    req.extensions_mut().insert(OriginalTarget(original));
+                }
                 let mut app = app.clone();
                 async move {
                     let response = app.call(req).await?;
@@ -280,8 +283,21 @@ pub async fn serve<B: Broker>(
 }
 
 enum Io {
-    Tcp(conn::Watched<TokioIo<tokio::net::TcpStream>>),
-    Unix(conn::Watched<TokioIo<tokio::net::UnixStream>>),
+    Tcp(conn::Watched<TokioIo<Lenient<tokio::net::TcpStream>>>),
+    Unix(conn::Watched<TokioIo<Lenient<tokio::net::UnixStream>>>),
+}
+
+/// A client socket as hyper gets it: its request lines made acceptable
+/// ([`Lenient`]) and its writes watched ([`conn::Watched`]).
+fn watched<S>(
+    stream: S,
+    originals: &Arc<Originals>,
+    watch: &Arc<conn::Watch>,
+) -> conn::Watched<TokioIo<Lenient<S>>> {
+    conn::Watched::new(
+        TokioIo::new(Lenient::new(stream, originals.clone())),
+        watch.clone(),
+    )
 }
 
 /// Serves one connection until it ends, outlives a bound of [`conn::Limits`]

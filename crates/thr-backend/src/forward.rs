@@ -23,6 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use thr_core::config::{BackendAddress, QueueConfig};
 use thr_core::envelope::{HeaderList, JobMeta};
 use thr_core::headers::strip_hop_by_hop;
+use thr_core::target;
 
 use crate::connector::UnixConnector;
 use crate::replay::Replay;
@@ -104,6 +105,8 @@ pub struct Forwarder {
     fresh: Pool,
     /// `http://authority/base` that targets are appended to.
     prefix: String,
+    /// The base path alone (the start of every request line's target).
+    base_path: String,
 }
 
 /// The 502 reason for a response head over the queue's limits.
@@ -132,6 +135,7 @@ impl Forwarder {
                     pool: Pool::Http(builder.build(ProbedConnector(connector.clone()))),
                     fresh: Pool::Http(once.build(ProbedConnector(connector))),
                     prefix: format!("http://{authority}{}", backend.base_path),
+                    base_path: backend.base_path.clone(),
                 }
             }
             BackendAddress::Unix(path) => {
@@ -140,6 +144,7 @@ impl Forwarder {
                     pool: Pool::Unix(builder.build(ProbedConnector(connector.clone()))),
                     fresh: Pool::Unix(once.build(ProbedConnector(connector))),
                     prefix: format!("http://localhost{}", backend.base_path),
+                    base_path: backend.base_path.clone(),
                 }
             }
         }
@@ -223,13 +228,27 @@ impl Forwarder {
         };
         let method =
             Method::from_bytes(meta.method.as_bytes()).map_err(|_| bad("invalid method"))?;
-        let uri = format!("{}{}", self.prefix, meta.target);
+        // A query the URI type refuses (raw `"`, `<`, `>`) goes encoded
+        // into the URI and as sent into the request line (see reuse.rs).
+        let encoded = target::encode_query(meta.target.as_bytes())
+            .map(|e| String::from_utf8(e).expect("encoding keeps UTF-8"));
+        let uri = format!(
+            "{}{}",
+            self.prefix,
+            encoded.as_deref().unwrap_or(&meta.target)
+        );
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
             .body(body)
             .map_err(|_| bad("invalid request target"))?;
         *req.headers_mut() = meta.headers.to_map();
+        if encoded.is_some() {
+            let raw = format!("{}{}", self.base_path, meta.target);
+            let value =
+                http::HeaderValue::from_str(&raw).map_err(|_| bad("invalid request target"))?;
+            req.headers_mut().insert(target::RAW_TARGET, value);
+        }
         Ok(req)
     }
 }

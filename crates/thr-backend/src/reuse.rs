@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
+use thr_core::target::RAW_TARGET;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The backend closed a kept-alive connection before thr wrote a request
@@ -127,7 +128,10 @@ pub const RACE: Duration = Duration::from_millis(250);
 pub const SETTLE: Duration = Duration::from_millis(10);
 
 /// A backend connection that checks it is still open before writing a
-/// request into it after a response came out of it.
+/// request into it after a response came out of it, and that writes a
+/// request's original target into its request line when the request
+/// names one ([`thr_core::target::RAW_TARGET`]: a query the URI type could
+/// not hold as sent).
 pub struct Probed<T> {
     inner: T,
     /// Nothing was written since the connection opened or a response was
@@ -141,6 +145,9 @@ pub struct Probed<T> {
     racing_since: Option<Instant>,
     /// An end of stream in the race, held until a reset can have followed.
     settling: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A rewritten request head not yet written, from `sent` on.
+    pending: Vec<u8>,
+    sent: usize,
 }
 
 impl<T> Probed<T> {
@@ -151,6 +158,8 @@ impl<T> Probed<T> {
             reused: true,
             racing_since: None,
             settling: None,
+            pending: Vec::new(),
+            sent: 0,
         }
     }
 
@@ -174,8 +183,10 @@ impl<T> Probed<T> {
     }
 }
 
-impl<T: Peek> Probed<T> {
-    fn check(&mut self) -> io::Result<()> {
+impl<T: Peek + AsyncWrite + Unpin> Probed<T> {
+    /// Before a write: a stale connection fails it. Returns whether this
+    /// write starts a request.
+    fn check(&mut self) -> io::Result<bool> {
         if std::mem::take(&mut self.reused) {
             if self.inner.peer_closed() {
                 return Err(io::Error::new(
@@ -184,9 +195,67 @@ impl<T: Peek> Probed<T> {
                 ));
             }
             self.racing_since = Some(Instant::now());
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
+
+    /// Writes what is pending of a rewritten head.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.pending.len() {
+            let poll = Pin::new(&mut self.inner).poll_write(cx, &self.pending[self.sent..]);
+            match self.written(poll) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.sent += n,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.pending.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// At the start of a request written from `first`: when its head names
+    /// an original target, takes the head (rewritten) into `pending` and
+    /// returns how many bytes of `first` that was.
+    fn restore(&mut self, cx: &mut Context<'_>, first: &[u8]) -> Option<io::Result<usize>> {
+        let (head, taken) = restore_target(first)?;
+        self.pending = head;
+        self.sent = 0;
+        match self.drain(cx) {
+            Poll::Ready(Err(err)) => Some(Err(err)),
+            _ => Some(Ok(taken)),
+        }
+    }
+}
+
+/// A request head with its request line's target replaced by the value of
+/// its [`RAW_TARGET`] field, and that field removed; and how many bytes of
+/// `bytes` the original head took. None when `bytes` does not start with
+/// a whole head naming one.
+pub fn restore_target(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = &bytes[..end];
+    let marker = format!("\r\n{RAW_TARGET}:");
+    let at = head
+        .windows(marker.len())
+        .position(|w| w.eq_ignore_ascii_case(marker.as_bytes()))?;
+    let value_start = at + marker.len();
+    let value_end = value_start + head[value_start..].windows(2).position(|w| w == b"\r\n")?;
+    let raw = head[value_start..value_end].trim_ascii();
+    let line_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let line = &head[..line_end];
+    let method_end = line.iter().position(|&b| b == b' ')?;
+    let version_start = line.iter().rposition(|&b| b == b' ')?;
+    let mut out = Vec::with_capacity(head.len());
+    out.extend_from_slice(&line[..method_end + 1]);
+    out.extend_from_slice(raw);
+    out.extend_from_slice(&line[version_start..]);
+    // The fields, without the raw target's line (its CRLF before it stays).
+    out.extend_from_slice(&head[line_end..at]);
+    out.extend_from_slice(&head[value_end..]);
+    Some((out, end))
 }
 
 impl<T: Peek + AsyncRead + Unpin> AsyncRead for Probed<T> {
@@ -239,7 +308,12 @@ impl<T: Peek + AsyncWrite + Unpin> AsyncWrite for Probed<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.check()?;
+        std::task::ready!(self.drain(cx))?;
+        if self.check()?
+            && let Some(taken) = self.restore(cx, buf)
+        {
+            return Poll::Ready(taken);
+        }
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.written(poll)
     }
@@ -249,7 +323,13 @@ impl<T: Peek + AsyncWrite + Unpin> AsyncWrite for Probed<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.check()?;
+        std::task::ready!(self.drain(cx))?;
+        if self.check()?
+            && let Some(first) = bufs.iter().find(|b| !b.is_empty())
+            && let Some(taken) = self.restore(cx, first)
+        {
+            return Poll::Ready(taken);
+        }
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         self.written(poll)
     }
@@ -259,10 +339,12 @@ impl<T: Peek + AsyncWrite + Unpin> AsyncWrite for Probed<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -298,5 +380,22 @@ where
                 .await
                 .map(|io| TokioIo::new(Probed::new(io.into_inner())))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_original_target_goes_back_into_the_request_line() {
+        let head = b"GET /app/s?q=%22a%22 HTTP/1.1\r\nhost: x\r\nx-thr-raw-target: /app/s?q=\"a\"\r\naccept: */*\r\n\r\nBODY";
+        let (out, taken) = restore_target(head).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET /app/s?q=\"a\" HTTP/1.1\r\nhost: x\r\naccept: */*\r\n\r\n"
+        );
+        assert_eq!(&head[taken..], b"BODY");
+        assert!(restore_target(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").is_none());
     }
 }

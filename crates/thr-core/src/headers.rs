@@ -35,6 +35,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP.iter().chain(std::iter::once(&UPGRADE)) {
         headers.remove(*name);
     }
+    // thr's own, between a worker and its connection: never from outside.
+    headers.remove(crate::target::RAW_TARGET);
 }
 
 /// True for a field that must not cross thr.

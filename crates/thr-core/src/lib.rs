@@ -12,3 +12,4 @@ pub mod headers;
 pub mod priority;
 pub mod quota;
 pub mod rules;
+pub mod target;

@@ -1,0 +1,528 @@
+//! Query strings as leniently as nginx and gunicorn take them. Clients
+//! (curl, scripts, old apps) send `"`, `<` and `>` unencoded in queries;
+//! hyper's URI type refuses them and the client would get a bare 400.
+//!
+//! [`Lenient`] sits between an HTTP/1 client socket and hyper. It follows
+//! the request stream (heads, and bodies by their framing) and, in a
+//! request line whose query holds those bytes, percent-encodes them
+//! (`%22`, `%3C`, `%3E`) so hyper accepts it. The original target is kept
+//! for the request in order ([`Originals`]): rules see the encoded target
+//! (the same values once decoded, which is what query criteria compare),
+//! and the backend is sent the original bytes (see `thr_backend::reuse`).
+//!
+//! Anything the follower is not sure about (an h2 preface, an upgrade or
+//! CONNECT, ambiguous or unusual framing, an over-long line) turns it into
+//! a plain pipe for the rest of the connection: hyper then judges the
+//! bytes alone, as before.
+
+use std::collections::VecDeque;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Longest request line or header line followed (hyper's own bounds are
+/// tighter; past this the follower steps aside).
+const MAX_LINE: usize = 64 << 10;
+
+/// The original targets of a connection's requests, in order: `None` for a
+/// request whose target was left as sent.
+#[derive(Debug, Default)]
+pub struct Originals(Mutex<VecDeque<Option<String>>>);
+
+impl Originals {
+    fn push(&self, original: Option<String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(original);
+    }
+
+    /// The next request's original target, if it was rewritten.
+    pub fn next(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+            .flatten()
+    }
+}
+
+/// The original target of a request whose query was made acceptable (a
+/// request extension).
+#[derive(Debug, Clone)]
+pub struct OriginalTarget(pub String);
+
+#[derive(Debug)]
+enum State {
+    /// Gathering a request line.
+    Line(Vec<u8>),
+    /// Header lines until the empty one; `line` is the partial one.
+    Fields { line: Vec<u8>, frame: Framing },
+    /// `n` body bytes left.
+    Body(u64),
+    /// A chunked body.
+    Chunked(Chunk),
+    /// A plain pipe from now on.
+    Pipe,
+}
+
+#[derive(Debug, Default)]
+struct Framing {
+    length: Option<u64>,
+    lengths: usize,
+    chunked: bool,
+    other_coding: bool,
+    upgrade: bool,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    /// The size line so far.
+    Size(Vec<u8>),
+    /// Data bytes left, then CRLF.
+    Data(u64),
+    /// The CRLF after data: bytes of it left.
+    End(u8),
+    /// Trailer lines until the empty one.
+    Trailers(Vec<u8>),
+}
+
+/// Follows a connection's request stream (see the module's doc).
+struct Follower {
+    state: State,
+    originals: Arc<Originals>,
+}
+
+impl Follower {
+    /// Follows `bytes` and appends to `passed` what hyper is to read of
+    /// them: everything, a request line rewritten where needed. A partial
+    /// request line is held back until it is complete.
+    fn follow(&mut self, bytes: &[u8], passed: &mut Vec<u8>) {
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            match &mut self.state {
+                State::Pipe => {
+                    passed.extend_from_slice(rest);
+                    break;
+                }
+                State::Line(line) => {
+                    let (taken, done) = take_line(rest, line);
+                    rest = &rest[taken..];
+                    if line.len() > MAX_LINE {
+                        passed.append(line);
+                        self.state = State::Pipe;
+                        continue;
+                    }
+                    if !done {
+                        continue;
+                    }
+                    let line = std::mem::take(line);
+                    if line == b"\r\n" || line == b"\n" {
+                        // Empty lines between requests are allowed.
+                        passed.extend_from_slice(&line);
+                        continue;
+                    }
+                    let (line, original, method) = rewrite_request_line(line);
+                    passed.extend_from_slice(&line);
+                    match method {
+                        // h2 prior knowledge, or something unknown: step aside.
+                        None => self.state = State::Pipe,
+                        Some(connect) => {
+                            self.originals.push(original);
+                            self.state = State::Fields {
+                                line: Vec::new(),
+                                frame: Framing {
+                                    upgrade: connect,
+                                    ..Framing::default()
+                                },
+                            };
+                        }
+                    }
+                }
+                State::Fields { line, frame } => {
+                    let (taken, done) = take_line(rest, line);
+                    passed.extend_from_slice(&rest[..taken]);
+                    rest = &rest[taken..];
+                    if line.len() > MAX_LINE {
+                        self.state = State::Pipe;
+                        continue;
+                    }
+                    if !done {
+                        continue;
+                    }
+                    let field = std::mem::take(line);
+                    if field != b"\r\n" && field != b"\n" {
+                        note_field(&field, frame);
+                        continue;
+                    }
+                    let frame = std::mem::take(frame);
+                    self.state = next_after_head(&frame);
+                }
+                State::Body(left) => {
+                    let n = (*left).min(rest.len() as u64) as usize;
+                    passed.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.state = State::Line(Vec::new());
+                    }
+                }
+                State::Chunked(chunk) => {
+                    let (n, next) = follow_chunk(chunk, rest);
+                    passed.extend_from_slice(&rest[..n]);
+                    rest = &rest[n..];
+                    if let Some(next) = next {
+                        self.state = next;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A client socket whose request lines are made acceptable to hyper.
+pub struct Lenient<T> {
+    inner: T,
+    follower: Follower,
+    /// Bytes ready for hyper, from `sent` on.
+    out: Vec<u8>,
+    sent: usize,
+    /// Where bytes are read to be followed.
+    scratch: Vec<u8>,
+}
+
+impl<T> Lenient<T> {
+    /// `inner`, recording into `originals`.
+    pub fn new(inner: T, originals: Arc<Originals>) -> Lenient<T> {
+        Lenient {
+            inner,
+            follower: Follower {
+                state: State::Line(Vec::new()),
+                originals,
+            },
+            out: Vec::new(),
+            sent: 0,
+            scratch: Vec::new(),
+        }
+    }
+}
+
+/// Moves bytes of `rest` into `line` up to and including a LF; how many
+/// were taken, and whether the line is complete.
+fn take_line(rest: &[u8], line: &mut Vec<u8>) -> (usize, bool) {
+    match rest.iter().position(|&b| b == b'\n') {
+        Some(i) => {
+            line.extend_from_slice(&rest[..=i]);
+            (i + 1, true)
+        }
+        None => {
+            line.extend_from_slice(rest);
+            (rest.len(), false)
+        }
+    }
+}
+
+/// The request line as hyper should see it, the original target when it
+/// was rewritten, and whether the method is CONNECT (None: not a request
+/// line this follower knows, such as the h2 preface).
+fn rewrite_request_line(line: Vec<u8>) -> (Vec<u8>, Option<String>, Option<bool>) {
+    let text = line.strip_suffix(b"\n").unwrap_or(&line);
+    let text = text.strip_suffix(b"\r").unwrap_or(text);
+    let mut parts = text.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return (line, None, None);
+    };
+    if !version.starts_with(b"HTTP/1.") || method == b"PRI" || method.is_empty() {
+        return (line, None, None);
+    }
+    let connect = method == b"CONNECT";
+    let Some(encoded) = thr_core::target::encode_query(target) else {
+        return (line, None, Some(connect));
+    };
+    if std::str::from_utf8(target).is_err() {
+        return (line, None, Some(connect));
+    }
+    let mut rewritten = Vec::with_capacity(line.len() + 16);
+    rewritten.extend_from_slice(method);
+    rewritten.push(b' ');
+    rewritten.extend_from_slice(&encoded);
+    rewritten.push(b' ');
+    rewritten.extend_from_slice(version);
+    rewritten.extend_from_slice(b"\r\n");
+    let original = String::from_utf8(target.to_vec()).expect("checked above");
+    (rewritten, Some(original), Some(connect))
+}
+
+/// Notes what a header field says about the body's framing.
+fn note_field(field: &[u8], frame: &mut Framing) {
+    let Some(colon) = field.iter().position(|&b| b == b':') else {
+        // obs-fold or garbage: hyper will judge; do not guess the framing.
+        frame.other_coding = true;
+        return;
+    };
+    let name = &field[..colon];
+    let value = field[colon + 1..].trim_ascii();
+    if name.eq_ignore_ascii_case(b"content-length") {
+        frame.lengths += 1;
+        frame.length = std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+        if frame.length.is_none() {
+            frame.other_coding = true;
+        }
+    } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        if value.eq_ignore_ascii_case(b"chunked") && !frame.chunked {
+            frame.chunked = true;
+        } else {
+            frame.other_coding = true;
+        }
+    } else if name.eq_ignore_ascii_case(b"upgrade") {
+        frame.upgrade = true;
+    } else if name.is_empty() || name.ends_with(b" ") || name.ends_with(b"\t") {
+        frame.other_coding = true;
+    }
+}
+
+/// What follows a request head.
+fn next_after_head(frame: &Framing) -> State {
+    if frame.upgrade || frame.other_coding || frame.lengths > 1 {
+        return State::Pipe;
+    }
+    match (frame.chunked, frame.length) {
+        (true, None) => State::Chunked(Chunk::Size(Vec::new())),
+        (true, Some(_)) => State::Pipe,
+        (false, Some(0)) | (false, None) => State::Line(Vec::new()),
+        (false, Some(n)) => State::Body(n),
+    }
+}
+
+/// Follows a chunked body over `rest`: bytes consumed, and the next state
+/// when the body ended (or the follower gave up).
+fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
+    match chunk {
+        Chunk::Size(line) => {
+            let (taken, done) = take_line(rest, line);
+            if line.len() > MAX_LINE {
+                return (taken, Some(State::Pipe));
+            }
+            if !done {
+                return (taken, None);
+            }
+            let text = std::mem::take(line);
+            let text = text.trim_ascii();
+            let hex = &text[..text.iter().position(|&b| b == b';').unwrap_or(text.len())];
+            let size = std::str::from_utf8(hex.trim_ascii())
+                .ok()
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            *chunk = match size {
+                None => return (taken, Some(State::Pipe)),
+                Some(0) => Chunk::Trailers(Vec::new()),
+                Some(n) => Chunk::Data(n),
+            };
+            (taken, None)
+        }
+        Chunk::Data(left) => {
+            let n = (*left).min(rest.len() as u64) as usize;
+            *left -= n as u64;
+            if *left == 0 {
+                *chunk = Chunk::End(2);
+            }
+            (n, None)
+        }
+        Chunk::End(left) => {
+            let n = (*left as usize).min(rest.len());
+            *left -= n as u8;
+            if *left == 0 {
+                *chunk = Chunk::Size(Vec::new());
+            }
+            (n, None)
+        }
+        Chunk::Trailers(line) => {
+            let (taken, done) = take_line(rest, line);
+            if line.len() > MAX_LINE {
+                return (taken, Some(State::Pipe));
+            }
+            if !done {
+                return (taken, None);
+            }
+            let empty = line.trim_ascii().is_empty();
+            line.clear();
+            (taken, empty.then(|| State::Line(Vec::new())))
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Lenient<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.sent < this.out.len() {
+                let n = (this.out.len() - this.sent).min(buf.remaining());
+                buf.put_slice(&this.out[this.sent..this.sent + n]);
+                this.sent += n;
+                if this.sent == this.out.len() {
+                    this.out.clear();
+                    this.sent = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match this.follower.state {
+                State::Pipe => return Pin::new(&mut this.inner).poll_read(cx, buf),
+                // Body bytes that cannot reach the next request: straight in.
+                State::Body(left) if left >= buf.remaining() as u64 => {
+                    let before = buf.filled().len();
+                    std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+                    let n = (buf.filled().len() - before) as u64;
+                    this.follower.state = match n {
+                        0 => State::Pipe,
+                        n if n == left => State::Line(Vec::new()),
+                        n => State::Body(left - n),
+                    };
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+            this.scratch.resize(16 << 10, 0);
+            let mut read = ReadBuf::new(&mut this.scratch);
+            std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            let n = read.filled().len();
+            if n == 0 {
+                // End of stream: a held-back partial line goes on as it is.
+                if let State::Line(line) = &mut this.follower.state {
+                    this.out = std::mem::take(line);
+                }
+                this.follower.state = State::Pipe;
+                if this.out.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.follower.follow(&this.scratch[..n], &mut this.out);
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Lenient<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follow_all(pieces: &[&[u8]]) -> (Vec<u8>, Vec<Option<String>>) {
+        let originals = Arc::new(Originals::default());
+        let mut follower = Follower {
+            state: State::Line(Vec::new()),
+            originals: originals.clone(),
+        };
+        let mut out = Vec::new();
+        for piece in pieces {
+            follower.follow(piece, &mut out);
+        }
+        let got = originals.0.lock().unwrap().iter().cloned().collect();
+        (out, got)
+    }
+
+    #[test]
+    fn a_raw_quote_in_a_query_is_encoded_and_the_original_kept() {
+        let (out, originals) = follow_all(&[b"GET /s?q=\"a<b>\" HTTP/1.1\r\nHost: x\r\n\r\n"]);
+        assert_eq!(out, b"GET /s?q=%22a%3Cb%3E%22 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(originals, [Some("/s?q=\"a<b>\"".to_string())]);
+    }
+
+    #[test]
+    fn bodies_are_never_touched_whatever_they_hold() {
+        let body = b"GET /?x=\"1\" HTTP/1.1\r\n\r\n";
+        let head = format!(
+            "POST /p?a=\"1\" HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let second = b"GET /n?<> HTTP/1.1\r\n\r\n";
+        let stream = [head.as_bytes(), &body[..], &second[..]].concat();
+        // Fed byte by byte: every state crosses read boundaries.
+        let pieces: Vec<&[u8]> = stream.chunks(1).collect();
+        let (out, originals) = follow_all(&pieces);
+        let expected = [
+            head.replace("\"1\"", "%221%22").as_bytes(),
+            &body[..],
+            b"GET /n?%3C%3E HTTP/1.1\r\n\r\n",
+        ]
+        .concat();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&expected)
+        );
+        assert_eq!(
+            originals,
+            [Some("/p?a=\"1\"".to_string()), Some("/n?<>".to_string())]
+        );
+    }
+
+    #[test]
+    fn chunked_bodies_are_followed_to_their_end() {
+        let stream = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nGET /\r\n0\r\nT: 1\r\n\r\nGET /?\"\" HTTP/1.1\r\n\r\n";
+        let pieces: Vec<&[u8]> = stream.chunks(3).collect();
+        let (out, originals) = follow_all(&pieces);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.ends_with("GET /?%22%22 HTTP/1.1\r\n\r\n"), "{text}");
+        assert!(text.contains("5;x=y\r\nGET /\r\n0\r\n"), "{text}");
+        assert_eq!(originals, [None, Some("/?\"\"".to_string())]);
+    }
+
+    #[test]
+    fn unsure_framing_h2_and_upgrades_make_it_a_plain_pipe() {
+        for stream in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nGET /?\" HTTP/1.1\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxGET /?\" HTTP/1.1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\nGET /?\" HTTP/1.1\r\n\r\n",
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\nGET /?\" HTTP/1.1\r\n\r\n",
+        ] {
+            let (out, _) = follow_all(&[stream]);
+            assert_eq!(out, stream, "{}", String::from_utf8_lossy(stream));
+        }
+    }
+
+    #[test]
+    fn paths_and_clean_queries_are_left_alone() {
+        let stream = b"GET /a\"b?x=%22&y=1 HTTP/1.1\r\n\r\n";
+        let (out, originals) = follow_all(&[stream]);
+        assert_eq!(out, stream);
+        assert_eq!(originals, [None]);
+    }
+}

@@ -143,19 +143,29 @@ impl Follower {
                     }
                 }
                 State::Fields { line, frame } => {
-                    let (taken, done) = take_line(rest, line);
-                    passed.extend_from_slice(&rest[..taken]);
-                    rest = &rest[taken..];
-                    if line.len() > MAX_LINE {
-                        self.state = State::Pipe;
-                        continue;
-                    }
-                    if !done {
-                        continue;
-                    }
-                    let field = std::mem::take(line);
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        // A field cut by the read: kept until its end comes.
+                        line.extend_from_slice(rest);
+                        passed.extend_from_slice(rest);
+                        if line.len() > MAX_LINE {
+                            self.state = State::Pipe;
+                        }
+                        break;
+                    };
+                    let (now, after) = rest.split_at(lf + 1);
+                    passed.extend_from_slice(now);
+                    rest = after;
+                    // Most fields arrive whole: looked at where they are.
+                    let whole;
+                    let field = if line.is_empty() {
+                        now
+                    } else {
+                        line.extend_from_slice(now);
+                        whole = std::mem::take(line);
+                        &whole[..]
+                    };
                     if field != b"\r\n" && field != b"\n" {
-                        note_field(&field, frame);
+                        note_field(field, frame);
                         continue;
                     }
                     let frame = std::mem::take(frame);

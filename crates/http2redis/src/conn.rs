@@ -399,18 +399,6 @@ where
     }
 }
 
-/// Whether a body error is [`BodyTooSlow`].
-pub fn is_too_slow(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(err) = cause {
-        if err.is::<BodyTooSlow>() {
-            return true;
-        }
-        cause = err.source();
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -501,7 +489,7 @@ mod tests {
             match body.frame().await {
                 Some(Ok(frame)) => got += frame.into_data().map_or(0, |d| d.len() as u64),
                 Some(Err(err)) => {
-                    assert!(is_too_slow(&*err));
+                    assert!(thr_backend::caused_by::<BodyTooSlow>(&*err));
                     return (got, started.elapsed());
                 }
                 None => panic!("the trickle never ends"),

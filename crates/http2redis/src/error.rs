@@ -135,7 +135,7 @@ impl FrontError {
 
     /// The error for a request body that could not be read.
     pub fn of_body(err: Box<dyn std::error::Error + Send + Sync>) -> FrontError {
-        if crate::conn::is_too_slow(&*err) {
+        if thr_backend::caused_by::<crate::conn::BodyTooSlow>(&*err) {
             FrontError::BodyTooSlow
         } else {
             FrontError::BadBody

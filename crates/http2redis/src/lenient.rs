@@ -18,6 +18,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -27,26 +28,47 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// tighter; past this the follower steps aside).
 const MAX_LINE: usize = 64 << 10;
 
-/// The original targets of a connection's requests, in order: `None` for a
-/// request whose target was left as sent.
+/// The original targets of a connection's rewritten requests, by request
+/// number. Only rewritten requests are recorded, so the common request
+/// costs a counter, not a lock.
 #[derive(Debug, Default)]
-pub struct Originals(Mutex<VecDeque<Option<String>>>);
+pub struct Originals {
+    /// Request heads followed (the follower's count).
+    heads: AtomicU64,
+    /// Requests handed to the service (the service's count).
+    served: AtomicU64,
+    rewritten: Mutex<VecDeque<(u64, String)>>,
+    waiting: AtomicUsize,
+}
 
 impl Originals {
     fn push(&self, original: Option<String>) {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(original);
+        let n = self.heads.fetch_add(1, Ordering::Relaxed);
+        if let Some(original) = original {
+            let mut rewritten = self.rewritten.lock().unwrap_or_else(|p| p.into_inner());
+            rewritten.push_back((n, original));
+            self.waiting.store(rewritten.len(), Ordering::Release);
+        }
     }
 
-    /// The next request's original target, if it was rewritten.
+    /// The next request's original target, if it was rewritten (called
+    /// once per HTTP/1 request, in order).
     pub fn next(&self) -> Option<String> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-            .flatten()
+        let n = self.served.fetch_add(1, Ordering::Relaxed);
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut rewritten = self.rewritten.lock().unwrap_or_else(|p| p.into_inner());
+        // Entries of requests hyper refused (and never served) are dropped.
+        while rewritten.front().is_some_and(|(at, _)| *at < n) {
+            rewritten.pop_front();
+        }
+        let original = match rewritten.front() {
+            Some((at, _)) if *at == n => rewritten.pop_front().map(|(_, o)| o),
+            _ => None,
+        };
+        self.waiting.store(rewritten.len(), Ordering::Release);
+        original
     }
 }
 
@@ -108,39 +130,54 @@ impl Follower {
                     passed.extend_from_slice(rest);
                     break;
                 }
-                State::Line(line) => {
-                    let (taken, done) = take_line(rest, line);
-                    rest = &rest[taken..];
-                    if line.len() > MAX_LINE {
-                        passed.append(line);
-                        self.state = State::Pipe;
-                        continue;
-                    }
-                    if !done {
-                        continue;
-                    }
-                    let line = std::mem::take(line);
+                State::Line(partial) => {
+                    let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+                        // A line cut by the read: held back until its end comes.
+                        partial.extend_from_slice(rest);
+                        if partial.len() > MAX_LINE {
+                            passed.append(partial);
+                            self.state = State::Pipe;
+                        }
+                        break;
+                    };
+                    let (now, after) = rest.split_at(lf + 1);
+                    rest = after;
+                    let whole;
+                    let line = if partial.is_empty() {
+                        now
+                    } else {
+                        partial.extend_from_slice(now);
+                        whole = std::mem::take(partial);
+                        &whole[..]
+                    };
                     if line == b"\r\n" || line == b"\n" {
                         // Empty lines between requests are allowed.
-                        passed.extend_from_slice(&line);
+                        passed.extend_from_slice(line);
                         continue;
                     }
-                    let (line, original, method) = rewrite_request_line(line);
-                    passed.extend_from_slice(&line);
-                    match method {
+                    let Some((connect, rewritten)) = request_line(line) else {
                         // h2 prior knowledge, or something unknown: step aside.
-                        None => self.state = State::Pipe,
-                        Some(connect) => {
-                            self.originals.push(original);
-                            self.state = State::Fields {
-                                line: Vec::new(),
-                                frame: Framing {
-                                    upgrade: connect,
-                                    ..Framing::default()
-                                },
-                            };
+                        passed.extend_from_slice(line);
+                        self.state = State::Pipe;
+                        continue;
+                    };
+                    match rewritten {
+                        Some((line, original)) => {
+                            passed.extend_from_slice(&line);
+                            self.originals.push(Some(original));
+                        }
+                        None => {
+                            passed.extend_from_slice(line);
+                            self.originals.push(None);
                         }
                     }
+                    self.state = State::Fields {
+                        line: Vec::new(),
+                        frame: Framing {
+                            upgrade: connect,
+                            ..Framing::default()
+                        },
+                    };
                 }
                 State::Fields { line, frame } => {
                     let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
@@ -235,28 +272,30 @@ fn take_line(rest: &[u8], line: &mut Vec<u8>) -> (usize, bool) {
     }
 }
 
-/// The request line as hyper should see it, the original target when it
-/// was rewritten, and whether the method is CONNECT (None: not a request
-/// line this follower knows, such as the h2 preface).
-fn rewrite_request_line(line: Vec<u8>) -> (Vec<u8>, Option<String>, Option<bool>) {
-    let text = line.strip_suffix(b"\n").unwrap_or(&line);
+/// Whether `line` is a request line this follower knows (None: the h2
+/// preface or something else), whether its method is CONNECT, and, when
+/// its query had to be encoded, the line as hyper should see it and the
+/// original target.
+#[allow(clippy::type_complexity)]
+fn request_line(line: &[u8]) -> Option<(bool, Option<(Vec<u8>, String)>)> {
+    let text = line.strip_suffix(b"\n").unwrap_or(line);
     let text = text.strip_suffix(b"\r").unwrap_or(text);
     let mut parts = text.split(|&b| b == b' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return (line, None, None);
+        return None;
     };
     if !version.starts_with(b"HTTP/1.") || method == b"PRI" || method.is_empty() {
-        return (line, None, None);
+        return None;
     }
     let connect = method == b"CONNECT";
     let Some(encoded) = thr_core::target::encode_query(target) else {
-        return (line, None, Some(connect));
+        return Some((connect, None));
     };
-    if std::str::from_utf8(target).is_err() {
-        return (line, None, Some(connect));
-    }
+    let Ok(original) = std::str::from_utf8(target) else {
+        return Some((connect, None));
+    };
     let mut rewritten = Vec::with_capacity(line.len() + 16);
     rewritten.extend_from_slice(method);
     rewritten.push(b' ');
@@ -264,8 +303,7 @@ fn rewrite_request_line(line: Vec<u8>) -> (Vec<u8>, Option<String>, Option<bool>
     rewritten.push(b' ');
     rewritten.extend_from_slice(version);
     rewritten.extend_from_slice(b"\r\n");
-    let original = String::from_utf8(target.to_vec()).expect("checked above");
-    (rewritten, Some(original), Some(connect))
+    Some((connect, Some((rewritten, original.to_string()))))
 }
 
 /// Notes what a header field says about the body's framing.
@@ -465,7 +503,8 @@ mod tests {
         for piece in pieces {
             follower.follow(piece, &mut out);
         }
-        let got = originals.0.lock().unwrap().iter().cloned().collect();
+        let heads = originals.heads.load(Ordering::Relaxed);
+        let got = (0..heads).map(|_| originals.next()).collect();
         (out, got)
     }
 

@@ -164,8 +164,6 @@ pub async fn serve<B: Broker>(
         .auto_date_header(false)
         .max_header_list_size(settings.max_header_bytes as u32);
 
-    let limits = conn::Limits::of(&settings);
-    let pace = conn::Pace::of(&settings);
     let max_connections = max_connections(&settings);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (stop_conns, stopping) = watch::channel(false);
@@ -193,6 +191,10 @@ pub async fn serve<B: Broker>(
             refuse(conn);
             continue;
         };
+        // Bounds as configured now (a reload applies to new connections).
+        let config = front.config();
+        let limits = conn::Limits::of(&config.front);
+        let pace = conn::Pace::of(&config.front);
         let watch = Arc::new(conn::Watch::default());
         let originals = Arc::new(Originals::default());
         let (io, peer) = match conn {
@@ -316,6 +318,9 @@ async fn drive<C>(
     C: Future<Output = Result<(), AutoError>>,
 {
     let _slot = slot;
+    let open = metrics::gauge!("thr_connections_open");
+    open.increment(1.0);
+    let _open = Defer(move || open.decrement(1.0));
     tokio::pin!(conn);
     let mut winding = false;
     let mut next = tokio::time::Instant::now();
@@ -355,6 +360,15 @@ async fn drive<C>(
 }
 
 type AutoError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs its function when dropped (however the connection's task ends).
+struct Defer<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Defer<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
 
 /// The `max_connections` in force: the configured one, or what the
 /// descriptor limit leaves after room for Redis, backends and tunnels.

@@ -27,10 +27,28 @@ use thr_core::target;
 
 use crate::connector::UnixConnector;
 use crate::replay::Replay;
-use crate::reuse::{ProbedConnector, is_stale};
+use crate::reuse::{ProbedConnector, StaleConnection};
 
 /// Any error a body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `err`, or one of its causes, is an `E` (looking inside
+/// `io::Error`s too, whose `source()` skips the error they wrap).
+pub fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(err) = cause {
+        if err.is::<E>()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|e| e.get_ref())
+                .is_some_and(|inner| inner.is::<E>())
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
 
 /// A request body on its way to the backend: in memory, read from Redis
 /// chunk by chunk, or the client's own stream (bypass).
@@ -198,7 +216,7 @@ impl Forwarder {
             Ok(response) => return Ok(response),
             Err(err) => err,
         };
-        if !(err.is_connect() || is_stale(&err)) {
+        if !(err.is_connect() || caused_by::<StaleConnection>(&err)) {
             return Err(failed(err));
         }
         let again = match back {

@@ -15,4 +15,4 @@ pub mod replay;
 pub mod reuse;
 
 pub use channel::ChannelBody;
-pub use forward::{BoxError, Failure, Forwarder, Head, RequestBody, full_body, head_of};
+pub use forward::{BoxError, Failure, Forwarder, Head, RequestBody, caused_by, full_body, head_of};

@@ -51,24 +51,6 @@ impl std::fmt::Display for StaleConnection {
 
 impl std::error::Error for StaleConnection {}
 
-/// Whether `err` (or one of its causes) is a [`StaleConnection`].
-pub fn is_stale(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cause = Some(err);
-    while let Some(err) = cause {
-        // io::Error's source() skips the error it wraps: look inside.
-        if err.is::<StaleConnection>()
-            || err
-                .downcast_ref::<io::Error>()
-                .and_then(|e| e.get_ref())
-                .is_some_and(|inner| inner.is::<StaleConnection>())
-        {
-            return true;
-        }
-        cause = err.source();
-    }
-    false
-}
-
 /// A socket whose peer's close can be seen without reading.
 pub trait Peek {
     /// True when the peer has closed (or reset) the connection.

@@ -69,6 +69,22 @@ fn warn_about_restart_only_settings(old: &Config, new: &Config) {
     if old.redis.url != new.redis.url {
         tracing::warn!("`redis.url` changes only on restart");
     }
+    // The front's HTTP settings are its connection builder's and its
+    // connection cap, made once at start.
+    let (o, n) = (&old.front, &new.front);
+    for (changed, key) in [
+        (o.max_connections != n.max_connections, "max_connections"),
+        (
+            o.header_read_timeout != n.header_read_timeout,
+            "header_read_timeout",
+        ),
+        (o.max_header_bytes != n.max_header_bytes, "max_header_size"),
+        (o.max_headers != n.max_headers, "max_headers"),
+    ] {
+        if changed {
+            tracing::warn!("`http2redis.{key}` changes only on restart");
+        }
+    }
 }
 
 fn file_watcher(

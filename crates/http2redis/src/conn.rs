@@ -309,16 +309,20 @@ impl Pace {
 
 /// A request body that fails with [`BodyTooSlow`] when its client says
 /// nothing for `silence`, or when, past the first `silence`, it has sent
-/// less than `min_rate` bytes per second since the body was first asked
-/// for: each byte received buys `1/min_rate` s. Both bounds are needed: a
-/// trickle of a byte a second never falls silent, and a fast start must
-/// not buy an endless stall. The clock starts when the body is first read,
-/// so a body waiting for the rules or auth is not charged for it.
+/// less than `min_rate` bytes per second: each byte received buys
+/// `1/min_rate` s. Both bounds are needed: a trickle of a byte a second
+/// never falls silent, and a fast start must not buy an endless stall.
+/// Only time spent waiting for the client counts: while thr itself does
+/// not ask for the body (rules, auth, a slow Redis or backend taking what
+/// it was given), the client is not charged.
 pub struct Paced<B> {
     inner: B,
     pace: Pace,
-    started: Option<Instant>,
     received: u64,
+    /// Time spent waiting for the client so far.
+    waited: Duration,
+    /// Since when it is being waited for now.
+    waiting_since: Option<Instant>,
     /// Made at the first wait (most bodies never wait, or are empty).
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -329,20 +333,28 @@ impl<B> Paced<B> {
         Paced {
             inner,
             pace,
-            started: None,
             received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
             timer: None,
         }
     }
 
-    /// When the body is cut if nothing more comes.
-    fn deadline(&self, started: Instant, now: Instant) -> Instant {
-        let silent = now + self.pace.silence;
+    /// When a wait that began at `since` is too long.
+    fn deadline(&self, since: Instant) -> Instant {
         if self.pace.min_rate == 0 {
-            return silent;
+            return since + self.pace.silence;
         }
         let earned = Duration::from_secs_f64(self.received as f64 / self.pace.min_rate as f64);
-        silent.min(started + self.pace.silence + earned)
+        let left = (self.pace.silence + earned).saturating_sub(self.waited);
+        since + left.min(self.pace.silence)
+    }
+
+    /// A wait ended (a frame, the end, or an error came).
+    fn stop_waiting(&mut self) {
+        if let Some(since) = self.waiting_since.take() {
+            self.waited += since.elapsed();
+        }
     }
 }
 
@@ -359,29 +371,33 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let started = *this.started.get_or_insert_with(Instant::now);
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                this.stop_waiting();
                 if let Some(data) = frame.data_ref() {
                     this.received += data.remaining() as u64;
                 }
-                let deadline = this.deadline(started, Instant::now());
-                if let Some(timer) = &mut this.timer {
-                    timer.as_mut().reset(deadline);
-                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(err))) => {
+                this.stop_waiting();
+                Poll::Ready(Some(Err(err.into())))
+            }
+            Poll::Ready(None) => {
+                this.stop_waiting();
+                Poll::Ready(None)
+            }
             Poll::Pending => {
-                let timer = match &mut this.timer {
-                    Some(timer) => timer,
-                    None => {
-                        let deadline = this.deadline(started, Instant::now());
-                        this.timer
-                            .insert(Box::pin(tokio::time::sleep_until(deadline)))
+                if this.waiting_since.is_none() {
+                    let now = Instant::now();
+                    this.waiting_since = Some(now);
+                    let deadline = this.deadline(now);
+                    match &mut this.timer {
+                        Some(timer) => timer.as_mut().reset(deadline),
+                        None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
                     }
-                };
+                }
+                let timer = this.timer.as_mut().expect("set above");
                 match timer.as_mut().poll(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTooSlow)))),
                     Poll::Pending => Poll::Pending,
@@ -521,6 +537,24 @@ mod tests {
         let (_, after) =
             read_until_cut(Paced::new(trickle(Duration::from_secs(15), 1 << 20), pace)).await;
         assert_eq!(after, Duration::from_secs(10));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_reader_takes_is_not_charged_to_the_client() {
+        let pace = Pace {
+            silence: Duration::from_secs(10),
+            min_rate: 1024,
+        };
+        // Just over 1 KiB/s from the client, but its reader stops for a
+        // minute (a slow backend): the client is still on pace after it.
+        let mut body = Paced::new(trickle(Duration::from_secs(1), 1100), pace);
+        for _ in 0..2 {
+            body.frame().await.unwrap().unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        for _ in 0..20 {
+            body.frame().await.unwrap().unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -328,7 +328,12 @@ impl<B: Broker> Front<B> {
             Some(pq) if pq.as_str().starts_with('/') => pq.as_str().to_string(),
             _ => return Err(FrontError::BadTarget),
         };
-        if let Some(OriginalTarget(original)) = parts.extensions.get::<OriginalTarget>() {
+        // Kept only if it is this request's: encoded, it must be what hyper
+        // parsed (a follower out of step with hyper is then harmless).
+        if let Some(OriginalTarget(original)) = parts.extensions.get::<OriginalTarget>()
+            && thr_core::target::encode_query(original.as_bytes()).as_deref()
+                == Some(target.as_bytes())
+        {
             cx.original_target = Some((target.clone(), original.clone()));
         }
         check_host(&parts)?;

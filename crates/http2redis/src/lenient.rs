@@ -237,8 +237,6 @@ pub struct Lenient<T> {
     /// Bytes ready for hyper, from `sent` on.
     out: Vec<u8>,
     sent: usize,
-    /// Where bytes are read to be followed.
-    scratch: Vec<u8>,
 }
 
 impl<T> Lenient<T> {
@@ -252,7 +250,6 @@ impl<T> Lenient<T> {
             },
             out: Vec::new(),
             sent: 0,
-            scratch: Vec::new(),
         }
     }
 }
@@ -290,6 +287,10 @@ fn request_line(line: &[u8]) -> Option<(bool, Option<(Vec<u8>, String)>)> {
         return None;
     }
     let connect = method == b"CONNECT";
+    // Origin-form only: an absolute-form target keeps hyper's judgement.
+    if !target.starts_with(b"/") {
+        return Some((connect, None));
+    }
     let Some(encoded) = thr_core::target::encode_query(target) else {
         return Some((connect, None));
     };
@@ -350,7 +351,9 @@ fn next_after_head(frame: &Framing) -> State {
 }
 
 /// Follows a chunked body over `rest`: bytes consumed, and the next state
-/// when the body ended (or the follower gave up).
+/// when the body ended (or the follower gave up). Lines must end in CRLF,
+/// as hyper requires: a bare LF here could be read otherwise by hyper (a
+/// trailer instead of the end of the body), so the follower steps aside.
 fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
     match chunk {
         Chunk::Size(line) => {
@@ -361,11 +364,15 @@ fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
             if !done {
                 return (taken, None);
             }
+            if !line.ends_with(b"\r\n") {
+                return (taken, Some(State::Pipe));
+            }
             let text = std::mem::take(line);
-            let text = text.trim_ascii();
+            let text = &text[..text.len() - 2];
             let hex = &text[..text.iter().position(|&b| b == b';').unwrap_or(text.len())];
-            let size = std::str::from_utf8(hex.trim_ascii())
+            let size = std::str::from_utf8(hex)
                 .ok()
+                .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit()))
                 .and_then(|h| u64::from_str_radix(h, 16).ok());
             *chunk = match size {
                 None => return (taken, Some(State::Pipe)),
@@ -383,12 +390,16 @@ fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
             (n, None)
         }
         Chunk::End(left) => {
-            let n = (*left as usize).min(rest.len());
-            *left -= n as u8;
+            // Exactly CRLF after the data.
+            let expected = if *left == 2 { b'\r' } else { b'\n' };
+            if rest[0] != expected {
+                return (0, Some(State::Pipe));
+            }
+            *left -= 1;
             if *left == 0 {
                 *chunk = Chunk::Size(Vec::new());
             }
-            (n, None)
+            (1, None)
         }
         Chunk::Trailers(line) => {
             let (taken, done) = take_line(rest, line);
@@ -398,7 +409,10 @@ fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
             if !done {
                 return (taken, None);
             }
-            let empty = line.trim_ascii().is_empty();
+            if !line.ends_with(b"\r\n") {
+                return (taken, Some(State::Pipe));
+            }
+            let empty = line.len() == 2;
             line.clear();
             (taken, empty.then(|| State::Line(Vec::new())))
         }
@@ -418,7 +432,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Lenient<T> {
                 buf.put_slice(&this.out[this.sent..this.sent + n]);
                 this.sent += n;
                 if this.sent == this.out.len() {
-                    this.out.clear();
+                    // Let go of the buffer: an idle connection keeps none.
+                    this.out = Vec::new();
                     this.sent = 0;
                 }
                 return Poll::Ready(Ok(()));
@@ -439,8 +454,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Lenient<T> {
                 }
                 _ => {}
             }
-            this.scratch.resize(16 << 10, 0);
-            let mut read = ReadBuf::new(&mut this.scratch);
+            // On the stack: an idle connection keeps no buffer.
+            let mut scratch = [0u8; 8 << 10];
+            let mut read = ReadBuf::new(&mut scratch);
             std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
             let n = read.filled().len();
             if n == 0 {
@@ -454,7 +470,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Lenient<T> {
                 }
                 continue;
             }
-            this.follower.follow(&this.scratch[..n], &mut this.out);
+            this.follower.follow(&scratch[..n], &mut this.out);
         }
     }
 }
@@ -565,6 +581,20 @@ mod tests {
             let (out, _) = follow_all(&[stream]);
             assert_eq!(out, stream, "{}", String::from_utf8_lossy(stream));
         }
+    }
+
+    #[test]
+    fn a_bare_lf_in_a_chunked_body_makes_it_step_aside() {
+        // hyper would read the `/admin` request as trailers: the follower
+        // must not take it for a request.
+        let stream = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\nGET /admin?x=\"\" HTTP/1.1\r\nHost: h\r\n\r\nGET /public HTTP/1.1\r\n\r\n";
+        let (out, originals) = follow_all(&[stream]);
+        assert_eq!(out, stream);
+        assert_eq!(originals, [None]);
+        let stream = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxZZGET /?\" HTTP/1.1\r\n\r\n";
+        let (out, originals) = follow_all(&[stream]);
+        assert_eq!(out, stream);
+        assert_eq!(originals, [None]);
     }
 
     #[test]

@@ -183,8 +183,10 @@ pub async fn serve<B: Broker>(
                 // Out of descriptors and the like: back off (the idle
                 // connections' bounds free some), and say so once in a while.
                 let pause = accept_errors.failed(&err);
-                tokio::time::sleep(pause).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = &mut shutdown => break,
+                }
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {

@@ -261,11 +261,16 @@ impl Forwarder {
             .body(body)
             .map_err(|_| bad("invalid request target"))?;
         *req.headers_mut() = meta.headers.to_map();
+        // The front has the whole body and answered the client's Expect:
+        // the backend is not asked to say 100 Continue (a response before
+        // the body is written would only complicate the connection).
+        req.headers_mut().remove(http::header::EXPECT);
         if encoded.is_some() {
             let raw = format!("{}{}", self.base_path, meta.target);
             let value =
                 http::HeaderValue::from_str(&raw).map_err(|_| bad("invalid request target"))?;
-            req.headers_mut().insert(target::RAW_TARGET, value);
+            req.headers_mut()
+                .insert(crate::reuse::raw_target_field().clone(), value);
         }
         Ok(req)
     }

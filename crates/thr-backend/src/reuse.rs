@@ -36,6 +36,21 @@ use std::time::{Duration, Instant};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::TokioIo;
 use thr_core::target::RAW_TARGET;
+
+/// The field a request's original target travels in from the request
+/// builder to its connection: [`RAW_TARGET`] with a suffix random per
+/// process, so that no body and no client can name it.
+pub fn raw_target_field() -> &'static http::HeaderName {
+    static FIELD: std::sync::LazyLock<http::HeaderName> = std::sync::LazyLock::new(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let secret = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        http::HeaderName::try_from(format!("{RAW_TARGET}-{secret:016x}"))
+            .expect("a valid field name")
+    });
+    &FIELD
+}
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The backend closed a kept-alive connection before thr wrote a request
@@ -105,6 +120,11 @@ impl Peek for tokio::net::UnixStream {
 /// a reset takes to come back, far less than any request takes to run.
 pub const RACE: Duration = Duration::from_millis(250);
 
+/// How long a connection must have been quiet before a request for a
+/// reset to be taken for the idle-close race: a backend's idle timer
+/// cannot fire on a connection in use, nor on one just opened.
+pub const QUIET: Duration = Duration::from_millis(50);
+
 /// How long an end of stream in the race is held to see whether the reset
 /// that proves the request unread follows (a round trip, with room).
 pub const SETTLE: Duration = Duration::from_millis(10);
@@ -112,7 +132,7 @@ pub const SETTLE: Duration = Duration::from_millis(10);
 /// A backend connection that checks it is still open before writing a
 /// request into it after a response came out of it, and that writes a
 /// request's original target into its request line when the request
-/// names one ([`thr_core::target::RAW_TARGET`]: a query the URI type could
+/// names one ([`raw_target_field`]: a query the URI type could
 /// not hold as sent).
 pub struct Probed<T> {
     inner: T,
@@ -122,9 +142,12 @@ pub struct Probed<T> {
     /// keeps a connection it did not need), so the first request is
     /// checked like the others.
     reused: bool,
-    /// When the current request on a reused connection began, until a
-    /// byte (or the end) of its response is read.
+    /// When the current request began, if it could be in the idle-close
+    /// race (the connection had been quiet for [`QUIET`]), until a byte
+    /// (or the end) of its response is read.
     racing_since: Option<Instant>,
+    /// The last read or write that moved bytes.
+    quiet_since: Instant,
     /// An end of stream in the race, held until a reset can have followed.
     settling: Option<Pin<Box<tokio::time::Sleep>>>,
     /// A rewritten request head not yet written, from `sent` on.
@@ -139,6 +162,7 @@ impl<T> Probed<T> {
             inner,
             reused: true,
             racing_since: None,
+            quiet_since: Instant::now(),
             settling: None,
             pending: Vec::new(),
             sent: 0,
@@ -157,10 +181,14 @@ impl<T> Probed<T> {
         err
     }
 
-    fn written<R>(&self, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+    fn written<R>(&mut self, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
         match poll {
             Poll::Ready(Err(err)) => Poll::Ready(Err(self.judge(err))),
-            other => other,
+            Poll::Ready(Ok(n)) => {
+                self.quiet_since = Instant::now();
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -176,7 +204,9 @@ impl<T: Peek + AsyncWrite + Unpin> Probed<T> {
                     StaleConnection,
                 ));
             }
-            self.racing_since = Some(Instant::now());
+            // Only a connection that sat quiet can have been closed by its
+            // backend's idle timer as this request arrived.
+            self.racing_since = (self.quiet_since.elapsed() >= QUIET).then(Instant::now);
             return Ok(true);
         }
         Ok(false)
@@ -213,13 +243,13 @@ impl<T: Peek + AsyncWrite + Unpin> Probed<T> {
 }
 
 /// A request head with its request line's target replaced by the value of
-/// its [`RAW_TARGET`] field, and that field removed; and how many bytes of
+/// its [`raw_target_field`], and that field removed; and how many bytes of
 /// `bytes` the original head took. None when `bytes` does not start with
 /// a whole head naming one.
 pub fn restore_target(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
     let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = &bytes[..end];
-    let marker = format!("\r\n{RAW_TARGET}:");
+    let marker = format!("\r\n{}:", raw_target_field());
     let at = head
         .windows(marker.len())
         .position(|w| w.eq_ignore_ascii_case(marker.as_bytes()))?;
@@ -276,6 +306,7 @@ impl<T: Peek + AsyncRead + Unpin> AsyncRead for Probed<T> {
                 // new request.
                 self.reused = true;
                 self.racing_since = None;
+                self.quiet_since = Instant::now();
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(err)) => Poll::Ready(Err(self.judge(err))),
@@ -371,7 +402,11 @@ mod tests {
 
     #[test]
     fn the_original_target_goes_back_into_the_request_line() {
-        let head = b"GET /app/s?q=%22a%22 HTTP/1.1\r\nhost: x\r\nx-thr-raw-target: /app/s?q=\"a\"\r\naccept: */*\r\n\r\nBODY";
+        let head = format!(
+            "GET /app/s?q=%22a%22 HTTP/1.1\r\nhost: x\r\n{}: /app/s?q=\"a\"\r\naccept: */*\r\n\r\nBODY",
+            raw_target_field()
+        );
+        let head = head.as_bytes();
         let (out, taken) = restore_target(head).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
@@ -379,5 +414,8 @@ mod tests {
         );
         assert_eq!(&head[taken..], b"BODY");
         assert!(restore_target(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").is_none());
+        // The base name alone (which a body or a client could write) is
+        // not the field.
+        assert!(restore_target(b"GET / HTTP/1.1\r\nx-thr-raw-target: /x\r\n\r\n").is_none());
     }
 }

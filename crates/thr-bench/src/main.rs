@@ -9,6 +9,8 @@
 //!
 //! - `overhead`: a backend with plenty of workers and no delay, so the
 //!   figures are the cost of the router itself;
+//! - `single`: the same backend and one connection sending one request at
+//!   a time: the latency thr adds to every request of an idle system;
 //! - `legacy`: a backend of 4 workers taking 20 ms each, the situation thr
 //!   is for; thr and HAProxy both hold the excess in a queue;
 //! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
@@ -17,6 +19,11 @@
 //! - `soak` (only when asked): `--soak-duration` (10 min) of mixed load while
 //!   a worker is killed with SIGKILL every minute and Redis is restarted
 //!   once; prints requests sent, answered, 5xx, lost and the daemons' memory.
+//!
+//! Beside thr's figures, each scenario prints what a request through thr
+//! costs: CPU µs of http2redis and of redis2http (from /proc), and Redis's
+//! CPU µs (`INFO cpu`) and µs in commands (`INFO commandstats`, wall clock:
+//! on a busy machine it includes time Redis waited for a core).
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 
@@ -43,8 +50,12 @@ struct Cli {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Scenarios to run: overhead, legacy, claim.
-    #[arg(long, value_delimiter = ',', default_value = "overhead,legacy,claim")]
+    /// Scenarios to run: overhead, single, legacy, claim (and soak).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "overhead,single,legacy,claim"
+    )]
     scenarios: Vec<String>,
     /// Length of the `soak` scenario (not in the default set).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -59,6 +70,8 @@ struct Scenario {
     workers: usize,
     delay: &'static str,
     max_inflight: usize,
+    /// Client connections, when not `--concurrency`.
+    connections: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +80,56 @@ struct Figures {
     p50: Duration,
     p99: Duration,
     errors: usize,
+    /// Requests answered, warm-up included (what the CPU figures divide).
+    answered: u64,
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    static TICKS: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    });
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): utime is the
+    // 12th, stime the 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
+        f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
+    });
+    ticks / *TICKS
+}
+
+/// Redis's time so far: µs spent in commands, and CPU seconds in all.
+fn redis_time(redis: &RedisServer) -> (f64, f64) {
+    let mut conn = redis.conn();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap_or_default();
+    let usec = stats
+        .lines()
+        .filter_map(|l| l.split("usec=").nth(1))
+        .filter_map(|v| v.split(',').next()?.parse::<f64>().ok())
+        .sum();
+    let cpu: String = redis::cmd("INFO")
+        .arg("cpu")
+        .query(&mut conn)
+        .unwrap_or_default();
+    let cpu = cpu
+        .lines()
+        .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+        .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+        .sum();
+    (usec, cpu)
 }
 
 async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
@@ -84,6 +147,7 @@ async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut errors = 0usize;
+                let mut answered = 0u64;
                 let mut n = 0u64;
                 loop {
                     let start = Instant::now();
@@ -99,6 +163,7 @@ async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
                         }
                         Err(_) => false,
                     };
+                    answered += u64::from(ok);
                     if start >= warm {
                         if ok {
                             latencies.push(start.elapsed());
@@ -107,16 +172,18 @@ async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
                         }
                     }
                 }
-                (latencies, errors)
+                (latencies, errors, answered)
             })
         })
         .collect();
     let mut all = Vec::new();
     let mut errors = 0;
+    let mut answered = 0;
     for t in tasks {
-        let (l, e) = t.await.expect("load task");
+        let (l, e, a) = t.await.expect("load task");
         all.extend(l);
         errors += e;
+        answered += a;
     }
     all.sort();
     let pct = |p: f64| {
@@ -129,6 +196,7 @@ async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
         p50: pct(0.50),
         p99: pct(0.99),
         errors,
+        answered,
     }
 }
 
@@ -182,12 +250,21 @@ async fn main() {
             workers: 256,
             delay: "0ms",
             max_inflight: 64,
+            connections: None,
+        },
+        Scenario {
+            name: "single",
+            workers: 256,
+            delay: "0ms",
+            max_inflight: 64,
+            connections: Some(1),
         },
         Scenario {
             name: "legacy",
             workers: 4,
             delay: "20ms",
             max_inflight: 4,
+            connections: None,
         },
     ];
     println!(
@@ -260,16 +337,35 @@ async fn main() {
             haproxy_url = Some(url);
         }
 
+        let connections = s.connections.unwrap_or(cli.concurrency);
         println!(
-            "\nscenario `{}`: backend {} workers, {} per request; thr max_inflight {}",
+            "\nscenario `{}`: backend {} workers, {} per request; thr max_inflight {}; {connections} connection(s)",
             s.name, s.workers, s.delay, s.max_inflight
         );
-        let direct = drive(&direct_url, cli.concurrency, cli.duration).await;
+        let direct = drive(&direct_url, connections, cli.duration).await;
         print_row("direct", &direct, &direct);
-        let through = drive(&thr_url, cli.concurrency, cli.duration).await;
+        let before = (
+            cpu_seconds(front.pid()),
+            cpu_seconds(worker.pid()),
+            redis_time(&redis),
+        );
+        let through = drive(&thr_url, connections, cli.duration).await;
+        let after = (
+            cpu_seconds(front.pid()),
+            cpu_seconds(worker.pid()),
+            redis_time(&redis),
+        );
         print_row("thr", &through, &direct);
+        let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
+        println!(
+            "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in commands, wall clock)",
+            per(after.0 - before.0),
+            per(after.1 - before.1),
+            per(after.2.1 - before.2.1),
+            per((after.2.0 - before.2.0) / 1e6),
+        );
         if let Some(url) = &haproxy_url {
-            let h = drive(url, cli.concurrency, cli.duration).await;
+            let h = drive(url, connections, cli.duration).await;
             print_row("haproxy", &h, &direct);
             println!(
                 "  thr / haproxy: x{:.2} rps, x{:.2} p50",

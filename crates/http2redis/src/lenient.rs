@@ -357,18 +357,11 @@ fn next_after_head(frame: &Framing) -> State {
 fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
     match chunk {
         Chunk::Size(line) => {
-            let (taken, done) = take_line(rest, line);
-            if line.len() > MAX_LINE {
-                return (taken, Some(State::Pipe));
-            }
-            if !done {
-                return (taken, None);
-            }
-            if !line.ends_with(b"\r\n") {
-                return (taken, Some(State::Pipe));
-            }
-            let text = std::mem::take(line);
-            let text = &text[..text.len() - 2];
+            let (taken, text) = match crlf_line(rest, line) {
+                Crlf::More(taken) => return (taken, None),
+                Crlf::Bad(taken) => return (taken, Some(State::Pipe)),
+                Crlf::Line(taken, text) => (taken, text),
+            };
             let hex = &text[..text.iter().position(|&b| b == b';').unwrap_or(text.len())];
             let size = std::str::from_utf8(hex)
                 .ok()
@@ -401,22 +394,35 @@ fn follow_chunk(chunk: &mut Chunk, rest: &[u8]) -> (usize, Option<State>) {
             }
             (1, None)
         }
-        Chunk::Trailers(line) => {
-            let (taken, done) = take_line(rest, line);
-            if line.len() > MAX_LINE {
-                return (taken, Some(State::Pipe));
-            }
-            if !done {
-                return (taken, None);
-            }
-            if !line.ends_with(b"\r\n") {
-                return (taken, Some(State::Pipe));
-            }
-            let empty = line.len() == 2;
-            line.clear();
-            (taken, empty.then(|| State::Line(Vec::new())))
-        }
+        Chunk::Trailers(line) => match crlf_line(rest, line) {
+            Crlf::More(taken) => (taken, None),
+            Crlf::Bad(taken) => (taken, Some(State::Pipe)),
+            Crlf::Line(taken, text) => (taken, text.is_empty().then(|| State::Line(Vec::new()))),
+        },
     }
+}
+
+/// A line of a chunked body, gathered across reads.
+enum Crlf {
+    /// Not complete yet; this many bytes were taken.
+    More(usize),
+    /// Too long, or ended by a bare LF.
+    Bad(usize),
+    /// Complete: bytes taken, and the line without its CRLF.
+    Line(usize, Vec<u8>),
+}
+
+fn crlf_line(rest: &[u8], line: &mut Vec<u8>) -> Crlf {
+    let (taken, done) = take_line(rest, line);
+    if line.len() > MAX_LINE || (done && !line.ends_with(b"\r\n")) {
+        return Crlf::Bad(taken);
+    }
+    if !done {
+        return Crlf::More(taken);
+    }
+    let mut text = std::mem::take(line);
+    text.truncate(text.len() - 2);
+    Crlf::Line(taken, text)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Lenient<T> {

@@ -72,6 +72,8 @@ scenarios![
     gauges_count_waiting_jobs_and_quota_waits,
     queues_are_independent,
     doorbell_rings_on_enqueue,
+    doorbell_rings_on_release_only_when_jobs_wait,
+    a_claim_stopped_by_a_rate_quota_leaves_a_ring,
     stream_head_then_pieces_in_order,
     stream_window_bounds_waiting_pieces,
     repeated_pushes_and_reads_are_idempotent,

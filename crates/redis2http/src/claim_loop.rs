@@ -71,6 +71,11 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
         match runner.broker.claim(&name, options).await {
             Ok(ClaimOutcome::Jobs(claimed)) => {
                 failures = 0;
+                // Fewer jobs than free slots: nothing more can start now
+                // (the queue is empty, or what waits is blocked), so the
+                // loop waits on the doorbell instead of claiming again at
+                // once. Whatever could unblock a job rings it.
+                let all_taken = claimed.len() >= permits.len();
                 for claimed in claimed {
                     let Some(permit) = permits.pop() else {
                         // A broker never starts more than asked; if one
@@ -82,22 +87,20 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     let lease = claimed.lease.clone();
                     runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
                 }
+                if !all_taken {
+                    drop(permits);
+                    if wait_for_doorbell(&name, &mut doorbell, POLL, &mut failures, &mut stop).await {
+                        break;
+                    }
+                }
             }
             Ok(ClaimOutcome::Idle { retry_in }) => {
                 failures = 0;
                 drop(permits);
                 // A rate quota frees up on its own schedule, without a doorbell.
                 let wait = retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL));
-                let rang = tokio::select! {
-                    rang = doorbell.wait(wait) => rang,
-                    _ = stop.changed() => break,
-                };
-                if let Err(err) = rang {
-                    failures += 1;
-                    tracing::warn!(queue = %name, %err, "waiting for work failed");
-                    if sleep_or_stop(backoff(failures), &mut stop).await {
-                        break;
-                    }
+                if wait_for_doorbell(&name, &mut doorbell, wait, &mut failures, &mut stop).await {
+                    break;
                 }
             }
             Err(err) => {
@@ -120,6 +123,26 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             }
         }
     }
+}
+
+/// Waits on the doorbell for at most `wait`; true when asked to stop.
+async fn wait_for_doorbell<D: Doorbell>(
+    queue: &str,
+    doorbell: &mut D,
+    wait: Duration,
+    failures: &mut u32,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let rang = tokio::select! {
+        rang = doorbell.wait(wait) => rang,
+        _ = stop.changed() => return true,
+    };
+    if let Err(err) = rang {
+        *failures += 1;
+        tracing::warn!(%queue, %err, "waiting for work failed");
+        return sleep_or_stop(backoff(*failures), stop).await;
+    }
+    false
 }
 
 /// A stopping loop whose last claim went unanswered asks once more and

@@ -187,6 +187,13 @@ for _ = 1, max_jobs do
 end
 if #out > 2 then
   redis.call('PEXPIRE', K_claim, int(lease))
+  -- A worker given fewer jobs than it asked for waits on the doorbell
+  -- instead of asking again at once. Releases and enqueues ring it; a rate
+  -- quota frees up on its own, so a token is left for that: the next
+  -- claim learns when to look again.
+  if hint >= 0 then
+    ring(K_wake)
+  end
   return out
 end
 return {gen, 'idle', why, math.floor(hint)}

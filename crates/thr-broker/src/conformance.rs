@@ -125,6 +125,8 @@ scenarios![
     gauges_count_waiting_jobs_and_quota_waits,
     queues_are_independent,
     doorbell_rings_on_enqueue,
+    doorbell_rings_on_release_only_when_jobs_wait,
+    a_claim_stopped_by_a_rate_quota_leaves_a_ring,
     stream_head_then_pieces_in_order,
     stream_window_bounds_waiting_pieces,
     repeated_pushes_and_reads_are_idempotent,
@@ -1417,6 +1419,67 @@ pub async fn doorbell_rings_on_enqueue<B: Broker>(b: &B) {
         "a job was enqueued"
     );
     take_one(b, "bell").await;
+}
+
+/// Takes every doorbell token there is; true when there was one.
+async fn drain_doorbell<D: Doorbell>(bell: &mut D) -> bool {
+    let mut any = false;
+    while bell
+        .wait(Duration::from_millis(100))
+        .await
+        .expect("doorbell")
+    {
+        any = true;
+    }
+    any
+}
+
+/// A finished job rings the doorbell when jobs wait (its quota slot may
+/// let one run), and not when none does: an idle worker is not woken for
+/// nothing.
+pub async fn doorbell_rings_on_release_only_when_jobs_wait<B: Broker>(b: &B) {
+    let one = flow_of(vec![QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    }]);
+    let mut bell = b.doorbell(QUEUE);
+    queued(b, job("a1", 50, &one)).await;
+    queued(b, job("a2", 50, &one)).await;
+    let a1 = take_one(b, "a1").await;
+    drain_doorbell(&mut bell).await;
+    assert_eq!(reply(b, &a1.lease).await, Delivery::Delivered);
+    assert!(
+        drain_doorbell(&mut bell).await,
+        "a2 waits for a1's slot: the release rings"
+    );
+    let a2 = take_one(b, "a2").await;
+    drain_doorbell(&mut bell).await;
+    assert_eq!(reply(b, &a2.lease).await, Delivery::Delivered);
+    assert!(
+        !drain_doorbell(&mut bell).await,
+        "nothing waits: the release does not ring"
+    );
+}
+
+/// A claim that started jobs and then met a rate quota leaves a doorbell
+/// token, so that a worker asks again and learns when the rate allows
+/// (a worker given fewer jobs than it asked for waits on the doorbell).
+pub async fn a_claim_stopped_by_a_rate_quota_leaves_a_ring<B: Broker>(b: &B) {
+    let rated = flow_of(vec![QuotaKey {
+        interval_ms: 60_000.0,
+        burst: 1,
+        ..tenant("r")
+    }]);
+    let mut bell = b.doorbell(QUEUE);
+    queued(b, job("r1", 50, &rated)).await;
+    queued(b, job("r2", 50, &rated)).await;
+    drain_doorbell(&mut bell).await;
+    assert_eq!(ids(&take(b, 2, LONG).await), ["r1"], "a burst of one");
+    assert!(
+        drain_doorbell(&mut bell).await,
+        "r2 waits for the rate: the claim leaves a ring"
+    );
+    assert!(idle(b, "r2 waits for the rate").await.is_some());
 }
 
 // ---- streamed bodies ------------------------------------------------------------

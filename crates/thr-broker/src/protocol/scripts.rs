@@ -329,6 +329,7 @@ impl Scripts {
             .key(&ks.generation)
             .key(&ks.held)
             .key(&ks.holders)
+            .key(&q.flows)
             .arg(a.id)
             .arg(a.token)
             .arg(a.frame)

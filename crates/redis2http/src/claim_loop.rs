@@ -89,7 +89,8 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 }
                 if !all_taken {
                     drop(permits);
-                    if wait_for_doorbell(&name, &mut doorbell, POLL, &mut failures, &mut stop).await {
+                    if wait_for_doorbell(&name, &mut doorbell, POLL, &mut failures, &mut stop).await
+                    {
                         break;
                     }
                 }

@@ -99,6 +99,7 @@ scenarios![
     quota_keys_are_shared_across_flows_and_queues,
     rate_quota_allows_a_burst_then_says_when,
     queue_max_waiting_refuses,
+    concurrent_enqueues_respect_max_waiting,
     quota_max_waiting_refuses,
     max_inflight_total_caps_running_jobs,
     withdraw_waiting_job,
@@ -109,6 +110,7 @@ scenarios![
     repeated_claim_token_returns_the_same_jobs,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
+    concurrent_replies_are_each_delivered_once,
     reply_after_reap_is_lost,
     hand_back_then_reap,
     lease_handed_back_is_no_longer_the_jobs,
@@ -664,6 +666,44 @@ pub async fn queue_max_waiting_refuses<B: Broker>(b: &B) {
     );
 }
 
+/// Jobs enqueued at the same moment (a broker may admit them in one call)
+/// are judged one after the other: a full queue refuses exactly those
+/// beyond its maximum, and a job sent twice at once is queued once.
+pub async fn concurrent_enqueues_respect_max_waiting<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+    names.push("c0".to_string());
+    let admissions = futures_util::future::join_all(names.iter().map(|id| {
+        enqueue(
+            b,
+            NewJob {
+                max_waiting: Some(4),
+                ..job(id, 50, &free)
+            },
+        )
+    }))
+    .await;
+    let queued = admissions
+        .iter()
+        .filter(|a| matches!(a, Admission::Queued))
+        .count();
+    let refused = admissions
+        .iter()
+        .filter(|a| matches!(a, Admission::Refused { .. }))
+        .count();
+    assert!(
+        (4..=5).contains(&queued) && queued + refused == names.len(),
+        "4 jobs fit (c0's second copy may say queued too): {admissions:?}"
+    );
+    let started = take(b, 16, LONG).await;
+    assert_eq!(
+        started.len(),
+        4,
+        "4 jobs wait, each once: {:?}",
+        ids(&started)
+    );
+}
+
 /// A quota key's `max_waiting` refuses a job when that many of its jobs
 /// wait, naming the key; other keys are not affected.
 pub async fn quota_max_waiting_refuses<B: Broker>(b: &B) {
@@ -902,6 +942,34 @@ pub async fn reply_is_delivered_once<B: Broker>(b: &B) {
     assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
     assert_eq!(states(b, &["d1"]).await, [JobState::Settled]);
     assert_eq!(enqueue(b, job("d1", 50, &free)).await, Admission::Settled);
+}
+
+/// Jobs answered at the same moment (a broker may settle them in one
+/// call), some twice at once: the front gets each reply exactly once.
+pub async fn concurrent_replies_are_each_delivered_once<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut front = b.replies(FRONT);
+    for i in 0..8 {
+        queued(b, job(&format!("r{i}"), 50, &free)).await;
+    }
+    let running = take(b, 8, LONG).await;
+    assert_eq!(running.len(), 8);
+    let deliveries = futures_util::future::join_all(
+        running
+            .iter()
+            .chain(running.iter().take(3))
+            .map(|c| reply(b, &c.lease)),
+    )
+    .await;
+    assert!(
+        deliveries.iter().all(|d| *d == Delivery::Delivered),
+        "a repeated reply reports delivered too: {deliveries:?}"
+    );
+    let mut got = front_messages(&mut front, 8).await;
+    got.sort();
+    let want: Vec<String> = (0..8).map(|i| format!("reply r{i} 200")).collect();
+    assert_eq!(got, want, "each reply once");
+    assert_eq!(front_messages(&mut front, 0).await, Vec::<String>::new());
 }
 
 /// Once a job was reaped, its old lease can neither reply (LeaseLost,

@@ -54,6 +54,22 @@ impl BrokerError {
         matches!(self, BrokerError::Timeout { .. })
     }
 
+    /// The same error again, for each caller of a call made for many (the
+    /// same kind and text; the library's error object stays with the first).
+    pub fn share(&self) -> BrokerError {
+        match self {
+            BrokerError::Unreachable { source } => BrokerError::Unreachable {
+                source: source.to_string().into(),
+            },
+            BrokerError::Timeout { what, .. } => BrokerError::Timeout {
+                what: what.clone(),
+                source: None,
+            },
+            BrokerError::Failed { source } => BrokerError::failed(source.to_string()),
+            BrokerError::Protocol(text) => BrokerError::Protocol(text.clone()),
+        }
+    }
+
     /// A failure described by text (for brokers without a source error).
     pub fn failed(text: impl Into<String>) -> BrokerError {
         BrokerError::Failed {

@@ -31,10 +31,16 @@ local function member_parts(member)
   return tonumber(score), id
 end
 
--- Rings the doorbell: one token per job wakes one idle worker; a handful
--- is enough to wake them all.
-local function ring(wake)
-  if redis.call('RPUSH', wake, 1) > 64 then
+-- Rings the doorbell `count` times (default once): one token per job
+-- wakes one idle worker; a handful is enough to wake them all. Trimmed back
+-- to 64 once past 128, so that a busy queue pays the trim once per 64
+-- rings, not on every one.
+local function ring(wake, count)
+  local tokens = {}
+  for i = 1, math.min(count or 1, 64) do
+    tokens[i] = 1
+  end
+  if redis.call('RPUSH', wake, unpack(tokens)) > 128 then
     redis.call('LTRIM', wake, 0, 63)
   end
 end

@@ -120,18 +120,18 @@ fn ms(d: Duration) -> u64 {
     d.as_millis().min(u64::MAX as u128) as u64
 }
 
-/// Arguments of `enqueue`.
-pub(crate) struct Enqueue<'a> {
-    pub id: &'a str,
+/// One job of an `enqueue` call (a call admits many: see `redis::batch`).
+pub(crate) struct Enqueue {
+    pub id: String,
     pub priority: u8,
-    pub frame: &'a [u8],
+    pub frame: bytes::Bytes,
     pub timeout: Duration,
-    pub flow: &'a str,
-    pub flow_def: &'a str,
+    pub flow: String,
+    pub flow_def: String,
     pub max_waiting: u32,
     pub aging_step_ms: u64,
-    pub front: &'a str,
-    pub method: &'a str,
+    pub front: String,
+    pub method: String,
     /// Moves dead letter `id` back instead (atomic retry).
     pub from_dead: bool,
 }
@@ -154,7 +154,7 @@ impl Scripts {
         &self,
         ks: &Keyspace,
         q: &QueueKeys,
-        a: &Enqueue<'_>,
+        jobs: &[Enqueue],
     ) -> ScriptInvocation<'_> {
         let mut s = self.enqueue.prepare_invoke();
         waiting_keys(&mut s, q);
@@ -162,21 +162,23 @@ impl Scripts {
             .key(&q.wake)
             .key(&q.drained)
             .key(&ks.quota_waiting)
-            .key(q.settled(a.id))
             .key(&q.dead)
             .key(&q.dead_reasons)
-            .key(&ks.quota_waiting_limits)
-            .arg(a.id)
-            .arg(a.priority)
-            .arg(a.frame)
-            .arg(ms(a.timeout))
-            .arg(a.flow)
-            .arg(a.flow_def)
-            .arg(a.max_waiting)
-            .arg(a.aging_step_ms)
-            .arg(a.front)
-            .arg(a.method)
-            .arg(if a.from_dead { "1" } else { "" });
+            .key(&ks.quota_waiting_limits);
+        for a in jobs {
+            s.key(q.settled(&a.id))
+                .arg(&a.id)
+                .arg(a.priority)
+                .arg(a.frame.as_ref())
+                .arg(ms(a.timeout))
+                .arg(&a.flow)
+                .arg(&a.flow_def)
+                .arg(a.max_waiting)
+                .arg(a.aging_step_ms)
+                .arg(&a.front)
+                .arg(&a.method)
+                .arg(if a.from_dead { "1" } else { "" });
+        }
         s
     }
 
@@ -297,17 +299,15 @@ impl Scripts {
     }
 }
 
-/// Arguments of `release`.
-pub(crate) struct Release<'a> {
-    pub id: &'a str,
-    pub token: &'a str,
-    pub front: &'a str,
-    pub frame: &'a [u8],
-    pub reply_ttl: Duration,
+/// One job of a `release` call (a call settles many: see `redis::batch`).
+pub(crate) struct Release {
+    pub id: String,
+    pub token: String,
+    pub front: String,
+    pub frame: bytes::Bytes,
     pub backend_ms: u64,
-    pub samples: usize,
-    pub generation: &'a str,
-    pub holds: &'a [String],
+    pub generation: String,
+    pub holds: Vec<String>,
 }
 
 impl Scripts {
@@ -315,7 +315,9 @@ impl Scripts {
         &self,
         ks: &Keyspace,
         q: &QueueKeys,
-        a: &Release<'_>,
+        reply_ttl: Duration,
+        samples: usize,
+        jobs: &[Release],
     ) -> ScriptInvocation<'_> {
         let mut s = self.release.prepare_invoke();
         s.key(&q.leases)
@@ -323,22 +325,25 @@ impl Scripts {
             .key(&q.jobs)
             .key(&q.info)
             .key(&q.wake)
-            .key(ks.replies(a.front))
             .key(&q.latency)
-            .key(q.settled(a.id))
             .key(&ks.generation)
             .key(&ks.held)
             .key(&ks.holders)
             .key(&q.flows)
-            .arg(a.id)
-            .arg(a.token)
-            .arg(a.frame)
-            .arg(a.reply_ttl.as_secs())
-            .arg(a.backend_ms)
-            .arg(a.samples)
-            .arg(a.generation);
-        for h in a.holds {
-            s.arg(h);
+            .arg(reply_ttl.as_secs())
+            .arg(samples);
+        for job in jobs {
+            s.key(ks.replies(&job.front))
+                .key(q.settled(&job.id))
+                .arg(&job.id)
+                .arg(&job.token)
+                .arg(job.frame.as_ref())
+                .arg(job.backend_ms)
+                .arg(&job.generation)
+                .arg(job.holds.len());
+            for h in &job.holds {
+                s.arg(h);
+            }
         }
         s
     }
@@ -547,7 +552,15 @@ fn bytes(value: Value) -> Vec<u8> {
     }
 }
 
-pub(crate) fn parse_enqueued(value: Value) -> Result<Enqueued, BrokerError> {
+/// One outcome per job of an `enqueue` call.
+pub(crate) fn parse_enqueue(value: Value) -> Result<Vec<Enqueued>, BrokerError> {
+    items(value, "enqueue")?
+        .into_iter()
+        .map(parse_enqueued)
+        .collect()
+}
+
+fn parse_enqueued(value: Value) -> Result<Enqueued, BrokerError> {
     let items = items(value, "enqueue")?;
     match items.first().and_then(string).as_deref() {
         Some("queued") => Ok(Enqueued::Queued),
@@ -564,6 +577,18 @@ pub(crate) fn parse_enqueued(value: Value) -> Result<Enqueued, BrokerError> {
         }),
         _ => Err(BrokerError::Protocol(format!("enqueue: {items:?}"))),
     }
+}
+
+/// One outcome per job of a `release` call.
+pub(crate) fn parse_release(value: Value) -> Result<Vec<crate::Delivery>, BrokerError> {
+    items(value, "release")?
+        .iter()
+        .map(|v| match string(v).as_deref() {
+            Some("delivered" | "again") => Ok(crate::Delivery::Delivered),
+            Some("lost") => Ok(crate::Delivery::LeaseLost),
+            _ => Err(BrokerError::Protocol(format!("release: {v:?}"))),
+        })
+        .collect()
 }
 
 pub(crate) fn parse_claim(value: Value) -> Result<ClaimAnswer, BrokerError> {

@@ -13,6 +13,7 @@
 //! is reported as [`BrokerError::Timeout`] (it may still run) and every
 //! script is safe to call again (ARCHITECTURE.md decision 13).
 
+mod batch;
 mod blocking;
 pub mod inspect;
 
@@ -34,6 +35,7 @@ use crate::{
     FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Pushed, Reaped, RetryPolicy,
     STREAM_TTL, Withdrawal,
 };
+use batch::{Batcher, Limits};
 pub use blocking::{RedisDoorbell, RedisReplies};
 
 /// Most flows one claim call looks at, however many jobs it starts and
@@ -74,6 +76,9 @@ pub struct RedisBroker {
     keyspace: Arc<Keyspace>,
     /// Queue key sets, built once per queue.
     queues: Arc<Mutex<HashMap<String, Arc<QueueKeys>>>>,
+    /// Per queue, the tasks that batch its enqueues and releases (see
+    /// [`batch`]).
+    batchers: Arc<Mutex<HashMap<String, Arc<QueueBatchers>>>>,
     /// Per queue, where the reaper's walk over running jobs stands: each
     /// reap looks at one page, so a reap costs the same however many run.
     reap_cursors: Arc<Mutex<HashMap<String, String>>>,
@@ -166,6 +171,7 @@ impl RedisBroker {
             scripts: Scripts::get(),
             keyspace: Arc::new(Keyspace::new(namespace)),
             queues: Arc::default(),
+            batchers: Arc::default(),
             reap_cursors: Arc::default(),
             display_url,
         })
@@ -220,16 +226,26 @@ impl RedisBroker {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.command_timeout, f(conn)).await {
-            Ok(result) => result.map_err(BrokerError::from),
-            Err(_) => Err(BrokerError::Timeout {
-                what: format!(
-                    "{} did not answer within {:?}",
-                    self.display_url, self.command_timeout
-                ),
-                source: None,
-            }),
+        bounded(self.command_timeout, &self.display_url, f(conn)).await
+    }
+
+    /// The batching tasks of `queue`, started on first use.
+    fn batchers(&self, queue: &str) -> Arc<QueueBatchers> {
+        let mut all = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = all.get(queue) {
+            return b.clone();
         }
+        let b = Arc::new(QueueBatchers::start(self, self.queue_keys(queue)));
+        all.insert(queue.to_string(), b.clone());
+        b
+    }
+
+    /// What a caller that gave up waiting is told.
+    fn no_answer(&self) -> String {
+        format!(
+            "{} did not answer within {:?}",
+            self.display_url, self.command_timeout
+        )
     }
 
     /// Runs a prepared script on the body-traffic connection.
@@ -311,26 +327,100 @@ impl RedisBroker {
     ) -> Result<bool, BrokerError> {
         let q = self.queue_keys(queue);
         let flow = FlowDef::decode(&job.flow_def);
+        let jobs = [s::Enqueue {
+            id: id.to_string(),
+            priority: job.priority,
+            frame: Bytes::copy_from_slice(frame),
+            timeout,
+            flow: flow.id(),
+            flow_def: job.flow_def.clone(),
+            max_waiting: 0,
+            aging_step_ms: 0,
+            front: String::new(),
+            method: job.method.clone(),
+            from_dead: true,
+        }];
         let answer = self
-            .invoke(self.scripts.enqueue(
-                &self.keyspace,
-                &q,
-                &s::Enqueue {
-                    id,
-                    priority: job.priority,
-                    frame,
-                    timeout,
-                    flow: &flow.id(),
-                    flow_def: &job.flow_def,
-                    max_waiting: 0,
-                    aging_step_ms: 0,
-                    front: "",
-                    method: &job.method,
-                    from_dead: true,
-                },
-            ))
+            .invoke(self.scripts.enqueue(&self.keyspace, &q, &jobs))
             .await?;
-        Ok(!matches!(s::parse_enqueued(answer)?, s::Enqueued::Gone))
+        let outcome = s::parse_enqueue(answer)?.pop();
+        Ok(!matches!(outcome, Some(s::Enqueued::Gone)))
+    }
+}
+
+/// `call`, bounded by `timeout`: past it, the outcome is unknown.
+async fn bounded<T>(
+    timeout: Duration,
+    url: &str,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result.map_err(BrokerError::from),
+        Err(_) => Err(BrokerError::Timeout {
+            what: format!("{url} did not answer within {timeout:?}"),
+            source: None,
+        }),
+    }
+}
+
+/// Most jobs one release call settles.
+const RELEASE_BATCH: usize = 64;
+/// Most reply bytes one release call carries (beyond its first reply).
+const RELEASE_BYTES: usize = 1 << 20;
+
+/// Most jobs one enqueue call admits.
+const ENQUEUE_BATCH: usize = 64;
+/// Most request bytes one enqueue call carries (beyond its first job).
+const ENQUEUE_BYTES: usize = 1 << 20;
+
+/// The batching tasks of one queue.
+struct QueueBatchers {
+    enqueue: Batcher<s::Enqueue, s::Enqueued>,
+    release: Batcher<s::Release, Delivery>,
+}
+
+impl QueueBatchers {
+    fn start(broker: &RedisBroker, q: Arc<QueueKeys>) -> QueueBatchers {
+        let (conn, scripts, ks) = (
+            broker.manager.clone(),
+            broker.scripts,
+            broker.keyspace.clone(),
+        );
+        let (timeout, url) = (broker.command_timeout, broker.display_url.clone());
+        let enqueue = Batcher::start(
+            Limits {
+                items: ENQUEUE_BATCH,
+                bytes: ENQUEUE_BYTES,
+                size: |e: &s::Enqueue| e.frame.len(),
+            },
+            {
+                let (conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                move |jobs: Vec<s::Enqueue>| {
+                    let (mut conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                    async move {
+                        let call = scripts.enqueue(&ks, &q, &jobs);
+                        let answer = bounded(timeout, &url, call.invoke_async(&mut conn)).await?;
+                        s::parse_enqueue(answer)
+                    }
+                }
+            },
+        );
+        let release = Batcher::start(
+            Limits {
+                items: RELEASE_BATCH,
+                bytes: RELEASE_BYTES,
+                size: |r: &s::Release| r.frame.len(),
+            },
+            move |jobs: Vec<s::Release>| {
+                let (mut conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                async move {
+                    let call = scripts.release(&ks, &q, REPLY_TTL, LATENCY_SAMPLES, &jobs);
+                    let answer = bounded(timeout, &url, call.invoke_async(&mut conn)).await?;
+                    s::parse_release(answer)
+                }
+            },
+        );
+        QueueBatchers { enqueue, release }
     }
 }
 
@@ -339,32 +429,27 @@ impl Broker for RedisBroker {
     type Replies = RedisReplies;
 
     async fn enqueue(&self, job: NewJob<'_>) -> Result<Admission, BrokerError> {
-        let q = self.queue_keys(job.queue);
-        let flow_def = FlowDef::encode(job.flow);
-        let answer = self
-            .invoke(
-                self.scripts.enqueue(
-                    &self.keyspace,
-                    &q,
-                    &s::Enqueue {
-                        id: job.id,
-                        priority: job
-                            .priority
-                            .clamp(thr_core::priority::HIGHEST, thr_core::priority::LOWEST),
-                        frame: &job.frame,
-                        timeout: job.timeout,
-                        flow: &job.flow.id(),
-                        flow_def: &flow_def,
-                        max_waiting: job.max_waiting.unwrap_or(0),
-                        aging_step_ms: aging_step_ms(job.max_wait_boost),
-                        front: job.front,
-                        method: job.method,
-                        from_dead: false,
-                    },
-                ),
-            )
+        let item = s::Enqueue {
+            id: job.id.to_string(),
+            priority: job
+                .priority
+                .clamp(thr_core::priority::HIGHEST, thr_core::priority::LOWEST),
+            frame: job.frame.clone(),
+            timeout: job.timeout,
+            flow: job.flow.id(),
+            flow_def: FlowDef::encode(job.flow),
+            max_waiting: job.max_waiting.unwrap_or(0),
+            aging_step_ms: aging_step_ms(job.max_wait_boost),
+            front: job.front.to_string(),
+            method: job.method.to_string(),
+            from_dead: false,
+        };
+        let outcome = self
+            .batchers(job.queue)
+            .enqueue
+            .call(item, self.command_timeout, || self.no_answer())
             .await?;
-        Ok(match s::parse_enqueued(answer)? {
+        Ok(match outcome {
             s::Enqueued::Queued => Admission::Queued,
             s::Enqueued::Settled | s::Enqueued::Gone => Admission::Settled,
             s::Enqueued::Refused {
@@ -495,29 +580,19 @@ impl Broker for RedisBroker {
         frame: Bytes,
         backend_ms: u64,
     ) -> Result<Delivery, BrokerError> {
-        let q = self.queue_keys(&lease.queue);
-        let answer = self
-            .invoke(self.scripts.release(
-                &self.keyspace,
-                &q,
-                &s::Release {
-                    id: &lease.id,
-                    token: &lease.token,
-                    front: &lease.front,
-                    frame: &frame,
-                    reply_ttl: REPLY_TTL,
-                    backend_ms,
-                    samples: LATENCY_SAMPLES,
-                    generation: &lease.generation,
-                    holds: &lease.holds,
-                },
-            ))
-            .await?;
-        match s::string(&answer).as_deref() {
-            Some("delivered" | "again") => Ok(Delivery::Delivered),
-            Some("lost") => Ok(Delivery::LeaseLost),
-            _ => Err(BrokerError::Protocol(format!("release: {answer:?}"))),
-        }
+        let job = s::Release {
+            id: lease.id.clone(),
+            token: lease.token.clone(),
+            front: lease.front.clone(),
+            frame,
+            backend_ms,
+            generation: lease.generation.clone(),
+            holds: lease.holds.clone(),
+        };
+        self.batchers(&lease.queue)
+            .release
+            .call(job, self.command_timeout, || self.no_answer())
+            .await
     }
 
     async fn stream_head(&self, lease: &Lease, frame: Bytes) -> Result<Delivery, BrokerError> {

@@ -364,12 +364,12 @@ async fn bounded<T>(
 }
 
 /// Most jobs one release call settles.
-const RELEASE_BATCH: usize = 64;
+const RELEASE_BATCH: usize = 16;
 /// Most reply bytes one release call carries (beyond its first reply).
 const RELEASE_BYTES: usize = 1 << 20;
 
 /// Most jobs one enqueue call admits.
-const ENQUEUE_BATCH: usize = 64;
+const ENQUEUE_BATCH: usize = 16;
 /// Most request bytes one enqueue call carries (beyond its first job).
 const ENQUEUE_BYTES: usize = 1 << 20;
 

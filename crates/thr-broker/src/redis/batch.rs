@@ -1,10 +1,10 @@
 //! Natural batching: calls of one kind (releases, enqueues) to one queue
-//! go through a task that sends them as one script call. When nothing is
-//! in flight a call goes at once, alone; while a call is in flight, what
-//! arrives meanwhile is gathered and goes as the next call. So a quiet
-//! system pays no added latency, and a busy one pays Redis's fixed cost
-//! per script call (and per shared command inside it) once per batch
-//! instead of once per job.
+//! go through a task that sends them as one script call. While a slot is
+//! free a call goes at once, alone; while every slot (a few calls in
+//! flight) is taken, what arrives meanwhile is gathered and goes as the
+//! next call. So a quiet system pays no added latency, and a busy one pays
+//! Redis's fixed cost per script call (and per shared command inside it)
+//! once per batch instead of once per job.
 //!
 //! Each caller still waits at most the command timeout: one that gives up
 //! gets [`BrokerError::Timeout`] (its item may still go out in a later
@@ -14,7 +14,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::BrokerError;
 
@@ -29,6 +31,8 @@ pub(crate) struct Limits<T> {
     pub bytes: usize,
     /// An item's size in bytes.
     pub size: fn(&T) -> usize,
+    /// Most calls out at once.
+    pub in_flight: usize,
 }
 
 /// Sends items of type `T` in batches, answering each with an `R`.
@@ -42,17 +46,17 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// order, or one error for the whole call. A call carries at most
     /// `limits.items` items and at most `limits.bytes` (by `size`) in all,
     /// its first item whatever its size: big payloads never make one long
-    /// call.
+    /// call. At most `limits.in_flight` calls are out at once; what
+    /// arrives meanwhile waits for the next free one, gathered.
     pub(crate) fn start<F, Fut>(limits: Limits<T>, mut send: F) -> Batcher<T, R>
     where
         F: FnMut(Vec<T>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Vec<R>, BrokerError>> + Send,
+        Fut: Future<Output = Result<Vec<R>, BrokerError>> + Send + 'static,
     {
         let (tx, mut rx) = mpsc::unbounded_channel::<(T, Answer<R>)>();
         let max = limits.items.max(1);
+        let slots = Arc::new(Semaphore::new(limits.in_flight.max(1)));
         tokio::spawn(async move {
-            let mut items = Vec::with_capacity(max);
-            let mut answers = Vec::with_capacity(max);
             // An item that did not fit in the previous batch.
             let mut held: Option<(T, Answer<R>)> = None;
             loop {
@@ -62,6 +66,13 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                 }) else {
                     break;
                 };
+                // Items arriving while every slot is taken are gathered
+                // into this batch.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut items = Vec::with_capacity(max);
+                let mut answers = Vec::with_capacity(max);
                 let mut bytes = (limits.size)(&item);
                 items.push(item);
                 answers.push(answer);
@@ -77,28 +88,33 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
                     items.push(item);
                     answers.push(answer);
                 }
-                let count = items.len();
-                match send(std::mem::replace(&mut items, Vec::with_capacity(max))).await {
-                    Ok(results) if results.len() == count => {
-                        for (answer, result) in answers.drain(..).zip(results) {
-                            let _ = answer.send(Ok(result));
+                let call = send(items);
+                tokio::spawn(async move {
+                    let count = answers.len();
+                    let outcome = call.await;
+                    drop(slot);
+                    match outcome {
+                        Ok(results) if results.len() == count => {
+                            for (answer, result) in answers.into_iter().zip(results) {
+                                let _ = answer.send(Ok(result));
+                            }
+                        }
+                        Ok(results) => {
+                            let err = BrokerError::Protocol(format!(
+                                "{} answers to a batch of {count}",
+                                results.len()
+                            ));
+                            for answer in answers {
+                                let _ = answer.send(Err(err.share()));
+                            }
+                        }
+                        Err(err) => {
+                            for answer in answers {
+                                let _ = answer.send(Err(err.share()));
+                            }
                         }
                     }
-                    Ok(results) => {
-                        let err = BrokerError::Protocol(format!(
-                            "{} answers to a batch of {count}",
-                            results.len()
-                        ));
-                        for answer in answers.drain(..) {
-                            let _ = answer.send(Err(err.share()));
-                        }
-                    }
-                    Err(err) => {
-                        for answer in answers.drain(..) {
-                            let _ = answer.send(Err(err.share()));
-                        }
-                    }
-                }
+                });
             }
         });
         Batcher { tx }
@@ -134,13 +150,13 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const LIMITS: Limits<u32> = Limits {
         items: 8,
         bytes: 1 << 20,
         size: |_| 4,
+        in_flight: 1,
     };
 
     #[tokio::test]

@@ -363,6 +363,10 @@ async fn bounded<T>(
     }
 }
 
+/// Most calls of one kind and queue out at once: a burst is admitted at
+/// several calls per round trip, not one.
+const BATCHES_IN_FLIGHT: usize = 4;
+
 /// Most jobs one release call settles.
 const RELEASE_BATCH: usize = 16;
 /// Most reply bytes one release call carries (beyond its first reply).
@@ -392,6 +396,7 @@ impl QueueBatchers {
                 items: ENQUEUE_BATCH,
                 bytes: ENQUEUE_BYTES,
                 size: |e: &s::Enqueue| e.frame.len(),
+                in_flight: BATCHES_IN_FLIGHT,
             },
             {
                 let (conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
@@ -410,6 +415,7 @@ impl QueueBatchers {
                 items: RELEASE_BATCH,
                 bytes: RELEASE_BYTES,
                 size: |r: &s::Release| r.frame.len(),
+                in_flight: BATCHES_IN_FLIGHT,
             },
             move |jobs: Vec<s::Release>| {
                 let (mut conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());

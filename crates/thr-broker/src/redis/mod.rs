@@ -368,15 +368,37 @@ async fn bounded<T>(
 /// throughput fell by a third in `thr-bench`).
 const BATCHES_IN_FLIGHT: usize = 2;
 
-/// Most jobs one release call settles.
-const RELEASE_BATCH: usize = 16;
-/// Most reply bytes one release call carries (beyond its first reply).
-const RELEASE_BYTES: usize = 1 << 20;
+/// Most jobs one batched call carries.
+const BATCH_JOBS: usize = 16;
+/// Most payload bytes one batched call carries (beyond its first job).
+const BATCH_BYTES: usize = 1 << 20;
 
-/// Most jobs one enqueue call admits.
-const ENQUEUE_BATCH: usize = 16;
-/// Most request bytes one enqueue call carries (beyond its first job).
-const ENQUEUE_BYTES: usize = 1 << 20;
+/// What a batching task needs to run its script: the shared connection
+/// and one queue's keys.
+#[derive(Clone)]
+struct QueueCalls {
+    conn: ConnectionManager,
+    scripts: &'static Scripts,
+    keyspace: Arc<Keyspace>,
+    queue: Arc<QueueKeys>,
+    timeout: Duration,
+    url: String,
+}
+
+impl QueueCalls {
+    /// Runs the script `prepare` makes, bounded by the command timeout.
+    async fn invoke(
+        mut self,
+        prepare: impl FnOnce(
+            &'static Scripts,
+            &Keyspace,
+            &QueueKeys,
+        ) -> redis::ScriptInvocation<'static>,
+    ) -> Result<redis::Value, BrokerError> {
+        let call = prepare(self.scripts, &self.keyspace, &self.queue);
+        bounded(self.timeout, &self.url, call.invoke_async(&mut self.conn)).await
+    }
+}
 
 /// The batching tasks of one queue.
 struct QueueBatchers {
@@ -385,45 +407,49 @@ struct QueueBatchers {
 }
 
 impl QueueBatchers {
-    fn start(broker: &RedisBroker, q: Arc<QueueKeys>) -> QueueBatchers {
-        let (conn, scripts, ks) = (
-            broker.manager.clone(),
-            broker.scripts,
-            broker.keyspace.clone(),
-        );
-        let (timeout, url) = (broker.command_timeout, broker.display_url.clone());
+    fn start(broker: &RedisBroker, queue: Arc<QueueKeys>) -> QueueBatchers {
+        let calls = QueueCalls {
+            conn: broker.manager.clone(),
+            scripts: broker.scripts,
+            keyspace: broker.keyspace.clone(),
+            queue,
+            timeout: broker.command_timeout,
+            url: broker.display_url.clone(),
+        };
         let enqueue = Batcher::start(
             Limits {
-                items: ENQUEUE_BATCH,
-                bytes: ENQUEUE_BYTES,
+                items: BATCH_JOBS,
+                bytes: BATCH_BYTES,
                 size: |e: &s::Enqueue| e.frame.len(),
                 in_flight: BATCHES_IN_FLIGHT,
             },
             {
-                let (conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                let calls = calls.clone();
                 move |jobs: Vec<s::Enqueue>| {
-                    let (mut conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                    let calls = calls.clone();
                     async move {
-                        let call = scripts.enqueue(&ks, &q, &jobs);
-                        let answer = bounded(timeout, &url, call.invoke_async(&mut conn)).await?;
-                        s::parse_enqueue(answer)
+                        s::parse_enqueue(calls.invoke(|sc, ks, q| sc.enqueue(ks, q, &jobs)).await?)
                     }
                 }
             },
         );
         let release = Batcher::start(
             Limits {
-                items: RELEASE_BATCH,
-                bytes: RELEASE_BYTES,
+                items: BATCH_JOBS,
+                bytes: BATCH_BYTES,
                 size: |r: &s::Release| r.frame.len(),
                 in_flight: BATCHES_IN_FLIGHT,
             },
             move |jobs: Vec<s::Release>| {
-                let (mut conn, ks, q, url) = (conn.clone(), ks.clone(), q.clone(), url.clone());
+                let calls = calls.clone();
                 async move {
-                    let call = scripts.release(&ks, &q, REPLY_TTL, LATENCY_SAMPLES, &jobs);
-                    let answer = bounded(timeout, &url, call.invoke_async(&mut conn)).await?;
-                    s::parse_release(answer)
+                    s::parse_release(
+                        calls
+                            .invoke(|sc, ks, q| {
+                                sc.release(ks, q, REPLY_TTL, LATENCY_SAMPLES, &jobs)
+                            })
+                            .await?,
+                    )
                 }
             },
         );

@@ -17,12 +17,32 @@ backend = "http://127.0.0.1:9000"
 max_inflight = 64
 "#;
 
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("thr-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
+/// A file in a private temporary directory, removed with it when dropped.
+struct TempFile {
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempFile {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.path.as_os_str()
+    }
+}
+
+/// Writes `text` to `name` in a new private directory.
+fn write(name: &str, text: &str) -> TempFile {
+    let dir = crate::support::temp_dir("thr-config-");
+    let path = dir.path().join(name);
     std::fs::write(&path, text).unwrap();
-    path
+    TempFile { path, _dir: dir }
 }
 
 #[test]
@@ -166,14 +186,14 @@ mod live {
             config_text(&redis.url(), backend, rules)
                 .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
         };
-        let dir = std::env::temp_dir().join(format!("thr-reload-{}", std::process::id()));
-        let real = dir.join("real");
+        // Declared before the daemons: removed after they are killed.
+        let dir = temp_dir("thr-reload-");
+        let real = dir.path().join("real");
         std::fs::create_dir_all(&real).unwrap();
         // The daemons read `thr.toml`, a symlink into `real/`: edits inside
         // `real/` are invisible to the file watcher, so only SIGHUP sees them.
-        let link = dir.join("thr.toml");
+        let link = dir.path().join("thr.toml");
         std::fs::write(real.join("a.toml"), config(&one.url(), "")).unwrap();
-        let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(real.join("a.toml"), &link).unwrap();
         let path = link.display().to_string();
         let front = Process::spawn("http2redis", &["--config", &path]);
@@ -238,14 +258,12 @@ mod live {
         assert_eq!(&seen.body[..], b"v2");
 
         drop((front, worker));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn explain_prints_matches_and_the_result() {
-        let dir = std::env::temp_dir().join(format!("thr-explain-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("rules.toml");
+        let dir = temp_dir("thr-explain-");
+        let path = dir.path().join("rules.toml");
         std::fs::write(
             &path,
             format!(
@@ -301,6 +319,5 @@ then = { priority = 80, set_headers = { X-Slow = "yes" } }
             .output()
             .unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("answer directly: 403"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -194,7 +194,9 @@ struct LimitedFront {
     _front: Process,
     stderr: Arc<Mutex<Vec<String>>>,
     port: u16,
-    _dir: std::path::PathBuf,
+    /// The config file's directory: after `_front`, so removed after the
+    /// process is killed.
+    _dir: tempfile::TempDir,
 }
 
 impl LimitedFront {
@@ -252,12 +254,6 @@ impl LimitedFront {
             .iter()
             .filter(|l| l.contains(text))
             .count()
-    }
-}
-
-impl Drop for LimitedFront {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self._dir);
     }
 }
 
@@ -666,7 +662,12 @@ async fn the_added_fields_can_be_turned_off() {
     assert_eq!(seen.status, 200);
     let recorded = &stack.backend.requests()[0];
     assert!(recorded.header("x-request-id").is_some());
-    for name in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+    for name in [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-start",
+    ] {
         assert!(recorded.header(name).is_none(), "{name} was added");
     }
     stack.thr.stop().await;

@@ -83,7 +83,7 @@ async fn thr_example_with_three_worker_processes_is_still_global() {
         .start()
         .await;
     let text = config_text(&redis.url(), &backend.url(), THR_EXAMPLE);
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let workers: Vec<Process> = (0..3)
         .map(|_| Process::spawn("redis2http", &["--config", &path]))
@@ -107,7 +107,6 @@ async fn thr_example_with_three_worker_processes_is_still_global() {
     );
     drop(workers);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -384,7 +383,7 @@ async fn max_inflight_total_holds_across_three_workers() {
         "max_inflight = 64",
         "max_inflight = 4\nmax_inflight_total = 2",
     );
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let workers: Vec<Process> = (0..3)
         .map(|_| Process::spawn("redis2http", &["--config", &path]))
@@ -399,7 +398,6 @@ async fn max_inflight_total_holds_across_three_workers() {
     assert!(took >= Duration::from_millis(2800), "{took:?}");
     drop(workers);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +412,7 @@ async fn a_killed_workers_quota_slots_come_back_when_its_lease_expires() {
     )
     .replace("max_inflight = 64", "max_inflight = 4\nlease = \"2s\"")
     .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut doomed = Process::spawn("redis2http", &["--config", &path]);
     let client = client();
@@ -447,7 +445,6 @@ async fn a_killed_workers_quota_slots_come_back_when_its_lease_expires() {
     assert_eq!(quota_held(&mut conn, "one=x"), 0, "nothing stays locked");
     assert_eq!(stuck.await.unwrap().status, 502);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ async fn kill_9_of_a_worker_with_20_gets_in_flight_loses_nothing() {
         "[[limits]]\nname = \"all\"\nby = { header = \"X-Tenant\" }\nmax_concurrent = 20\n",
     )
     .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut doomed = Process::spawn("redis2http", &["--config", &path]);
     let client = client();
@@ -72,7 +72,6 @@ async fn kill_9_of_a_worker_with_20_gets_in_flight_loses_nothing() {
         "quota slots and leases are free again"
     );
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +85,7 @@ async fn unsafe_jobs_of_a_lost_worker_get_502_and_exhausted_ones_are_dead_letter
             "max_inflight = 8\nlease = \"2s\"\nmax_attempts = 1",
         )
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut doomed = Process::spawn("redis2http", &["--config", &path]);
     let client = client();
@@ -132,7 +131,6 @@ async fn unsafe_jobs_of_a_lost_worker_get_502_and_exhausted_ones_are_dead_letter
         .unwrap();
     assert_eq!(dead, ["worker lost 1 times"]);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +142,7 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
     let text = config_text(&redis.url(), &backend.url(), "")
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"60s\"");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let mut front = Process::spawn("http2redis", &["--config", &path]);
     // No worker yet: the requests wait in Redis.
     let mut clients = Vec::new();
@@ -191,7 +189,6 @@ async fn jobs_of_a_dead_front_are_never_sent_to_the_backend() {
     assert_eq!(get(&worker.url(), "/alive").await.status, 200);
     drop(clients);
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -205,7 +202,7 @@ async fn sigterm_on_the_front_answers_what_it_holds_then_exits_0() {
     let port = testkit::redis::free_port();
     let text = config_text(&redis.url(), &backend.url(), "")
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let mut front = Process::spawn("http2redis", &["--config", &path]);
     let workers = Thr::start(
         parse_config(&text.replace(&format!("127.0.0.1:{port}"), "127.0.0.1:0")),
@@ -248,7 +245,6 @@ async fn sigterm_on_the_front_answers_what_it_holds_then_exits_0() {
         "no longer accepting"
     );
     workers.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,7 +257,7 @@ async fn a_rolling_restart_of_every_worker_loses_nothing_and_returns_no_5xx() {
         .await;
     let text = config_text(&redis.url(), &backend.url(), "")
         .replace("max_inflight = 64", "max_inflight = 4");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut workers: Vec<Process> = (0..2)
         .map(|_| Process::spawn("redis2http", &["--config", &path]))
@@ -310,7 +306,6 @@ async fn a_rolling_restart_of_every_worker_loses_nothing_and_returns_no_5xx() {
     );
     drop(workers);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test]
@@ -366,7 +361,7 @@ async fn redis_with_a_password_works_and_the_password_never_reaches_the_logs() {
         .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
     assert!(text.contains("s3cret-pw"));
     let (dir, path) = config_file(&text);
-    let log = std::fs::File::create(std::path::Path::new(&dir).join("front.log")).unwrap();
+    let log = std::fs::File::create(dir.path().join("front.log")).unwrap();
     let child = std::process::Command::new(testkit::bins::binary("http2redis"))
         .args(["--config", &path])
         .env("RUST_LOG", "debug")
@@ -392,14 +387,13 @@ async fn redis_with_a_password_works_and_the_password_never_reaches_the_logs() {
     }
     front.signal("TERM");
     drop(front);
-    let logs = std::fs::read_to_string(std::path::Path::new(&dir).join("front.log")).unwrap();
+    let logs = std::fs::read_to_string(dir.path().join("front.log")).unwrap();
     assert!(logs.contains("redis://***@127.0.0.1"), "{logs}");
     assert!(
         !logs.contains("s3cret-pw"),
         "the password leaked into the logs"
     );
     worker.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -484,7 +478,7 @@ async fn a_stopping_worker_hands_back_what_it_cannot_finish() {
             "[redis2http]\nshutdown_grace = \"1s\"",
         )
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (dir, path) = config_file(&text);
+    let (_dir, path) = config_file(&text);
     let front = Thr::start(parse_config(&text), 0).await;
     let mut stopping = Process::spawn("redis2http", &["--config", &path]);
     let long = tokio::spawn({
@@ -511,7 +505,6 @@ async fn a_stopping_worker_hands_back_what_it_cannot_finish() {
     );
     assert_eq!(backend.count(), 2);
     front.stop().await;
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

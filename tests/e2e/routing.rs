@@ -16,11 +16,7 @@ async fn two_worker_processes_share_one_queue() {
         .await;
     let text = config_text(&redis.url(), &backend.url(), "")
         .replace("max_inflight = 64", "max_inflight = 1");
-    let dir = std::env::temp_dir().join(format!("thr-workers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("thr.toml");
-    std::fs::write(&path, &text).unwrap();
-    let path = path.display().to_string();
+    let (_dir, path) = config_file(&text);
     // The front in-process, the two workers as real processes.
     let front = Thr::start(parse_config(&text), 0).await;
     let _w1 = Process::spawn("redis2http", &["--config", &path]);
@@ -48,7 +44,6 @@ async fn two_worker_processes_share_one_queue() {
         started.elapsed()
     );
     front.stop().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

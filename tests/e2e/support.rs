@@ -142,19 +142,25 @@ impl Stack {
     }
 }
 
-/// Writes `text` to a config file in a private directory; returns the
-/// directory (to remove) and the file's path as text.
-pub fn config_file(text: &str) -> (std::path::PathBuf, String) {
-    let dir = std::env::temp_dir().join(format!(
-        "thr-cfg-{}-{}",
-        std::process::id(),
-        testkit::redis::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("thr.toml");
+/// Writes `text` to `thr.toml` in a private temporary directory; returns
+/// the directory, removed when dropped (keep it as long as the file is
+/// read), and the file's path as text.
+pub fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = temp_dir("thr-cfg-");
+    let path = dir.path().join("thr.toml");
     std::fs::write(&path, text).unwrap();
     let shown = path.display().to_string();
     (dir, shown)
+}
+
+/// A new private directory named `{prefix}…` under the system's temporary
+/// directory, removed with its content when dropped: at the end of the test
+/// that holds it, whether it passes or panics.
+pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temporary directory")
 }
 
 /// Polls `check` every 20 ms; fails the test with `what` after `limit`.
@@ -219,16 +225,9 @@ pub struct Binaries {
     pub front: testkit::bins::Process,
     pub workers: Vec<testkit::bins::Process>,
     port: u16,
-    _dir: RemoveOnDrop,
-}
-
-/// A temporary directory, removed when dropped.
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    /// The config file's directory: declared after the daemons, so dropped
+    /// (and removed) after them.
+    _dir: tempfile::TempDir,
 }
 
 impl Binaries {
@@ -268,7 +267,7 @@ impl Binaries {
             front,
             workers,
             port,
-            _dir: RemoveOnDrop(dir),
+            _dir: dir,
         }
     }
 

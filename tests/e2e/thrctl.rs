@@ -14,11 +14,11 @@ struct Ctl {
 }
 
 impl Ctl {
-    fn new(redis: &RedisServer, config: Option<&std::path::Path>) -> Ctl {
+    fn new(redis: &RedisServer, config: Option<&str>) -> Ctl {
         let mut args = vec!["--redis".to_string(), redis.url()];
         if let Some(c) = config {
             args.push("--config".into());
-            args.push(c.display().to_string());
+            args.push(c.to_string());
         }
         Ctl { args }
     }
@@ -47,12 +47,13 @@ impl Ctl {
 
 const RULES: &str = "[[rules]]\nwhen = { path = { prefix = \"/low\" } }\nthen = { priority = 80 }\n[[rules]]\nwhen = { path = { prefix = \"/high\" } }\nthen = { priority = 5 }\n[[limits]]\nname = \"per_user\"\nby = { header = \"X-User\" }\nmax_concurrent = 1\n";
 
-/// A front with no worker: every request waits in Redis.
+/// A front with no worker: every request waits in Redis. Also gives its
+/// config file, as [`config_file`] does: keep the directory to the end.
 async fn backlog() -> (
     RedisServer,
     SlowBackend,
     Thr,
-    std::path::PathBuf,
+    (tempfile::TempDir, String),
     Vec<tokio::task::JoinHandle<Seen>>,
 ) {
     testkit::init_logs();
@@ -62,14 +63,7 @@ async fn backlog() -> (
     let backend = SlowBackend::builder().start().await;
     let text = config_text(&redis.url(), &backend.url(), RULES)
         .replace("reply_timeout = \"10s\"", "reply_timeout = \"60s\"");
-    let dir = std::env::temp_dir().join(format!(
-        "thr-ctl-{}-{}",
-        std::process::id(),
-        testkit::redis::free_port()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("thr.toml");
-    std::fs::write(&path, &text).unwrap();
+    let config = config_file(&text);
     let thr = Thr::start(parse_config(&text), 0).await;
     let client = client();
     let mut waiting = Vec::new();
@@ -95,13 +89,13 @@ async fn backlog() -> (
         assert!(started.elapsed() < Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (redis, backend, thr, path, waiting)
+    (redis, backend, thr, config, waiting)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_commands_show_the_backlog_in_text_and_json() {
-    let (redis, _backend, thr, path, clients) = backlog().await;
-    let ctl = Ctl::new(&redis, Some(&path));
+    let (redis, _backend, thr, (_dir, path), clients) = backlog().await;
+    let ctl = Ctl::new(&redis, Some(path.as_str()));
     tokio::time::sleep(Duration::from_millis(1200)).await; // one heartbeat at least
 
     let queues = ctl.json(&["queues"]);
@@ -208,8 +202,8 @@ async fn read_commands_show_the_backlog_in_text_and_json() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_answers_503_and_pause_holds_without_losing_anything() {
-    let (redis, backend, mut thr, path, waiting) = backlog().await;
-    let ctl = Ctl::new(&redis, Some(&path));
+    let (redis, backend, mut thr, (_dir, path), waiting) = backlog().await;
+    let ctl = Ctl::new(&redis, Some(path.as_str()));
     // Purge the low-priority ones: their clients get 503 at once.
     let purged = ctl.json(&["purge", "default", "--priority-above", "50", "--yes"]);
     assert_eq!(purged["purged"], 3);
@@ -698,11 +692,7 @@ mod metrics {
             "[redis2http]",
             &format!("[redis2http]\nadmin = \"127.0.0.1:{worker_admin}\""),
         );
-        let dir = std::env::temp_dir().join(format!("thr-metrics-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("thr.toml");
-        std::fs::write(&path, &text).unwrap();
-        let path = path.display().to_string();
+        let (_dir, path) = config_file(&text);
         let _front = Process::spawn("http2redis", &["--config", &path]);
         let _worker = Process::spawn("redis2http", &["--config", &path]);
         let url = format!("http://127.0.0.1:{port}");
@@ -768,7 +758,6 @@ mod metrics {
             200,
             "up, just not ready"
         );
-        let _ = std::fs::remove_dir_all(dir);
         let _ = backend;
     }
 }
@@ -791,7 +780,7 @@ fn check_config_and_explain_share_the_daemons_code() {
     );
     assert!(String::from_utf8_lossy(&ok.stdout).contains("ok (1 queues, 5 rules, 2 limits)"));
 
-    let (dir, path) = config_file("[[queues]]\nname = \"q\"\nbakend = \"http://x:1\"\n");
+    let (_dir, path) = config_file("[[queues]]\nname = \"q\"\nbakend = \"http://x:1\"\n");
     let bad = Command::new(&thrctl)
         .args(["check-config", &path])
         .output()
@@ -832,5 +821,4 @@ fn check_config_and_explain_share_the_daemons_code() {
         text.contains("urgent") && text.contains("reports") && text.contains("priority: 80"),
         "{text}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -95,6 +95,7 @@ fn comparable(r: &Recorded, req: &Req) -> Vec<(String, Vec<u8>)> {
             !is_hop_by_hop(n)
                 && !n.starts_with("x-forwarded-")
                 && n != "x-request-id"
+                && n != "x-request-start"
                 && !named_by_connection.contains(n)
         })
         .cloned()
@@ -153,6 +154,12 @@ async fn round_trip_table_is_byte_identical() {
         assert!(
             t.header("x-request-id").is_some_and(|v| !v.is_empty()),
             "{what}"
+        );
+        assert!(
+            t.header("x-request-start").is_some_and(|v| v
+                .strip_prefix("t=")
+                .is_some_and(|us| us.parse::<u64>().is_ok())),
+            "{what}: X-Request-Start t=<µs>"
         );
         assert!(
             t.header("x-hop-secret").is_none() && t.header("te").is_none(),
@@ -224,8 +231,8 @@ async fn h2c_clients_are_served() {
 #[tokio::test]
 async fn unix_sockets_for_listener_backend_and_redis() {
     testkit::init_logs();
-    let dir = std::env::temp_dir().join(format!("thr-unix-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = temp_dir("thr-unix-");
+    let dir = tmp.path();
     let backend = SlowBackend::builder()
         .unix(dir.join("app.sock"))
         .start()
@@ -265,5 +272,4 @@ async fn unix_sockets_for_listener_backend_and_redis() {
         !dir.join("thr.sock").exists(),
         "socket file removed on shutdown"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

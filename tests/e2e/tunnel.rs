@@ -158,12 +158,8 @@ async fn a_websocket_is_tunnelled_by_the_front_binary() {
 
 #[tokio::test]
 async fn a_websocket_reaches_a_unix_socket_backend() {
-    let path = std::env::temp_dir().join(format!(
-        "thr-ws-{}-{}.sock",
-        std::process::id(),
-        testkit::redis::free_port()
-    ));
-    let echo = EchoBackend::start_unix(path).await;
+    let dir = temp_dir("thr-ws-");
+    let echo = EchoBackend::start_unix(dir.path().join("echo.sock")).await;
     let (_redis, thr) = thr(&echo.url(), 0, "").await;
     converse(thr.addr(), "/unix").await;
     assert_eq!(echo.handshakes()[0].target, "/unix");

@@ -1,8 +1,10 @@
 //! Proxy headers on the way in: hop-by-hop fields removed (RFC 9110
 //! §7.6.1), X-Forwarded-For/-Proto/-Host added, X-Request-Id kept or created
-//! (each of the four can be turned off: `[http2redis] add_headers`).
+//! (each can be turned off: `[http2redis] add_headers`), X-Request-Start
+//! added for APM agents.
 
 use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{HOST, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
@@ -17,6 +19,9 @@ pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// `X-Request-Start`.
+pub static X_REQUEST_START: HeaderName = HeaderName::from_static("x-request-start");
 
 /// `X-Real-IP`.
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
@@ -57,15 +62,29 @@ const MAX_REQUEST_ID: usize = 200;
 /// `authority` is the request URI's authority (HTTP/2 carries the host
 /// there, not in a Host field); `peer` is the TCP peer, absent on unix
 /// sockets; `job_id` becomes the request id when the client sent none;
-/// `added` says which fields thr may add.
+/// `received` is when the front received the request; `proto` is
+/// `https` when it came over TLS that this front terminated; `added` says
+/// which fields thr may add.
 pub fn prepare(
     headers: &mut HeaderMap,
     authority: Option<&str>,
     peer: Option<IpAddr>,
     job_id: &str,
+    received: SystemTime,
+    proto: &'static str,
     added: AddedHeaders,
 ) -> String {
     strip_hop_by_hop(headers);
+
+    // The New Relic / Scout / AppSignal form. A proxy before thr that set
+    // it saw the request first: its time is kept.
+    if added.request_start && !headers.contains_key(&X_REQUEST_START) {
+        let micros = received
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
+        let value = HeaderValue::from_str(&format!("t={micros}")).expect("digits");
+        headers.insert(X_REQUEST_START.clone(), value);
+    }
 
     if !headers.contains_key(HOST)
         && let Some(value) = authority.and_then(|a| HeaderValue::from_str(a).ok())
@@ -90,7 +109,7 @@ pub fn prepare(
         }
     }
     if added.forwarded_proto && !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if added.forwarded_host
         && !headers.contains_key(&X_FORWARDED_HOST)
@@ -143,9 +162,12 @@ mod tests {
             None,
             Some("10.1.2.3".parse().unwrap()),
             "abc",
+            UNIX_EPOCH + std::time::Duration::from_micros(1_795_000_000_123_456),
+            "http",
             AddedHeaders::ALL,
         );
         assert_eq!(id, "abc");
+        assert_eq!(h["x-request-start"], "t=1795000000123456");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "app.example");
@@ -159,18 +181,26 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
             ("x-request-id", "client-id-7"),
+            ("x-request-start", "t=1"),
         ]);
         let id = prepare(
             &mut h,
             Some("h2.example"),
             Some("::1".parse().unwrap()),
             "abc",
+            SystemTime::now(),
+            "https",
             AddedHeaders::ALL,
         );
         assert_eq!(id, "client-id-7");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(h["host"], "h2.example");
+        assert_eq!(h["x-forwarded-proto"], "https", "TLS this front ended");
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(
+            h["x-request-start"], "t=1",
+            "an earlier proxy's time is kept"
+        );
     }
 
     #[test]
@@ -204,7 +234,15 @@ mod tests {
     #[test]
     fn unix_peers_add_no_forwarded_for() {
         let mut h = map(&[]);
-        prepare(&mut h, None, None, "abc", AddedHeaders::ALL);
+        prepare(
+            &mut h,
+            None,
+            None,
+            "abc",
+            SystemTime::now(),
+            "http",
+            AddedHeaders::ALL,
+        );
         assert!(!h.contains_key("x-forwarded-for"));
     }
 
@@ -216,9 +254,10 @@ mod tests {
             forwarded_proto: false,
             forwarded_host: false,
             request_id: false,
+            request_start: false,
         };
         let mut h = map(&[("host", "app.example")]);
-        let id = prepare(&mut h, None, peer, "abc", none);
+        let id = prepare(&mut h, None, peer, "abc", SystemTime::now(), "http", none);
         assert_eq!(id, "abc", "the request id is still logged");
         assert_eq!(h.len(), 1, "{h:?}");
         for (i, name) in AddedHeaders::NAMES.iter().enumerate() {
@@ -228,9 +267,10 @@ mod tests {
                 &mut only.forwarded_proto,
                 &mut only.forwarded_host,
                 &mut only.request_id,
+                &mut only.request_start,
             ][i] = true;
             let mut h = map(&[("host", "app.example")]);
-            prepare(&mut h, None, peer, "abc", only);
+            prepare(&mut h, None, peer, "abc", SystemTime::now(), "http", only);
             assert_eq!(h.len(), 2, "{name}: {h:?}");
             assert!(h.contains_key(*name), "{name}: {h:?}");
         }

@@ -51,6 +51,11 @@ use crate::upload::{self, Stored};
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub Option<SocketAddr>);
 
+/// Marks a request that came over TLS terminated by this front
+/// (`X-Forwarded-Proto: https`).
+#[derive(Debug, Clone, Copy)]
+pub struct ViaTls;
+
 /// The front application: a cheap-to-clone `tower::Service`.
 pub struct Front<B> {
     inner: Arc<Inner<B>>,
@@ -94,6 +99,8 @@ pub struct RequestCx {
     pub job_id: String,
     /// X-Request-Id as received, or the job id.
     pub request_id: String,
+    /// When it arrived, on the wall clock (`X-Request-Start`).
+    pub received: std::time::SystemTime,
     /// Its span: every log line about it carries its ids.
     pub span: tracing::Span,
     method: Method,
@@ -112,6 +119,7 @@ impl RequestCx {
         let job_id = uuid::Uuid::new_v4().simple().to_string();
         RequestCx {
             started: Instant::now(),
+            received: std::time::SystemTime::now(),
             deadline: Instant::now() + timeout,
             timeout,
             span: tracing::Span::none(),
@@ -135,9 +143,21 @@ impl RequestCx {
         )
         .increment(1);
         let ms = self.started.elapsed().as_millis() as u64;
+        // Inside the request's span, so that the line carries its ids like
+        // every other line about it; a request answered before it had one
+        // (a 400, a 429 at the edge) is named by its job id.
+        let early;
+        let span = if self.span.is_none() {
+            early = tracing::info_span!("job", request_id = %self.job_id, job = %self.job_id);
+            &early
+        } else {
+            &self.span
+        };
+        let _in_span = span.enter();
+        // `path`, not `target`: JSON lines carry the module as `target`.
         tracing::info!(
             method = %self.method,
-            target = self.target.as_deref().unwrap_or("-"),
+            path = self.target.as_deref().unwrap_or("-"),
             status = status.as_u16(),
             queue = self.queue.as_deref().unwrap_or("-"),
             priority = self.priority.unwrap_or(0),
@@ -358,6 +378,12 @@ impl<B: Broker> Front<B> {
             authority.as_deref(),
             peer,
             &cx.job_id,
+            cx.received,
+            if parts.extensions.get::<ViaTls>().is_some() {
+                "https"
+            } else {
+                "http"
+            },
             config.front.add_headers,
         );
         cx.span = tracing::info_span!("job", request_id = %request_id, job = %cx.job_id);

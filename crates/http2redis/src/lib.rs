@@ -40,6 +40,7 @@ pub mod pieces;
 pub mod queueing;
 pub mod replies;
 pub mod server;
+pub mod tls;
 pub mod tunnel;
 pub mod upload;
 
@@ -82,16 +83,25 @@ pub async fn run(
         }
         None => None,
     };
+    let tls = match &initial.front.tls {
+        Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
+        None => None,
+    };
     let front = Front::new(initial, broker);
     let reloads = tokio::spawn({
         let front = front.clone();
+        let tls = tls.clone();
         async move {
             while config.changed().await.is_ok() {
-                front.reload(config.borrow_and_update().clone());
+                let new = config.borrow_and_update().clone();
+                if let (Some(tls), Some(files)) = (&tls, &new.front.tls) {
+                    tls.reload(files);
+                }
+                front.reload(new);
             }
         }
     });
-    let result = server::serve(front, listener, shutdown).await;
+    let result = server::serve(front, listener, tls, shutdown).await;
     reloads.abort();
     if let Some(admin) = admin {
         admin.abort();

@@ -41,9 +41,8 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
     if cli.common.check {
         return cli.common.check();
     }
@@ -75,7 +74,19 @@ async fn main() -> ExitCode {
             }
         };
     }
-    thr_daemon::init_tracing(cli.common.log_format);
+    let runtime = match thr_daemon::runtime(config.front.threads) {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("http2redis: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(cli.common, config))
+}
+
+/// Logs, binds the listener and runs the front until it is asked to stop.
+async fn serve(common: CommonArgs, config: thr_core::config::Config) -> ExitCode {
+    thr_daemon::init_tracing(common.log_format);
     thr_daemon::limits::raise_open_files();
     let listener = match http2redis::Listener::bind(&config.front.listen).await {
         Ok(listener) => listener,
@@ -87,7 +98,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let config = thr_daemon::watch_config(&cli.common, config);
+    let config = thr_daemon::watch_config(&common, config);
     match http2redis::run(config, listener, thr_daemon::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -1,4 +1,5 @@
-//! Accepting clients: TCP or unix listener, HTTP/1.1 and h2c on the same
+//! Accepting clients: TCP or unix listener (through TLS when configured,
+//! [`crate::tls`]), HTTP/1.1 and h2c (h2 by ALPN over TLS) on the same
 //! port, bounded request heads, upgrades handed over to [`crate::tunnel`],
 //! and a graceful drain on shutdown (open tunnels included).
 
@@ -21,9 +22,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service;
 
 use crate::conn;
-use crate::front::{Front, Peer};
+use crate::front::{Front, Peer, ViaTls};
 use crate::lenient::{Lenient, OriginalTarget, Originals};
 use crate::replies;
+use crate::tls::Tls;
 
 /// A bound listening socket.
 #[derive(Debug)]
@@ -77,10 +79,12 @@ impl Listener {
     }
 }
 
-/// Serves `front` on `listener` until `shutdown`, then drains.
+/// Serves `front` on `listener` (through TLS when `tls` is given) until
+/// `shutdown`, then drains.
 pub async fn serve<B: Broker>(
     front: Front<B>,
     listener: Listener,
+    tls: Option<Arc<Tls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let settings = front.config().front.clone();
@@ -164,11 +168,14 @@ pub async fn serve<B: Broker>(
         .auto_date_header(false)
         .max_header_list_size(settings.max_header_bytes as u32);
 
+    let builder = Arc::new(builder);
     let max_connections = max_connections(&settings);
     let slots = Arc::new(Semaphore::new(max_connections));
     let (stop_conns, stopping) = watch::channel(false);
     let mut accept_errors = AcceptErrors::default();
     tokio::pin!(shutdown);
+    // The listener is bound and the loops that answer clients run.
+    thr_daemon::notify_ready();
     loop {
         let conn = tokio::select! {
             conn = listener.accept() => conn,
@@ -190,7 +197,10 @@ pub async fn serve<B: Broker>(
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refuse(conn);
+            // A TLS client could not read a plain answer: it is just closed.
+            if tls.is_none() {
+                refuse(conn);
+            }
             continue;
         };
         // Bounds as configured now (a reload applies to new connections).
@@ -199,9 +209,32 @@ pub async fn serve<B: Broker>(
         let pace = conn::Pace::of(&config.front);
         let watch = Arc::new(conn::Watch::default());
         let originals = Arc::new(Originals::default());
-        let (io, peer): (Box<dyn ClientIo>, _) = match conn {
-            Conn::Tcp(stream, peer) => (Box::new(watched(stream, &originals, &watch)), Some(peer)),
-            Conn::Unix(stream) => (Box::new(watched(stream, &originals, &watch)), None),
+        let via_tls = tls.is_some();
+        let (io, peer) = match (conn, &tls) {
+            (Conn::Tcp(stream, peer), None) => {
+                (plain(watched(stream, &originals, &watch)), Some(peer))
+            }
+            (Conn::Unix(stream), None) => (plain(watched(stream, &originals, &watch)), None),
+            (Conn::Tcp(stream, peer), Some(tls)) => (
+                handshake(
+                    tls.acceptor(),
+                    stream,
+                    limits.first_request,
+                    &originals,
+                    &watch,
+                ),
+                Some(peer),
+            ),
+            (Conn::Unix(stream), Some(tls)) => (
+                handshake(
+                    tls.acceptor(),
+                    stream,
+                    limits.first_request,
+                    &originals,
+                    &watch,
+                ),
+                None,
+            ),
         };
         let app = front.clone();
         let service = {
@@ -211,6 +244,9 @@ pub async fn serve<B: Broker>(
                 let open = watch.open();
                 let mut req = req.map(|body| conn::Paced::new(body, pace));
                 req.extensions_mut().insert(Peer(peer));
+                if via_tls {
+                    req.extensions_mut().insert(ViaTls);
+                }
                 // HTTP/1 requests come through the lenient follower, in order.
                 if req.version() < http::Version::HTTP_2
                     && let Some(original) = originals.next()
@@ -225,23 +261,31 @@ pub async fn serve<B: Broker>(
             })
         };
         let stopping = stopping.clone();
-        let conn = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        tokio::spawn(drive(
-            conn,
-            |c: Pin<&mut _>| c.graceful_shutdown(),
-            watch,
-            limits,
-            stopping,
-            slot,
-        ));
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            // (A TLS handshake first: in this task, under the connection's
+            // slot, and within its first-request bound.)
+            let Some(io) = io.await else { return };
+            let conn = builder
+                .serve_connection_with_upgrades(io, service)
+                .into_owned();
+            drive(
+                conn,
+                |c: Pin<&mut _>| c.graceful_shutdown(),
+                watch,
+                limits,
+                stopping,
+                slot,
+            )
+            .await
+        });
     }
 
     if let Listener::Unix(_, path) = &listener {
         let _ = std::fs::remove_file(path);
     }
     drop(listener);
+    thr_daemon::notify_stopping();
     tracing::info!(
         waiting = front.router().len(),
         "stopped accepting; draining"
@@ -287,6 +331,45 @@ fn watched<S>(
         TokioIo::new(Lenient::new(stream, originals.clone())),
         watch.clone(),
     )
+}
+
+/// A client's socket, ready for hyper once its TLS handshake (if any) is
+/// done; None when the handshake failed.
+type ClientIoReady = Pin<Box<dyn Future<Output = Option<Box<dyn ClientIo>>> + Send>>;
+
+fn plain(io: impl ClientIo + 'static) -> ClientIoReady {
+    Box::pin(std::future::ready(Some(Box::new(io) as Box<dyn ClientIo>)))
+}
+
+/// The TLS handshake of a new connection, bounded like its first request.
+fn handshake<S>(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: S,
+    within: Duration,
+    originals: &Arc<Originals>,
+    watch: &Arc<conn::Watch>,
+) -> ClientIoReady
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (originals, watch) = (originals.clone(), watch.clone());
+    Box::pin(async move {
+        match tokio::time::timeout(within, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => {
+                Some(Box::new(watched(stream, &originals, &watch)) as Box<dyn ClientIo>)
+            }
+            Ok(Err(err)) => {
+                metrics::counter!("thr_tls_handshake_failures_total").increment(1);
+                tracing::debug!(%err, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                metrics::counter!("thr_tls_handshake_failures_total").increment(1);
+                tracing::debug!("TLS handshake not done within {within:?}");
+                None
+            }
+        }
+    })
 }
 
 /// Serves one connection until it ends, outlives a bound of [`conn::Limits`]

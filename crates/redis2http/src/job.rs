@@ -290,9 +290,12 @@ fn reply_meta<B: Broker>(
 
 fn log_forwarded<B: Broker>(runner: &QueueRunner<B>, job: &Job, status: u16, backend_ms: u64) {
     metrics::counter!("thr_jobs_total", "queue" => runner.name.clone(), "status" => status.to_string()).increment(1);
-    tracing::info!(
+    // At debug: the front's summary line (info) already says how each
+    // request went, with its backend time, so the default level writes
+    // one line per request, not two.
+    tracing::debug!(
         method = %job.meta.method,
-        target = %job.meta.target,
+        path = %job.meta.target,
         status,
         backend_ms,
         "forwarded"
@@ -310,6 +313,14 @@ async fn answer_failure<B: Broker>(
 ) {
     let backend_ms = started.elapsed().as_millis() as u64;
     log_forwarded(runner, job, failure.status.as_u16(), backend_ms);
+    tracing::warn!(
+        method = %job.meta.method,
+        path = %job.meta.target,
+        status = failure.status.as_u16(),
+        reason = failure.reason,
+        backend_ms,
+        "backend call failed"
+    );
     let meta = ReplyMeta {
         id: job.meta.id.clone(),
         status: failure.status.as_u16(),

@@ -20,9 +20,8 @@ struct Cli {
     common: CommonArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let mut cli = Cli::parse();
     if cli.common.check {
         return cli.common.check();
     }
@@ -30,8 +29,20 @@ async fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    thr_daemon::init_tracing(cli.common.log_format);
-    let config = thr_daemon::watch_config(&cli.common, config);
+    let runtime = match thr_daemon::runtime(config.worker.threads) {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("redis2http: cannot start the runtime: {err}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(serve(cli.common, config))
+}
+
+/// Logs and runs the worker until it is asked to stop.
+async fn serve(common: CommonArgs, config: thr_core::config::Config) -> ExitCode {
+    thr_daemon::init_tracing(common.log_format);
+    let config = thr_daemon::watch_config(&common, config);
     match redis2http::run(config, thr_daemon::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

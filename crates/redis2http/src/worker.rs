@@ -50,15 +50,26 @@ impl<B: Broker> Worker<B> {
             let inflight = inflight.clone();
             let id = self.id.clone();
             let started = thr_broker::presence::unix_now();
+            // The queues it serves: `thrctl` knows a configured queue by
+            // them before any request has reached it.
+            let config = config.clone();
             move || {
-                format!(
-                    r#"{{"kind":"redis2http","version":"{}","pid":{},"started":{},"inflight":{},"id":"{}"}}"#,
-                    env!("CARGO_PKG_VERSION"),
-                    std::process::id(),
-                    started,
-                    inflight.load(Ordering::Relaxed),
-                    id
-                )
+                let queues: Vec<String> = config
+                    .borrow()
+                    .queues
+                    .iter()
+                    .map(|q| q.name.clone())
+                    .collect();
+                serde_json::json!({
+                    "kind": "redis2http",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "pid": std::process::id(),
+                    "started": started,
+                    "inflight": inflight.load(Ordering::Relaxed),
+                    "id": id,
+                    "queues": queues,
+                })
+                .to_string()
             }
         };
         // Be known alive before holding any lease.
@@ -100,6 +111,7 @@ impl<B: Broker> Worker<B> {
             };
         apply(&mut served, &mut tasks, &current);
         tracing::info!(worker = %self.id, "redis2http ready");
+        thr_daemon::notify_ready();
         tokio::pin!(shutdown);
         let mut follow = true;
         loop {
@@ -120,6 +132,7 @@ impl<B: Broker> Worker<B> {
                 }
             }
         }
+        thr_daemon::notify_stopping();
         let grace = current.worker.shutdown_grace;
         for s in served.values() {
             let _ = s.stop.send(true);

@@ -3,16 +3,14 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A running `redis-server` on 127.0.0.1 and a free port, and on a unix
 /// socket in its own directory; killed (and its directory removed) on drop.
 pub struct RedisServer {
     port: u16,
-    dir: PathBuf,
+    /// Removed when dropped, after [`Drop`] has killed the server.
+    dir: tempfile::TempDir,
     child: Option<Child>,
     password: Option<String>,
     tls_port: Option<u16>,
@@ -54,24 +52,25 @@ impl RedisServer {
 
     /// Starts a server that requires `password` (`requirepass`).
     pub fn start_with_password(password: Option<&str>) -> RedisServer {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("thr-redis-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("redis test directory");
+        let dir = tempfile::Builder::new()
+            .prefix("thr-redis-")
+            .tempdir()
+            .expect("redis test directory");
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            child: None,
+            password: password.map(str::to_string),
+            tls_port: None,
+        };
         for _ in 0..5 {
-            let mut server = RedisServer {
-                port: free_port(),
-                dir: dir.clone(),
-                child: None,
-                password: password.map(str::to_string),
-                tls_port: None,
-            };
             if server.spawn() {
                 return server;
             }
             // Lost a race for the port: try another one.
-            server.child = None;
-            std::mem::forget(server);
+            server.port = free_port();
         }
+        // Dropping `server` removes its directory.
         panic!("redis-server did not start after 5 attempts");
     }
 
@@ -81,7 +80,8 @@ impl RedisServer {
             command.args(["--requirepass", password]);
         }
         if let Some(port) = self.tls_port {
-            let (cert, key) = (self.dir.join("redis.crt"), self.dir.join("redis.key"));
+            let dir = self.dir.path();
+            let (cert, key) = (dir.join("redis.crt"), dir.join("redis.key"));
             command
                 .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
                 .arg("--tls-cert-file")
@@ -89,7 +89,7 @@ impl RedisServer {
                 .arg("--tls-key-file")
                 .arg(&key)
                 .arg("--tls-ca-cert-file")
-                .arg(self.dir.join("ca.crt"));
+                .arg(dir.join("ca.crt"));
         }
         let mut child = command
             .args(["--port", &self.port.to_string()])
@@ -103,7 +103,7 @@ impl RedisServer {
             // Fault tests slow Redis down with DEBUG SLEEP.
             .args(["--enable-debug-command", "local"])
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -147,7 +147,7 @@ impl RedisServer {
     pub fn start_tls() -> RedisServer {
         let mut server = RedisServer::start();
         server.kill();
-        let dir = server.dir.clone();
+        let dir = server.dir.path().to_path_buf();
         let openssl = |args: &[&str]| {
             let ok = Command::new("openssl")
                 .args(args)
@@ -222,7 +222,7 @@ impl RedisServer {
 
     /// The CA that signed a [`RedisServer::start_tls`] server's certificate.
     pub fn tls_ca(&self) -> PathBuf {
-        self.dir.join("ca.crt")
+        self.dir.path().join("ca.crt")
     }
 
     /// `redis://127.0.0.1:PORT` (with the password when there is one).
@@ -244,7 +244,7 @@ impl RedisServer {
     }
 
     fn socket_path(&self) -> PathBuf {
-        self.dir.join("redis.sock")
+        self.dir.path().join("redis.sock")
     }
 
     /// A client for direct inspection.
@@ -282,7 +282,8 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // The directory (`self.dir`) is removed after this, when the
+        // fields are dropped: the server is gone by then.
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -14,15 +14,10 @@ use thr_core::config::Config;
 /// Flags every thr daemon takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
-    /// Configuration file.
-    #[arg(
-        long,
-        short = 'c',
-        env = "THR_CONFIG",
-        default_value = "config/thr.toml",
-        global = true
-    )]
-    pub config: PathBuf,
+    /// Configuration file [default: config/thr.toml if the working
+    /// directory has one, else /etc/thr/thr.toml].
+    #[arg(long, short = 'c', env = "THR_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
     /// Redis URL, overriding `[redis].url`.
     #[arg(long, env = "THR_REDIS_URL", global = true)]
     pub redis: Option<String>,
@@ -44,10 +39,29 @@ pub enum LogFormat {
 }
 
 impl CommonArgs {
+    /// The configuration file: `--config`, else [`Config::default_path`]
+    /// (found once, then kept: reloads read the same file).
+    pub fn config_path(&mut self) -> Result<PathBuf, ExitCode> {
+        match self.config.clone().or_else(Config::default_path) {
+            Some(path) => {
+                self.config = Some(path.clone());
+                Ok(path)
+            }
+            None => {
+                eprintln!(
+                    "no configuration file: neither {} (in the working directory) nor {} exists; name one with --config",
+                    thr_core::config::LOCAL_CONFIG,
+                    thr_core::config::SYSTEM_CONFIG
+                );
+                Err(ExitCode::from(2))
+            }
+        }
+    }
+
     /// Loads the configuration and applies the command-line overrides.
     /// On error, prints every problem and returns the exit code to use.
-    pub fn load(&self) -> Result<Config, ExitCode> {
-        match Config::load(&self.config) {
+    pub fn load(&mut self) -> Result<Config, ExitCode> {
+        match Config::load(&self.config_path()?) {
             Ok(mut config) => {
                 if let Some(url) = &self.redis {
                     config.redis.url = url.clone();
@@ -62,7 +76,7 @@ impl CommonArgs {
     }
 
     /// For `--check`: prints a verdict and the exit code.
-    pub fn check(&self) -> ExitCode {
+    pub fn check(&mut self) -> ExitCode {
         match self.load() {
             Ok(config) => {
                 println!(
@@ -78,12 +92,42 @@ impl CommonArgs {
     }
 }
 
+/// The daemon's async runtime: `threads` from its configuration section.
+/// One thread (the default) is a current-thread runtime: every task runs
+/// on the main thread, so a request crossing the front or the worker wakes
+/// no other thread. Zero means one worker thread per CPU core.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+/// Tells systemd (a `Type=notify` unit, see `contrib/systemd`) that the
+/// daemon serves now. Does nothing outside systemd (no `NOTIFY_SOCKET`).
+pub fn notify_ready() {
+    if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(%err, "could not tell systemd that the daemon is ready");
+    }
+}
+
+/// Tells systemd that the daemon is stopping (its grace has begun).
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
 /// Starts logging to stderr; `RUST_LOG` filters (default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: a file or a journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -116,7 +160,11 @@ pub fn watch_config(
     args: &CommonArgs,
     initial: Config,
 ) -> tokio::sync::watch::Receiver<Arc<Config>> {
-    reload::spawn(args.config.clone(), args.redis.clone(), initial)
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| initial.origin.clone().into());
+    reload::spawn(path, args.redis.clone(), initial)
 }
 
 /// A configuration that never changes (tests, tools).

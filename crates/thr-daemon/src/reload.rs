@@ -80,10 +80,16 @@ fn warn_about_restart_only_settings(old: &Config, new: &Config) {
         ),
         (o.max_header_bytes != n.max_header_bytes, "max_header_size"),
         (o.max_headers != n.max_headers, "max_headers"),
+        (o.threads != n.threads, "threads"),
+        // Whether the listener speaks TLS is fixed; its files reload.
+        (o.tls.is_some() != n.tls.is_some(), "tls"),
     ] {
         if changed {
             tracing::warn!("`http2redis.{key}` changes only on restart");
         }
+    }
+    if old.worker.threads != new.worker.threads {
+        tracing::warn!("`redis2http.threads` changes only on restart");
     }
 }
 

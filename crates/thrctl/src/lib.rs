@@ -26,7 +26,9 @@ pub struct Cli {
     /// Redis URL (default: the configuration's, else redis://127.0.0.1:6379).
     #[arg(long, env = "THR_REDIS_URL", global = true)]
     pub redis: Option<String>,
-    /// Configuration file: queue names, limits, Redis URL.
+    /// Configuration file: queue names, limits, Redis URL [default:
+    /// config/thr.toml if the working directory has one, else
+    /// /etc/thr/thr.toml if it exists, else none].
     #[arg(long, short = 'c', env = "THR_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// Print JSON instead of text (read commands).
@@ -165,7 +167,8 @@ pub struct Context {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let config = match &cli.config {
+    let path = cli.config.clone().or_else(Config::default_path);
+    let config = match &path {
         Some(path) => Some(
             Config::load(path)
                 .map_err(|e| Failure::usage(e.to_string().trim_end().replace('\n', "; ")))?,

@@ -11,11 +11,11 @@ use toml::Spanned;
 
 use super::error::{ConfigError, ConfigErrors};
 use super::locate::{Locator, Seg, render};
-use super::raw::{RawConfig, Str};
+use super::raw::{RawConfig, RawTls, Str};
 use super::units::{parse_duration, parse_size};
 use super::{
     AddedHeaders, Backend, BackendAddress, Config, FrontSettings, ListenAddr, QueueConfig,
-    RedisSettings, WorkerSettings,
+    RedisSettings, TlsFiles, WorkerSettings,
 };
 
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -30,6 +30,11 @@ const DEFAULT_MAX_HEADER_BYTES: u64 = 64 << 10;
 const DEFAULT_MAX_HEADERS: i64 = 100;
 const DEFAULT_MAX_INFLIGHT: usize = 16;
 const DEFAULT_MAX_TUNNELS: u32 = 100;
+/// One runtime thread per daemon: thr's daemons wait on Redis and sockets,
+/// and on the small boxes they share with Redis and the backend a second
+/// thread only adds cross-thread wake-ups (measured in ARCHITECTURE.md,
+/// decision 19).
+const DEFAULT_THREADS: usize = 1;
 
 /// Collects errors while compiling, each tied to a key path and a position.
 pub(super) struct Checker<'t> {
@@ -123,6 +128,7 @@ fn added_headers(list: &[String]) -> Result<AddedHeaders, String> {
         forwarded_proto: false,
         forwarded_host: false,
         request_id: false,
+        request_start: false,
     };
     for name in list {
         let flag = match name.to_ascii_lowercase().as_str() {
@@ -130,6 +136,7 @@ fn added_headers(list: &[String]) -> Result<AddedHeaders, String> {
             "x-forwarded-proto" => &mut added.forwarded_proto,
             "x-forwarded-host" => &mut added.forwarded_host,
             "x-request-id" => &mut added.request_id,
+            "x-request-start" => &mut added.request_start,
             _ => {
                 return Err(format!(
                     "`{name}` is not a field thr adds; it adds {}",
@@ -202,6 +209,36 @@ fn admin_addr(s: &str) -> Result<Option<SocketAddr>, String> {
     s.parse::<SocketAddr>()
         .map(Some)
         .map_err(|_| format!("`{s}` is not an address; write \"127.0.0.1:9180\""))
+}
+
+/// `[http2redis.tls]`: both files named and readable (their content is
+/// the front's to judge when it loads them).
+fn tls_files(c: &mut Checker<'_>, raw: &Option<Spanned<RawTls>>) -> Option<TlsFiles> {
+    let raw = raw.as_ref()?;
+    let span = Some(raw.span());
+    let raw = raw.get_ref();
+    let mut file = |name: &str, value: &Option<Str>| {
+        let path = key(&["http2redis", "tls", name]);
+        required(c, &path, value, span.clone(), |s| {
+            let p = PathBuf::from(s);
+            std::fs::File::open(&p)
+                .map(|_| p)
+                .map_err(|err| format!("cannot read `{s}`: {err}"))
+        })
+    };
+    let cert = file("cert", &raw.cert);
+    let key = file("key", &raw.key);
+    Some(TlsFiles {
+        cert: cert?,
+        key: key?,
+    })
+}
+
+fn runtime_threads(n: i64) -> Result<usize, String> {
+    match n {
+        0..=1024 => Ok(n as usize),
+        _ => Err("must be between 0 (one per CPU core) and 1024".into()),
+    }
 }
 
 fn redis_url(s: &str) -> Result<String, String> {
@@ -398,6 +435,13 @@ pub fn compile(
             AddedHeaders::ALL,
             |list| added_headers(list),
         ),
+        threads: c.value(
+            &key(&["http2redis", "threads"]),
+            &f.threads,
+            DEFAULT_THREADS,
+            |n| runtime_threads(*n),
+        ),
+        tls: None,
     };
 
     let worker = WorkerSettings {
@@ -412,6 +456,12 @@ pub fn compile(
             &raw.redis2http.admin,
             None,
             |s| admin_addr(s),
+        ),
+        threads: c.value(
+            &key(&["redis2http", "threads"]),
+            &raw.redis2http.threads,
+            DEFAULT_THREADS,
+            |n| runtime_threads(*n),
         ),
     };
 
@@ -562,9 +612,11 @@ pub fn compile(
     let rules = super::rules::compile_rules(&mut c, &raw.rules, &queues);
     let limits = super::limits::compile_limits(&mut c, &raw.limits, &queues);
     let scheduling = super::limits::compile_scheduling(&mut c, &raw.scheduling);
+    let tls = tls_files(&mut c, &raw.http2redis.tls);
     let edge_limit = super::limits::compile_edge_limit(&mut c, &raw.http2redis.edge_limit);
 
     let mut front = front;
+    front.tls = tls;
     front.edge_limit = edge_limit;
 
     if c.errors.is_empty() {

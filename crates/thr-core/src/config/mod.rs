@@ -129,6 +129,21 @@ pub struct FrontSettings {
     /// A client that takes nothing of its response for this long is cut
     /// off and its stream's resources (in the front and in Redis) freed.
     pub client_write_timeout: Duration,
+    /// Threads of the daemon's async runtime (0: one per CPU core).
+    pub threads: usize,
+    /// TLS on the listener (`[http2redis.tls]`), if any.
+    pub tls: Option<TlsFiles>,
+}
+
+/// `[http2redis.tls]`: the front terminates TLS itself. The files are read
+/// at start and again at every reload (SIGHUP), so a renewed certificate
+/// is served without a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// The header fields thr adds to a request on its way to the backend
@@ -143,15 +158,19 @@ pub struct AddedHeaders {
     pub forwarded_host: bool,
     /// `X-Request-Id`: the request's id, when the client sent none.
     pub request_id: bool,
+    /// `X-Request-Start: t=<µs since the epoch>`: when the front received
+    /// the request, for APM agents to show the time spent queueing.
+    pub request_start: bool,
 }
 
 impl AddedHeaders {
     /// Their names, as written in `add_headers`.
-    pub const NAMES: [&'static str; 4] = [
+    pub const NAMES: [&'static str; 5] = [
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
         "x-request-id",
+        "x-request-start",
     ];
 
     /// Every field on (the default).
@@ -160,6 +179,7 @@ impl AddedHeaders {
         forwarded_proto: true,
         forwarded_host: true,
         request_id: true,
+        request_start: true,
     };
 }
 
@@ -170,6 +190,8 @@ pub struct WorkerSettings {
     pub shutdown_grace: Duration,
     /// Where to serve /metrics, /healthz and /readyz (none: not served).
     pub admin: Option<SocketAddr>,
+    /// Threads of the daemon's async runtime (0: one per CPU core).
+    pub threads: usize,
 }
 
 /// One `[[queues]]` entry: a backend and the pace it can take.
@@ -253,7 +275,23 @@ pub enum BackendAddress {
     Unix(PathBuf),
 }
 
+/// The configuration of a checkout, relative to the working directory.
+pub const LOCAL_CONFIG: &str = "config/thr.toml";
+/// The installed configuration (the `contrib/systemd` units name it).
+pub const SYSTEM_CONFIG: &str = "/etc/thr/thr.toml";
+
 impl Config {
+    /// Where the configuration is when no `--config` (or `THR_CONFIG`)
+    /// names it: `config/thr.toml` under the working directory when there
+    /// is one (a checkout), else the installed [`SYSTEM_CONFIG`]. None
+    /// when neither exists.
+    pub fn default_path() -> Option<PathBuf> {
+        [Path::new(LOCAL_CONFIG), Path::new(SYSTEM_CONFIG)]
+            .into_iter()
+            .find(|p| p.is_file())
+            .map(Path::to_path_buf)
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let origin = path.display().to_string();
@@ -268,8 +306,17 @@ impl Config {
 
     /// Validates `text`; `origin` names it in error messages.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigErrors> {
-        let (raw, unknown_keys) = raw::read(text, origin)?;
-        compile::compile(raw, unknown_keys, text, origin)
+        let (raw, earlier) = raw::read(text, origin)?;
+        // A value of the wrong type was left out to read the rest; what
+        // compiling then says about its key (missing, say) is not news.
+        let reported = earlier.clone();
+        compile::compile(raw, earlier, text, origin).map_err(|ConfigErrors(all)| {
+            ConfigErrors(
+                all.into_iter()
+                    .filter(|e| reported.contains(e) || !reported.iter().any(|r| r.key == e.key))
+                    .collect(),
+            )
+        })
     }
 
     /// The queue called `name`.

@@ -144,6 +144,16 @@ pub struct RawFront {
     pub max_connections: Option<Spanned<i64>>,
     pub add_headers: Option<Spanned<Vec<String>>>,
     pub edge_limit: Option<RawEdgeLimit>,
+    pub threads: Option<Spanned<i64>>,
+    pub tls: Option<Spanned<RawTls>>,
+}
+
+/// `[http2redis.tls]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: Option<Str>,
+    pub key: Option<Str>,
 }
 
 /// `[redis2http]`.
@@ -151,6 +161,7 @@ pub struct RawFront {
 pub struct RawWorker {
     pub shutdown_grace: Option<Str>,
     pub admin: Option<Str>,
+    pub threads: Option<Spanned<i64>>,
 }
 
 /// One `[[queues]]` entry.
@@ -190,26 +201,74 @@ pub fn read(text: &str, origin: &str) -> Result<(RawConfig, Vec<ConfigError>), C
         }
     };
 
-    let deserializer = match toml::de::Deserializer::parse(text) {
-        Ok(d) => d,
-        Err(err) => return Err(ConfigErrors::single(toml_error(&locator, origin, &err))),
-    };
-    let mut unknown = Vec::new();
-    let result: Result<RawConfig, _> = serde_ignored::deserialize(deserializer, |path| {
-        unknown.push(segments(&path));
-    });
-    let mut errors: Vec<ConfigError> = unknown
-        .iter()
-        .map(|path| at(path, "unknown key".to_string()))
-        .collect();
-    match result {
-        Ok(raw) => Ok((raw, errors)),
-        Err(err) => {
-            errors.push(toml_error(&locator, origin, &err));
-            errors.sort_by_key(|e| (e.line, e.column));
-            Err(ConfigErrors(errors))
+    // serde stops at the first value of the wrong type. To report them all
+    // at once, each is blanked out (its lines become spaces, so every
+    // offset and line number stays that of the file) and the text is read
+    // again, up to a bound.
+    let mut text_now = text.to_string();
+    let mut type_errors: Vec<ConfigError> = Vec::new();
+    loop {
+        let deserializer = match toml::de::Deserializer::parse(&text_now) {
+            Ok(d) => d,
+            Err(err) if type_errors.is_empty() => {
+                return Err(ConfigErrors::single(toml_error(&locator, origin, &err)));
+            }
+            // Blanking broke the syntax (a value sharing its line with
+            // another key): what was found so far is the report.
+            Err(_) => return Err(ConfigErrors(type_errors)),
+        };
+        let mut unknown = Vec::new();
+        let result: Result<RawConfig, _> = serde_ignored::deserialize(deserializer, |path| {
+            unknown.push(segments(&path));
+        });
+        let mut errors: Vec<ConfigError> = unknown
+            .iter()
+            .map(|path| at(path, "unknown key".to_string()))
+            .collect();
+        match result {
+            Ok(raw) => {
+                errors.extend(type_errors);
+                return Ok((raw, errors));
+            }
+            Err(err) => {
+                type_errors.push(toml_error(&locator, origin, &err));
+                let blanked = err
+                    .span()
+                    .filter(|_| type_errors.len() < MAX_TYPE_ERRORS)
+                    .and_then(|span| blank_lines(&mut text_now, span));
+                if blanked.is_none() {
+                    errors.extend(type_errors);
+                    errors.sort_by_key(|e| (e.line, e.column));
+                    errors.dedup();
+                    return Err(ConfigErrors(errors));
+                }
+            }
         }
     }
+}
+
+/// Type errors reported in one go before giving up on the rest.
+const MAX_TYPE_ERRORS: usize = 50;
+
+/// Replaces the lines that hold `span` with spaces (byte for byte, so
+/// offsets keep their meaning). None when they are blank already: no
+/// progress is possible.
+fn blank_lines(text: &mut String, span: std::ops::Range<usize>) -> Option<()> {
+    let start = text[..span.start.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let end = text[span.end.min(text.len())..]
+        .find('\n')
+        .map_or(text.len(), |i| span.end + i);
+    let blank: String = text[start..end]
+        .bytes()
+        .map(|b| if b == b'\n' { '\n' } else { ' ' })
+        .collect();
+    if text[start..end] == blank {
+        return None;
+    }
+    text.replace_range(start..end, &blank);
+    Some(())
 }
 
 fn toml_error(locator: &Locator<'_>, origin: &str, err: &toml::de::Error) -> ConfigError {
@@ -217,11 +276,11 @@ fn toml_error(locator: &Locator<'_>, origin: &str, err: &toml::de::Error) -> Con
         .span()
         .map(|s| locator.line_col(s.start))
         .map_or((None, None), |(l, c)| (Some(l), Some(c)));
-    let message = err.message().trim().to_string();
     let key = err
         .span()
         .map(|s| render(&locator.path_at(s.start)))
         .unwrap_or_default();
+    let message = with_hint(err.message().trim(), &key);
     ConfigError {
         origin: origin.to_string(),
         line,
@@ -229,6 +288,34 @@ fn toml_error(locator: &Locator<'_>, origin: &str, err: &toml::de::Error) -> Con
         key,
         message,
     }
+}
+
+/// A number written where a string with a unit is expected gets the
+/// quoted form to write instead (`reply_timeout = 30` → `"30s"`).
+fn with_hint(message: &str, key: &str) -> String {
+    let number = message
+        .strip_prefix("invalid type: integer `")
+        .or_else(|| message.strip_prefix("invalid type: floating point `"))
+        .and_then(|rest| rest.split_once('`'))
+        .filter(|(_, rest)| rest.contains("expected a string"))
+        .map(|(n, _)| n);
+    let Some(n) = number else {
+        return message.to_string();
+    };
+    let name = key.rsplit('.').next().unwrap_or(key);
+    let example = if name.contains("rate") {
+        format!("\"{n}/s\"")
+    } else if name.contains("size") || name.contains("body") || name.contains("buffer") {
+        format!("\"{n}MiB\"")
+    } else if ["timeout", "grace", "lease", "boost", "cache", "older_than"]
+        .iter()
+        .any(|d| name.contains(d))
+    {
+        format!("\"{n}s\"")
+    } else {
+        format!("\"{n}\"")
+    };
+    format!("{message}; write {example} (a quoted value with its unit)")
 }
 
 fn segments(path: &serde_ignored::Path<'_>) -> Vec<Seg> {

@@ -289,3 +289,56 @@ fn max_tunnels_errors_name_the_key() {
         );
     }
 }
+
+#[test]
+fn runtime_threads_default_to_one_and_zero_means_per_core() {
+    let c = Config::parse(ISSUE_EXAMPLE, "thr.toml").unwrap();
+    assert_eq!((c.front.threads, c.worker.threads), (1, 1));
+    let text = ISSUE_EXAMPLE.replace(
+        "[http2redis]\n",
+        "[redis2http]\nthreads = 0\n[http2redis]\nthreads = 4\n",
+    );
+    let c = Config::parse(&text, "thr.toml").unwrap();
+    assert_eq!((c.front.threads, c.worker.threads), (4, 0));
+    let wrong = "[http2redis]\nthreads = -2\n[[queues]]\nname = \"a\"\nbackend = \"http://h:1\"\n";
+    let errs = Config::parse(wrong, "f.toml").unwrap_err().to_string();
+    assert!(
+        errs.contains(
+            "f.toml:2:11: `http2redis.threads`: must be between 0 (one per CPU core) and 1024"
+        ),
+        "{errs}"
+    );
+}
+
+#[test]
+fn every_type_error_is_reported_at_once_with_the_quoted_form_to_write() {
+    let text = r#"
+[http2redis]
+reply_timeout = 30
+max_headers = "many"
+
+[[queues]]
+name = 7
+backend = "http://127.0.0.1:9000"
+max_inflight = "64"
+lease = 5
+bakend = "x"
+"#;
+    let errs = Config::parse(text, "bad.toml").unwrap_err();
+    let joined = errs.to_string();
+    for expected in [
+        "bad.toml:3:17: `http2redis.reply_timeout`: invalid type: integer `30`, expected a string; write \"30s\"",
+        "bad.toml:4:15: `http2redis.max_headers`",
+        "bad.toml:7:8: `queues[0].name`",
+        "bad.toml:9:16: `queues[0].max_inflight`",
+        "bad.toml:10:9: `queues[0].lease`: invalid type: integer `5`, expected a string; write \"5s\"",
+        "bad.toml:11:1: `queues[0].bakend`: unknown key",
+    ] {
+        assert!(
+            joined.contains(expected),
+            "missing {expected:?} in:\n{joined}"
+        );
+    }
+    // The left-out name is not reported again as missing.
+    assert_eq!(errs.0.len(), 6, "{joined}");
+}

@@ -211,7 +211,9 @@ impl RedisBroker {
     }
 
     /// Names of the queues that have held jobs (found by key, with SCAN:
-    /// unlike KEYS, it never blocks a busy Redis for the whole keyspace).
+    /// unlike KEYS, it never blocks a busy Redis for the whole keyspace)
+    /// or that a live worker serves (its heartbeat lists them), so that a
+    /// configured queue is known before its first request.
     pub async fn queue_names(&self) -> Result<Vec<String>, BrokerError> {
         let pattern = self.keyspace().queue_pattern();
         let mut names = Vec::new();
@@ -240,6 +242,11 @@ impl RedisBroker {
                 break;
             }
             cursor = next;
+        }
+        for daemon in self.daemons().await? {
+            if let Some(served) = daemon.info.get("queues").and_then(|q| q.as_array()) {
+                names.extend(served.iter().filter_map(|q| q.as_str()).map(str::to_string));
+            }
         }
         names.sort();
         names.dedup();

@@ -55,7 +55,10 @@ await() {
   done
   fail "$what did not become ready within 10 s"
 }
-ready() { (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && head -1 <&3 | grep -q ' 200 '); }
+ready() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 &&
+    read -r -t 2 status <&3 && [[ $status == *" 200 "* ]])
+}
 
 # Each runs in a session of its own: Ctrl-C reaches this script only, which
 # then stops them in order.

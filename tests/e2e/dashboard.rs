@@ -231,7 +231,7 @@ fn enqueued(redis: &RedisServer) -> u64 {
 }
 
 /// An edge limit on clients sending `X-Edge`, a limit of one running and two
-/// waiting per `X-User`, a rule giving `/short` a 500 ms reply timeout, a
+/// waiting per `X-User`, a rule giving `/short` a 1.5 s reply timeout, a
 /// short lease (a killed worker's job is taken back fast).
 const EXTRA: &str = "lease = \"2s\"
 
@@ -243,7 +243,7 @@ max_waiting = 2
 
 [[rules]]
 when = { path = { prefix = \"/short\" } }
-then = { reply_timeout = \"500ms\" }
+then = { reply_timeout = \"1500ms\" }
 ";
 
 /// `max_connections` of the front.

@@ -177,13 +177,32 @@ async fn a_renewed_certificate_is_served_after_sighup_and_broken_files_are_not()
     let tls = connect(stack.port, &old, &[]).await.unwrap();
     assert_eq!(served(&tls), old);
 
-    // Broken files: refused, the certificate in use stays.
+    // Broken files: refused, the certificate in use stays. The same reload
+    // adds a rule, so that the test knows the reload has happened.
     std::fs::write(stack.dir.path().join("cert.pem"), "not a certificate\n").unwrap();
+    let config = stack.dir.path().join("thr.toml");
+    let text = std::fs::read_to_string(&config).unwrap()
+        + "[[rules]]\nwhen = { path = \"/probe\" }\nthen = { status = 200, body = \"reloaded\" }\nstop = true\n";
+    std::fs::write(&config, text).unwrap();
     stack.front.signal("HUP");
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let tls = connect(stack.port, &old, &[])
+            .await
+            .expect("old certificate kept");
+        if get_over(tls, "/probe").await.1 == "reloaded" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reload never happened"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let tls = connect(stack.port, &old, &[])
         .await
         .expect("old certificate kept");
+    assert_eq!(served(&tls), old);
     assert_eq!(get_over(tls, "/kept").await.0, 200);
 
     // A renewed pair: new connections get it, without a restart.

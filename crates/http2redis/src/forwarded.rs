@@ -32,8 +32,7 @@ pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// write them). A unix-socket peer (`None`) is a local process, typically
 /// a proxy in front of thr, and is trusted.
 pub fn real_ip(headers: &HeaderMap, peer: Option<IpAddr>, trusted: &[IpNet]) -> Option<IpAddr> {
-    let trusted_peer = peer.is_none_or(|ip| trusted.iter().any(|net| net.contains(&ip)));
-    if trusted_peer {
+    if is_trusted(peer, trusted) {
         let told = headers
             .get(&X_REAL_IP)
             .and_then(|v| v.to_str().ok())
@@ -54,31 +53,53 @@ pub fn real_ip(headers: &HeaderMap, peer: Option<IpAddr>, trusted: &[IpNet]) -> 
     peer
 }
 
+/// How a request reached the front.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival {
+    /// The TCP peer; None on a unix socket.
+    pub peer: Option<IpAddr>,
+    /// When the front received it (wall clock).
+    pub received: SystemTime,
+    /// It came over TLS that this front terminated.
+    pub via_tls: bool,
+    /// The peer is a proxy whose headers are believed ([`is_trusted`]).
+    pub trusted: bool,
+}
+
+/// True when `peer` is a proxy whose headers are believed: a trusted
+/// address, or a unix-socket peer (a local process).
+pub fn is_trusted(peer: Option<IpAddr>, trusted: &[IpNet]) -> bool {
+    peer.is_none_or(|ip| trusted.iter().any(|net| net.contains(&ip)))
+}
+
 /// Longest client-supplied request id kept; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 200;
 
 /// Rewrites `headers` for the backend and returns the request id to log.
 ///
 /// `authority` is the request URI's authority (HTTP/2 carries the host
-/// there, not in a Host field); `peer` is the TCP peer, absent on unix
-/// sockets; `job_id` becomes the request id when the client sent none;
-/// `received` is when the front received the request; `proto` is
-/// `https` when it came over TLS that this front terminated; `added` says
-/// which fields thr may add.
+/// there, not in a Host field); `job_id` becomes the request id when the
+/// client sent none; `arrival` is how the request reached the front;
+/// `added` says which fields thr may add.
 pub fn prepare(
     headers: &mut HeaderMap,
     authority: Option<&str>,
-    peer: Option<IpAddr>,
     job_id: &str,
-    received: SystemTime,
-    proto: &'static str,
+    arrival: &Arrival,
     added: AddedHeaders,
 ) -> String {
+    let Arrival {
+        peer,
+        received,
+        via_tls,
+        trusted,
+    } = *arrival;
     strip_hop_by_hop(headers);
 
-    // The New Relic / Scout / AppSignal form. A proxy before thr that set
-    // it saw the request first: its time is kept.
-    if added.request_start && !headers.contains_key(&X_REQUEST_START) {
+    // The New Relic / Scout / AppSignal form. A trusted proxy before thr
+    // that set it saw the request first: its time is kept. Anyone else's
+    // would skew the queue time APM agents show.
+    if added.request_start && !(trusted && headers.contains_key(&X_REQUEST_START)) {
         let micros = received
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_micros());
@@ -108,7 +129,10 @@ pub fn prepare(
             headers.insert(X_FORWARDED_FOR.clone(), value);
         }
     }
-    if added.forwarded_proto && !headers.contains_key(&X_FORWARDED_PROTO) {
+    // Over this front's TLS the scheme is known: a client's word does not
+    // replace it. Otherwise a proxy before thr may have said.
+    if added.forwarded_proto && (via_tls || !headers.contains_key(&X_FORWARDED_PROTO)) {
+        let proto = if via_tls { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     }
     if added.forwarded_host
@@ -139,6 +163,15 @@ pub fn prepare(
 mod tests {
     use super::*;
 
+    fn arrival(peer: Option<&str>, via_tls: bool, trusted: bool) -> Arrival {
+        Arrival {
+            peer: peer.map(|p| p.parse().unwrap()),
+            received: SystemTime::now(),
+            via_tls,
+            trusted,
+        }
+    }
+
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (n, v) in pairs {
@@ -157,15 +190,11 @@ mod tests {
             ("connection", "close"),
             ("x-a", "1"),
         ]);
-        let id = prepare(
-            &mut h,
-            None,
-            Some("10.1.2.3".parse().unwrap()),
-            "abc",
-            UNIX_EPOCH + std::time::Duration::from_micros(1_795_000_000_123_456),
-            "http",
-            AddedHeaders::ALL,
-        );
+        let at = Arrival {
+            received: UNIX_EPOCH + std::time::Duration::from_micros(1_795_000_000_123_456),
+            ..arrival(Some("10.1.2.3"), false, false)
+        };
+        let id = prepare(&mut h, None, "abc", &at, AddedHeaders::ALL);
         assert_eq!(id, "abc");
         assert_eq!(h["x-request-start"], "t=1795000000123456");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
@@ -183,15 +212,8 @@ mod tests {
             ("x-request-id", "client-id-7"),
             ("x-request-start", "t=1"),
         ]);
-        let id = prepare(
-            &mut h,
-            Some("h2.example"),
-            Some("::1".parse().unwrap()),
-            "abc",
-            SystemTime::now(),
-            "https",
-            AddedHeaders::ALL,
-        );
+        let at = arrival(Some("::1"), true, true);
+        let id = prepare(&mut h, Some("h2.example"), "abc", &at, AddedHeaders::ALL);
         assert_eq!(id, "client-id-7");
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
         assert_eq!(h["host"], "h2.example");
@@ -237,10 +259,8 @@ mod tests {
         prepare(
             &mut h,
             None,
-            None,
             "abc",
-            SystemTime::now(),
-            "http",
+            &arrival(None, false, true),
             AddedHeaders::ALL,
         );
         assert!(!h.contains_key("x-forwarded-for"));
@@ -248,7 +268,7 @@ mod tests {
 
     #[test]
     fn each_added_field_can_be_turned_off() {
-        let peer = Some("10.1.2.3".parse().unwrap());
+        let peer = Some("10.1.2.3");
         let none = AddedHeaders {
             forwarded_for: false,
             forwarded_proto: false,
@@ -257,7 +277,7 @@ mod tests {
             request_start: false,
         };
         let mut h = map(&[("host", "app.example")]);
-        let id = prepare(&mut h, None, peer, "abc", SystemTime::now(), "http", none);
+        let id = prepare(&mut h, None, "abc", &arrival(peer, false, true), none);
         assert_eq!(id, "abc", "the request id is still logged");
         assert_eq!(h.len(), 1, "{h:?}");
         for (i, name) in AddedHeaders::NAMES.iter().enumerate() {
@@ -270,7 +290,7 @@ mod tests {
                 &mut only.request_start,
             ][i] = true;
             let mut h = map(&[("host", "app.example")]);
-            prepare(&mut h, None, peer, "abc", SystemTime::now(), "http", only);
+            prepare(&mut h, None, "abc", &arrival(peer, false, true), only);
             assert_eq!(h.len(), 2, "{name}: {h:?}");
             assert!(h.contains_key(*name), "{name}: {h:?}");
         }

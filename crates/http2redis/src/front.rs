@@ -373,17 +373,17 @@ impl<B: Broker> Front<B> {
         let mut headers = parts.headers;
         let real_ip = forwarded::real_ip(&headers, peer, &config.front.trusted_proxies);
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
+        let arrival = forwarded::Arrival {
+            peer,
+            received: cx.received,
+            via_tls: parts.extensions.get::<ViaTls>().is_some(),
+            trusted: forwarded::is_trusted(peer, &config.front.trusted_proxies),
+        };
         let request_id = forwarded::prepare(
             &mut headers,
             authority.as_deref(),
-            peer,
             &cx.job_id,
-            cx.received,
-            if parts.extensions.get::<ViaTls>().is_some() {
-                "https"
-            } else {
-                "http"
-            },
+            &arrival,
             config.front.add_headers,
         );
         cx.span = tracing::info_span!("job", request_id = %request_id, job = %cx.job_id);

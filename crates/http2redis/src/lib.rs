@@ -65,6 +65,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let initial = config.borrow_and_update().clone();
     let broker = RedisBroker::from_settings(&initial.redis)?;
+    let tls = match &initial.front.tls {
+        Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
+        None => None,
+    };
     tracing::info!(
         listen = %initial.front.listen,
         redis = broker.display_url(),
@@ -81,10 +85,6 @@ pub async fn run(
             });
             Some(thr_daemon::admin::spawn(addr, ready).await?)
         }
-        None => None,
-    };
-    let tls = match &initial.front.tls {
-        Some(files) => Some(Arc::new(tls::Tls::load(files)?)),
         None => None,
     };
     let front = Front::new(initial, broker);

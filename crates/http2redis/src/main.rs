@@ -44,7 +44,18 @@ enum Command {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     if cli.common.check {
-        return cli.common.check();
+        // The front also reads its TLS files (the other programs that load
+        // the configuration never do).
+        return match cli.common.load() {
+            Err(code) => code,
+            Ok(config) => match config.front.tls.as_ref().map(http2redis::tls::Tls::load) {
+                Some(Err(err)) => {
+                    eprintln!("{}: `http2redis.tls`: {err:#}", config.origin);
+                    ExitCode::from(2)
+                }
+                _ => thr_daemon::checked(&config),
+            },
+        };
     }
     let config = match cli.common.load() {
         Ok(config) => config,

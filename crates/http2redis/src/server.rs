@@ -200,6 +200,8 @@ pub async fn serve<B: Broker>(
             // A TLS client could not read a plain answer: it is just closed.
             if tls.is_none() {
                 refuse(conn);
+            } else {
+                metrics::counter!("thr_connections_refused_total").increment(1);
             }
             continue;
         };
@@ -260,12 +262,17 @@ pub async fn serve<B: Broker>(
                 }
             })
         };
-        let stopping = stopping.clone();
+        let mut stopping = stopping.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
             // (A TLS handshake first: in this task, under the connection's
-            // slot, and within its first-request bound.)
-            let Some(io) = io.await else { return };
+            // slot, within its first-request bound, and given up when the
+            // server stops: nothing was asked of it yet.)
+            let io = tokio::select! {
+                io = io => io,
+                _ = stopping.wait_for(|stop| *stop) => None,
+            };
+            let Some(io) = io else { return };
             let conn = builder
                 .serve_connection_with_upgrades(io, service)
                 .into_owned();

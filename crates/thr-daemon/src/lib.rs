@@ -78,19 +78,24 @@ impl CommonArgs {
     /// For `--check`: prints a verdict and the exit code.
     pub fn check(&mut self) -> ExitCode {
         match self.load() {
-            Ok(config) => {
-                println!(
-                    "{}: ok ({} queue{})",
-                    config.origin,
-                    config.queues.len(),
-                    if config.queues.len() == 1 { "" } else { "s" }
-                );
-                ExitCode::SUCCESS
-            }
+            Ok(config) => checked(&config),
             Err(code) => code,
         }
     }
 }
+
+/// `--check`'s verdict on a configuration found valid.
+pub fn checked(config: &Config) -> ExitCode {
+    println!(
+        "{}: ok ({} queue{})",
+        config.origin,
+        config.queues.len(),
+        if config.queues.len() == 1 { "" } else { "s" }
+    );
+    ExitCode::SUCCESS
+}
+
+impl CommonArgs {}
 
 /// The daemon's async runtime: `threads` from its configuration section.
 /// One thread (the default) is a current-thread runtime: every task runs

@@ -167,13 +167,25 @@ pub struct Context {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
-    let path = cli.config.clone().or_else(Config::default_path);
-    let config = match &path {
-        Some(path) => Some(
+    let config = match (&cli.config, Config::default_path()) {
+        (Some(path), _) => Some(
             Config::load(path)
                 .map_err(|e| Failure::usage(e.to_string().trim_end().replace('\n', "; ")))?,
         ),
-        None => None,
+        // Found, not asked for: one an operator may not be allowed to read
+        // (/etc/thr is the daemons') is passed over, not an error.
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!(
+                    "thrctl: not using {} ({}); give --config or --redis",
+                    path.display(),
+                    e.to_string().trim_end().replace('\n', "; ")
+                );
+                None
+            }
+        },
+        (None, None) => None,
     };
     match &cli.command {
         Command::CheckConfig { file } => return commands::check_config(file),

@@ -207,6 +207,7 @@ pub fn read(text: &str, origin: &str) -> Result<(RawConfig, Vec<ConfigError>), C
     // again, up to a bound.
     let mut text_now = text.to_string();
     let mut type_errors: Vec<ConfigError> = Vec::new();
+    let mut last_unknown: Vec<ConfigError> = Vec::new();
     loop {
         let deserializer = match toml::de::Deserializer::parse(&text_now) {
             Ok(d) => d,
@@ -215,7 +216,13 @@ pub fn read(text: &str, origin: &str) -> Result<(RawConfig, Vec<ConfigError>), C
             }
             // Blanking broke the syntax (a value sharing its line with
             // another key): what was found so far is the report.
-            Err(_) => return Err(ConfigErrors(type_errors)),
+            Err(_) => {
+                let mut errors = std::mem::take(&mut last_unknown);
+                errors.extend(type_errors);
+                errors.sort_by_key(|e| (e.line, e.column));
+                errors.dedup();
+                return Err(ConfigErrors(errors));
+            }
         };
         let mut unknown = Vec::new();
         let result: Result<RawConfig, _> = serde_ignored::deserialize(deserializer, |path| {
@@ -231,6 +238,7 @@ pub fn read(text: &str, origin: &str) -> Result<(RawConfig, Vec<ConfigError>), C
                 return Ok((raw, errors));
             }
             Err(err) => {
+                last_unknown.clone_from(&errors);
                 type_errors.push(toml_error(&locator, origin, &err));
                 let blanked = err
                     .span()
@@ -303,15 +311,14 @@ fn with_hint(message: &str, key: &str) -> String {
         return message.to_string();
     };
     let name = key.rsplit('.').next().unwrap_or(key);
-    let example = if name.contains("rate") {
-        format!("\"{n}/s\"")
-    } else if name.contains("size") || name.contains("body") || name.contains("buffer") {
-        format!("\"{n}MiB\"")
-    } else if ["timeout", "grace", "lease", "boost", "cache", "older_than"]
+    // (Sizes take bare numbers: only durations and rates get here.)
+    let example = if ["timeout", "grace", "lease", "boost", "cache"]
         .iter()
-        .any(|d| name.contains(d))
+        .any(|d| name.ends_with(d))
     {
         format!("\"{n}s\"")
+    } else if name == "rate" {
+        format!("\"{n}/s\"")
     } else {
         format!("\"{n}\"")
     };

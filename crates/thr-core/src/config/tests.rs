@@ -316,6 +316,7 @@ fn every_type_error_is_reported_at_once_with_the_quoted_form_to_write() {
 [http2redis]
 reply_timeout = 30
 max_headers = "many"
+body_read_timeout = 30
 
 [[queues]]
 name = 7
@@ -329,10 +330,11 @@ bakend = "x"
     for expected in [
         "bad.toml:3:17: `http2redis.reply_timeout`: invalid type: integer `30`, expected a string; write \"30s\"",
         "bad.toml:4:15: `http2redis.max_headers`",
-        "bad.toml:7:8: `queues[0].name`",
-        "bad.toml:9:16: `queues[0].max_inflight`",
-        "bad.toml:10:9: `queues[0].lease`: invalid type: integer `5`, expected a string; write \"5s\"",
-        "bad.toml:11:1: `queues[0].bakend`: unknown key",
+        "bad.toml:5:21: `http2redis.body_read_timeout`: invalid type: integer `30`, expected a string; write \"30s\"",
+        "bad.toml:8:8: `queues[0].name`",
+        "bad.toml:10:16: `queues[0].max_inflight`",
+        "bad.toml:11:9: `queues[0].lease`: invalid type: integer `5`, expected a string; write \"5s\"",
+        "bad.toml:12:1: `queues[0].bakend`: unknown key",
     ] {
         assert!(
             joined.contains(expected),
@@ -340,5 +342,5 @@ bakend = "x"
         );
     }
     // The left-out name is not reported again as missing.
-    assert_eq!(errs.0.len(), 6, "{joined}");
+    assert_eq!(errs.0.len(), 7, "{joined}");
 }

@@ -13,12 +13,7 @@ use crate::support::*;
 
 /// A stack's configuration, listening on a free port (returned).
 fn stack_config(redis: &RedisServer, backend: &SlowBackend, extra: &str) -> (String, u16) {
-    let port = testkit::redis::free_port();
-    let text = config_text(&redis.url(), &backend.url(), extra).replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
-    (text, port)
+    on_free_port(&config_text(&redis.url(), &backend.url(), extra))
 }
 
 /// A daemon started with `envs`, its stderr written to `log`.
@@ -101,10 +96,7 @@ async fn logs_keep_the_path_carry_the_request_id_and_write_one_line_per_request(
     );
     let mut worker = spawn_logged("redis2http", &path, &[], &info, &worker_log);
     let url = format!("http://127.0.0.1:{port}");
-    until(Duration::from_secs(15), "the front listens", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
+    until_listening(port).await;
     let seen = send(
         &client(),
         &url,
@@ -328,10 +320,7 @@ async fn quota_gauges_fall_back_to_zero_once_nobody_waits() {
     let (dir, path) = config_file(&text);
     let _front = spawn_logged("http2redis", &path, &[], &[], &dir.path().join("f.log"));
     let _worker = spawn_logged("redis2http", &path, &[], &[], &dir.path().join("w.log"));
-    until(Duration::from_secs(15), "the front listens", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
+    until_listening(port).await;
     let url = format!("http://127.0.0.1:{port}");
     let admin_url = format!("http://127.0.0.1:{admin}");
     let client = client();

@@ -163,6 +163,24 @@ pub fn temp_dir(prefix: &str) -> tempfile::TempDir {
         .expect("a temporary directory")
 }
 
+/// `text` (a [`config_text`]) with the front on a free port, and the port.
+pub fn on_free_port(text: &str) -> (String, u16) {
+    let port = testkit::redis::free_port();
+    let text = text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    (text, port)
+}
+
+/// Waits (up to 15 s) until the front on `port` accepts connections.
+pub async fn until_listening(port: u16) {
+    until(Duration::from_secs(15), "the front listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+}
+
 /// Polls `check` every 20 ms; fails the test with `what` after `limit`.
 pub async fn until(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
     let started = std::time::Instant::now();
@@ -247,20 +265,13 @@ impl Binaries {
     ) -> Binaries {
         use testkit::bins::Process;
         testkit::init_logs();
-        let port = testkit::redis::free_port();
-        let text = edit(config_text(&redis.url(), &backend.url(), "")).replace(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{port}\""),
-        );
+        let (text, port) = on_free_port(&edit(config_text(&redis.url(), &backend.url(), "")));
         let (dir, path) = config_file(&text);
         let front = Process::spawn("http2redis", &["--config", &path]);
         let workers = (0..workers)
             .map(|_| Process::spawn("redis2http", &["--config", &path]))
             .collect();
-        until(Duration::from_secs(15), "the front listens", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        until_listening(port).await;
         Binaries {
             redis,
             backend,

@@ -97,11 +97,11 @@ impl TlsStack {
         let dir = temp_dir("thr-tls-");
         std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
         std::fs::write(dir.path().join("key.pem"), key).unwrap();
-        let port = testkit::redis::free_port();
-        let text = config_text(&redis.url(), &backend.url(), "").replace(
-            "listen = \"127.0.0.1:0\"",
+        let (text, port) = on_free_port(&config_text(&redis.url(), &backend.url(), ""));
+        let text = text.replace(
+            "[http2redis]\n",
             &format!(
-                "listen = \"127.0.0.1:{port}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}",
+                "[http2redis]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
                 dir.path().join("cert.pem").display(),
                 dir.path().join("key.pem").display()
             ),
@@ -111,10 +111,7 @@ impl TlsStack {
         let path = path.display().to_string();
         let front = Process::spawn("http2redis", &["--config", &path]);
         let worker = Process::spawn("redis2http", &["--config", &path]);
-        until(Duration::from_secs(15), "the front listens", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
-        .await;
+        until_listening(port).await;
         TlsStack {
             _redis: redis,
             backend,

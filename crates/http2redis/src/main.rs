@@ -85,14 +85,8 @@ fn main() -> ExitCode {
             }
         };
     }
-    let runtime = match thr_daemon::runtime(config.front.threads) {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("http2redis: cannot start the runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(serve(cli.common, config))
+    let threads = config.front.threads;
+    thr_daemon::block_on("http2redis", threads, serve(cli.common, config))
 }
 
 /// Logs, binds the listener and runs the front until it is asked to stop.

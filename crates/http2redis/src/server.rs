@@ -212,31 +212,14 @@ pub async fn serve<B: Broker>(
         let watch = Arc::new(conn::Watch::default());
         let originals = Arc::new(Originals::default());
         let via_tls = tls.is_some();
-        let (io, peer) = match (conn, &tls) {
-            (Conn::Tcp(stream, peer), None) => {
-                (plain(watched(stream, &originals, &watch)), Some(peer))
-            }
-            (Conn::Unix(stream), None) => (plain(watched(stream, &originals, &watch)), None),
-            (Conn::Tcp(stream, peer), Some(tls)) => (
-                handshake(
-                    tls.acceptor(),
-                    stream,
-                    limits.first_request,
-                    &originals,
-                    &watch,
-                ),
+        let tls = tls.as_deref();
+        let within = limits.first_request;
+        let (io, peer) = match conn {
+            Conn::Tcp(stream, peer) => (
+                client_io(stream, tls, within, &originals, &watch),
                 Some(peer),
             ),
-            (Conn::Unix(stream), Some(tls)) => (
-                handshake(
-                    tls.acceptor(),
-                    stream,
-                    limits.first_request,
-                    &originals,
-                    &watch,
-                ),
-                None,
-            ),
+            Conn::Unix(stream) => (client_io(stream, tls, within, &originals, &watch), None),
         };
         let app = front.clone();
         let service = {
@@ -344,14 +327,11 @@ fn watched<S>(
 /// done; None when the handshake failed.
 type ClientIoReady = Pin<Box<dyn Future<Output = Option<Box<dyn ClientIo>>> + Send>>;
 
-fn plain(io: impl ClientIo + 'static) -> ClientIoReady {
-    Box::pin(std::future::ready(Some(Box::new(io) as Box<dyn ClientIo>)))
-}
-
-/// The TLS handshake of a new connection, bounded like its first request.
-fn handshake<S>(
-    acceptor: tokio_rustls::TlsAcceptor,
+/// A client socket for hyper: as it is, or after a TLS handshake bounded
+/// like the connection's first request (`within`).
+fn client_io<S>(
     stream: S,
+    tls: Option<&Tls>,
     within: Duration,
     originals: &Arc<Originals>,
     watch: &Arc<conn::Watch>,
@@ -359,6 +339,11 @@ fn handshake<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let Some(tls) = tls else {
+        let io: Box<dyn ClientIo> = Box::new(watched(stream, originals, watch));
+        return Box::pin(std::future::ready(Some(io)));
+    };
+    let acceptor = tls.acceptor();
     let (originals, watch) = (originals.clone(), watch.clone());
     Box::pin(async move {
         match tokio::time::timeout(within, acceptor.accept(stream)).await {

@@ -29,14 +29,8 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let runtime = match thr_daemon::runtime(config.worker.threads) {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("redis2http: cannot start the runtime: {err}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(serve(cli.common, config))
+    let threads = config.worker.threads;
+    thr_daemon::block_on("redis2http", threads, serve(cli.common, config))
 }
 
 /// Logs and runs the worker until it is asked to stop.

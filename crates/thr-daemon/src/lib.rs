@@ -97,6 +97,22 @@ pub fn checked(config: &Config) -> ExitCode {
 
 impl CommonArgs {}
 
+/// Runs the daemon `name`'s main future on a runtime of `threads`
+/// ([`runtime`]); a runtime that cannot start is exit code 1.
+pub fn block_on(
+    name: &str,
+    threads: usize,
+    main: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    match runtime(threads) {
+        Ok(runtime) => runtime.block_on(main),
+        Err(err) => {
+            eprintln!("{name}: cannot start the runtime: {err}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// The daemon's async runtime: `threads` from its configuration section.
 /// One thread (the default) is a current-thread runtime: every task runs
 /// on the main thread, so a request crossing the front or the worker wakes

@@ -167,11 +167,9 @@ pub struct Context {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let one_line = |e: thr_core::config::ConfigErrors| e.to_string().trim_end().replace('\n', "; ");
     let config = match (&cli.config, Config::default_path()) {
-        (Some(path), _) => Some(
-            Config::load(path)
-                .map_err(|e| Failure::usage(e.to_string().trim_end().replace('\n', "; ")))?,
-        ),
+        (Some(path), _) => Some(Config::load(path).map_err(|e| Failure::usage(one_line(e)))?),
         // Found, not asked for: one an operator may not be allowed to read
         // (/etc/thr is the daemons') is passed over, not an error.
         (None, Some(path)) => match Config::load(&path) {
@@ -180,7 +178,7 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
                 eprintln!(
                     "thrctl: not using {} ({}); give --config or --redis",
                     path.display(),
-                    e.to_string().trim_end().replace('\n', "; ")
+                    one_line(e)
                 );
                 None
             }

@@ -406,6 +406,16 @@ struct QueueBatchers {
     release: Batcher<s::Release, Delivery>,
 }
 
+/// The bounds of one batched call; `size` weighs an item in bytes.
+fn batch_limits<T>(size: fn(&T) -> usize) -> Limits<T> {
+    Limits {
+        items: BATCH_JOBS,
+        bytes: BATCH_BYTES,
+        size,
+        in_flight: BATCHES_IN_FLIGHT,
+    }
+}
+
 impl QueueBatchers {
     fn start(broker: &RedisBroker, queue: Arc<QueueKeys>) -> QueueBatchers {
         let calls = QueueCalls {
@@ -416,30 +426,17 @@ impl QueueBatchers {
             timeout: broker.command_timeout,
             url: broker.display_url.clone(),
         };
-        let enqueue = Batcher::start(
-            Limits {
-                items: BATCH_JOBS,
-                bytes: BATCH_BYTES,
-                size: |e: &s::Enqueue| e.frame.len(),
-                in_flight: BATCHES_IN_FLIGHT,
-            },
-            {
+        let enqueue = Batcher::start(batch_limits(|e: &s::Enqueue| e.frame.len()), {
+            let calls = calls.clone();
+            move |jobs: Vec<s::Enqueue>| {
                 let calls = calls.clone();
-                move |jobs: Vec<s::Enqueue>| {
-                    let calls = calls.clone();
-                    async move {
-                        s::parse_enqueue(calls.invoke(|sc, ks, q| sc.enqueue(ks, q, &jobs)).await?)
-                    }
+                async move {
+                    s::parse_enqueue(calls.invoke(|sc, ks, q| sc.enqueue(ks, q, &jobs)).await?)
                 }
-            },
-        );
+            }
+        });
         let release = Batcher::start(
-            Limits {
-                items: BATCH_JOBS,
-                bytes: BATCH_BYTES,
-                size: |r: &s::Release| r.frame.len(),
-                in_flight: BATCHES_IN_FLIGHT,
-            },
+            batch_limits(|r: &s::Release| r.frame.len()),
             move |jobs: Vec<s::Release>| {
                 let calls = calls.clone();
                 async move {

@@ -55,6 +55,9 @@ scenarios![
     enqueue_is_idempotent_by_id,
     expired_jobs_are_never_claimed,
     repeated_claim_token_returns_the_same_jobs,
+    a_claim_token_leases_once,
+    wait_and_claim_takes_a_job_announced_meanwhile,
+    a_settled_wait_and_claim_leases_nothing,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,
@@ -214,6 +217,44 @@ async fn a_reply_survives_lost_data() {
     let after = b.heartbeat(Daemon::Front, FRONT, "{}").await.unwrap();
     assert_ne!(after.generation, before.generation, "a new generation");
     assert_eq!(after.since_last, None, "Redis forgot {FRONT}");
+}
+
+/// A Redis that lost its scripts (restarted, `SCRIPT FLUSH`) answers
+/// NOSCRIPT to the claim pipelined behind a doorbell pop: the worker then
+/// claims by invocation, which loads the script, and gets its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_doorbell_claim_survives_lost_scripts() {
+    use thr_broker::Doorbell;
+
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    let mut bell = b.doorbell(QUEUE);
+    // The pipelined claim works while Redis knows the script.
+    b.enqueue(job("k1", &free)).await.unwrap();
+    match b
+        .wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options("t1"))
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "k1"),
+        other => panic!("k1 is claimed, got {other:?}"),
+    }
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.conn())
+        .unwrap();
+    b.enqueue(job("k2", &free)).await.unwrap();
+    match b
+        .wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options("t2"))
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "k2"),
+        other => panic!("k2 is claimed after SCRIPT FLUSH, got {other:?}"),
+    }
+    // The doorbell's connection still works for a plain wait.
+    assert!(!bell.wait(Duration::from_millis(50)).await.unwrap());
 }
 
 /// Stalls every client of `redis` for `time`, as a slow fork, a long

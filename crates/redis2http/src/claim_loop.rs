@@ -1,18 +1,22 @@
 //! The claim loop of one queue: keeps up to `max_inflight` jobs running. It
 //! claims while it has room; when nothing can run it waits on the queue's
-//! doorbell (or until a rate quota allows, or a one-second fallback poll);
-//! when Redis fails it backs off with jitter and tries again, forever.
+//! doorbell (or until a rate quota allows, or a one-second fallback poll)
+//! and claims the moment it rings, in the same round trip
+//! ([`Broker::wait_and_claim`]); when Redis fails it backs off with jitter
+//! and tries again, forever.
 //!
 //! A claim whose answer was lost (a timeout) may still have leased jobs in
 //! Redis. So the loop asks again with the same claim token and the same
 //! free slots until it gets an answer: Redis then returns what the first
 //! call leased, and no lease is stranded on a worker that never saw its job.
+//! A loop that stops while its claim waits behind the doorbell settles the
+//! token the same way (a claim for no job), so the late claim leases nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use thr_broker::backoff::backoff;
-use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Doorbell};
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use crate::queue::QueueRunner;
@@ -34,6 +38,8 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     }
     // A claim to ask again (its answer was lost), with the slots it was for.
     let mut retry: Option<(String, Vec<OwnedSemaphorePermit>)> = None;
+    // Set when nothing could start: wait this long on the doorbell first.
+    let mut wait: Option<Duration> = None;
     loop {
         let (token, mut permits) = match retry.take() {
             Some(again) => again,
@@ -55,6 +61,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             }
         };
         if *stop.borrow() {
+            settle_last_claim(&runner, &token, permits).await;
             break;
         }
         let options = {
@@ -68,7 +75,19 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 max_jobs: permits.len(),
             }
         };
-        match runner.broker.claim(&name, options).await {
+        let outcome = match wait.take() {
+            None => runner.broker.claim(&name, options).await,
+            Some(max) => tokio::select! {
+                outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
+                _ = stop.changed() => {
+                    // The claim may still run once the pop returns: settle
+                    // its token, and run what it leased if it did.
+                    settle_last_claim(&runner, &token, permits).await;
+                    break;
+                }
+            },
+        };
+        match outcome {
             Ok(ClaimOutcome::Jobs(claimed)) => {
                 failures = 0;
                 // Fewer jobs than free slots: nothing more can start now
@@ -88,21 +107,13 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
                 }
                 if !all_taken {
-                    drop(permits);
-                    if wait_for_doorbell(&name, &mut doorbell, POLL, &mut failures, &mut stop).await
-                    {
-                        break;
-                    }
+                    wait = Some(POLL);
                 }
             }
             Ok(ClaimOutcome::Idle { retry_in }) => {
                 failures = 0;
-                drop(permits);
                 // A rate quota frees up on its own schedule, without a doorbell.
-                let wait = retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL));
-                if wait_for_doorbell(&name, &mut doorbell, wait, &mut failures, &mut stop).await {
-                    break;
-                }
+                wait = Some(retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL)));
             }
             Err(err) => {
                 failures += 1;
@@ -126,28 +137,10 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     }
 }
 
-/// Waits on the doorbell for at most `wait`; true when asked to stop.
-async fn wait_for_doorbell<D: Doorbell>(
-    queue: &str,
-    doorbell: &mut D,
-    wait: Duration,
-    failures: &mut u32,
-    stop: &mut watch::Receiver<bool>,
-) -> bool {
-    let rang = tokio::select! {
-        rang = doorbell.wait(wait) => rang,
-        _ = stop.changed() => return true,
-    };
-    if let Err(err) = rang {
-        *failures += 1;
-        tracing::warn!(%queue, %err, "waiting for work failed");
-        return sleep_or_stop(backoff(*failures), stop).await;
-    }
-    false
-}
-
-/// A stopping loop whose last claim went unanswered asks once more and
-/// runs what it was given (the drain then waits for it as for any job).
+/// A stopping loop whose last claim went unanswered (or still waits behind
+/// the doorbell) settles its token: a claim for no job, which returns what
+/// the first call leased, if anything, and makes sure it leases nothing
+/// later. What it returns runs here (the drain waits for it as for any job).
 async fn settle_last_claim<B: Broker>(
     runner: &Arc<QueueRunner<B>>,
     token: &str,
@@ -160,7 +153,7 @@ async fn settle_last_claim<B: Broker>(
         max_inflight_total: q.max_inflight_total,
         max_wait_boost: runner.scheduling.load().max_wait_boost,
         worker: &runner.worker_id,
-        max_jobs: permits.len(),
+        max_jobs: 0,
     };
     if let Ok(ClaimOutcome::Jobs(claimed)) = runner.broker.claim(&runner.name, options).await {
         for claimed in claimed {

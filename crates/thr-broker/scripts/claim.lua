@@ -2,7 +2,10 @@
 -- leases them to the claiming worker under its claim token. Repeated with
 -- the same token (its answer was lost), it returns what the first call
 -- leased instead of leasing more: no lease is stranded on a worker that
--- never saw its job.
+-- never saw its job. A token is used once: a claim that started nothing
+-- records that too, and a claim for 0 jobs starts nothing and returns what
+-- an earlier call with its token leased (a worker that stops waiting for
+-- a claim it sent, e.g. one queued behind its doorbell pop).
 -- includes: clock order records quota drain liveness
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -11,7 +14,7 @@ local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15]
 local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
 local K_waiting, K_waiting_limits = KEYS[21], KEYS[22]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local max_jobs, total, step = math.max(1, tonumber(ARGV[4])), tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_jobs, total, step = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
 local worker_timeout = tonumber(ARGV[9])
 -- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
@@ -34,6 +37,14 @@ local function started_entry(out, id, info)
   out[#out + 1] = info.def
 end
 
+-- Marks this token used although it started nothing: a late copy of this
+-- claim (queued behind a doorbell pop its worker gave up on) leases nothing.
+local function seal(why, hint)
+  redis.call('RPUSH', K_claim, '')
+  redis.call('PEXPIRE', K_claim, int(lease))
+  return {gen, 'idle', why, hint}
+end
+
 -- A repeated claim: the jobs still leased under this token.
 local prior = redis.call('LRANGE', K_claim, 0, -1)
 if #prior > 0 then
@@ -48,11 +59,19 @@ if #prior > 0 then
   if #out > 2 then
     return out
   end
+  -- A late copy of a claim its worker settled may come right after the
+  -- doorbell pop it was queued behind: pass that ring on if jobs wait.
+  if max_jobs > 0 and redis.call('EXISTS', K_flows) == 1 then
+    ring(K_wake)
+  end
   return {gen, 'idle', 'claimed', -1}
 end
 
+if max_jobs == 0 then
+  return seal('sealed', -1)
+end
 if redis.call('EXISTS', K_paused) == 1 then
-  return {gen, 'idle', 'paused', -1}
+  return seal('paused', -1)
 end
 if lease_lost(alive, 0, now, worker_timeout) then
   sem_sweep(K_held, K_holders, now)
@@ -196,4 +215,4 @@ if #out > 2 then
   end
   return out
 end
-return {gen, 'idle', why, math.floor(hint)}
+return seal(why, math.floor(hint))

@@ -105,8 +105,11 @@ pub struct ClaimOptions<'a> {
     pub max_wait_boost: Option<Duration>,
     /// The claiming worker (its heartbeat vouches for the lease).
     pub worker: &'a str,
-    /// Most jobs to start in this call (the worker's free slots; 0 counts
-    /// as 1). One call for many jobs saves round trips under a backlog.
+    /// Most jobs to start in this call (the worker's free slots). One call
+    /// for many jobs saves round trips under a backlog. 0 starts nothing: it
+    /// returns what an earlier call with this token leased, and no later
+    /// call with it leases anything (a worker giving up on a claim it may
+    /// have sent, e.g. when it stops while [`Broker::wait_and_claim`] waits).
     pub max_jobs: usize,
 }
 
@@ -312,6 +315,26 @@ pub trait Broker: Send + Sync + 'static {
         queue: &str,
         options: ClaimOptions<'_>,
     ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send;
+
+    /// Waits on `doorbell` for at most `max`, then claims as
+    /// [`Broker::claim`] does, whether it rang or not. A broker may do both
+    /// in one round trip, so that an idle worker is handed a new job as soon
+    /// as it is announced (Redis: the claim is pipelined behind the blocking
+    /// pop). After an error the claim's outcome is as unknown as a claim's:
+    /// ask again with the same token. Not cancel-safe in that sense: a
+    /// caller that drops the call settles its token (`max_jobs` 0).
+    fn wait_and_claim(
+        &self,
+        doorbell: &mut Self::Doorbell,
+        queue: &str,
+        max: Duration,
+        options: ClaimOptions<'_>,
+    ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send {
+        async move {
+            doorbell.wait(max).await?;
+            self.claim(queue, options).await
+        }
+    }
 
     /// Extends a running job's lease and quota slots; false when the lease
     /// is no longer the job's.

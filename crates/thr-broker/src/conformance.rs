@@ -108,6 +108,9 @@ scenarios![
     enqueue_is_idempotent_by_id,
     expired_jobs_are_never_claimed,
     repeated_claim_token_returns_the_same_jobs,
+    a_claim_token_leases_once,
+    wait_and_claim_takes_a_job_announced_meanwhile,
+    a_settled_wait_and_claim_leases_nothing,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,
@@ -892,6 +895,140 @@ pub async fn repeated_claim_token_returns_the_same_jobs<B: Broker>(b: &B) {
     assert_eq!(gauges(b).await.waiting, 1);
     take_one(b, "t3").await;
     assert_eq!(reply(b, &again[0].lease).await, Delivery::Delivered);
+}
+
+/// Claims with `token` for up to `max_jobs` jobs; their ids.
+async fn claim_ids<B: Broker>(b: &B, token: &str, max_jobs: usize) -> Vec<String> {
+    ids(&jobs_of(
+        claim_with(
+            b,
+            ClaimOptions {
+                max_jobs,
+                ..options(token)
+            },
+        )
+        .await,
+    ))
+}
+
+/// A claim token leases once. A claim that started nothing uses it up too
+/// (a late copy of it leases nothing), and a claim for no job (`max_jobs`
+/// 0) returns what its token leased and settles it: a worker can give up
+/// on a claim it sent without stranding a lease.
+pub async fn a_claim_token_leases_once<B: Broker>(b: &B) {
+    let free = no_quota();
+    let spent = new_token();
+    assert!(claim_ids(b, &spent, 4).await.is_empty(), "nothing waits");
+    queued(b, job("u1", 50, &free)).await;
+    assert!(
+        claim_ids(b, &spent, 4).await.is_empty(),
+        "a late copy of a claim that found nothing leases nothing"
+    );
+    let settled = new_token();
+    assert!(claim_ids(b, &settled, 0).await.is_empty());
+    assert!(
+        claim_ids(b, &settled, 4).await.is_empty(),
+        "a settled token leases nothing"
+    );
+    assert_eq!(states(b, &["u1"]).await, [JobState::Waiting]);
+    let ran = new_token();
+    let first = jobs_of(
+        claim_with(
+            b,
+            ClaimOptions {
+                max_jobs: 4,
+                ..options(&ran)
+            },
+        )
+        .await,
+    );
+    assert_eq!(ids(&first), ["u1"]);
+    let again = jobs_of(
+        claim_with(
+            b,
+            ClaimOptions {
+                max_jobs: 0,
+                ..options(&ran)
+            },
+        )
+        .await,
+    );
+    assert_eq!(
+        ids(&again),
+        ["u1"],
+        "settling returns what the token leased"
+    );
+    assert_eq!(again[0].lease, first[0].lease);
+    assert_eq!(reply(b, &again[0].lease).await, Delivery::Delivered);
+}
+
+/// A worker waiting on the doorbell is handed a job announced meanwhile by
+/// the same call ([`Broker::wait_and_claim`]), long before its wait is up;
+/// with nothing announced, the call claims anyway once the wait is up.
+pub async fn wait_and_claim_takes_a_job_announced_meanwhile<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    let quiet = new_token();
+    let outcome = b
+        .wait_and_claim(
+            &mut bell,
+            QUEUE,
+            Duration::from_millis(100),
+            options(&quiet),
+        )
+        .await
+        .expect("wait_and_claim");
+    assert!(jobs_of(outcome).is_empty(), "nothing waits");
+    let token = new_token();
+    let announce = async {
+        sleep(Duration::from_millis(200)).await;
+        queued(b, job("w1", 50, &free)).await;
+    };
+    let wait = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.wait_and_claim(&mut bell, QUEUE, LONG, options(&token)),
+    );
+    let (outcome, ()) = tokio::join!(wait, announce);
+    let outcome = outcome
+        .expect("the doorbell rang: the call did not wait for its whole 30 s")
+        .expect("wait_and_claim");
+    let jobs = jobs_of(outcome);
+    assert_eq!(ids(&jobs), ["w1"]);
+    assert_eq!(reply(b, &jobs[0].lease).await, Delivery::Delivered);
+}
+
+/// A worker that gives up on a `wait_and_claim` (it stops) and settles its
+/// token strands nothing: a job announced afterwards is not leased under
+/// that token, even if the claim was already on its way, and another
+/// worker is still woken for it.
+pub async fn a_settled_wait_and_claim_leases_nothing<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    let token = new_token();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        b.wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options(&token)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing was announced");
+    assert!(
+        claim_ids(b, &token, 0).await.is_empty(),
+        "nothing leased yet"
+    );
+    queued(b, job("s1", 50, &free)).await;
+    // Past the abandoned wait: a claim queued behind it has run by now.
+    pass(b, Duration::from_millis(2_500)).await;
+    assert_eq!(
+        states(b, &["s1"]).await,
+        [JobState::Waiting],
+        "s1 still waits: the settled token leased nothing"
+    );
+    let mut other = b.doorbell(QUEUE);
+    assert!(
+        other.wait(Duration::from_secs(2)).await.expect("doorbell"),
+        "s1's ring reaches another worker"
+    );
+    take_one(b, "s1").await;
 }
 
 // ---- leases --------------------------------------------------------------------

@@ -107,7 +107,7 @@ impl Scripts {
 
 /// The keys of a queue's waiting jobs, KEYS[1..6] of every script that
 /// queues or unqueues jobs (`scripts/lib/waiting.lua` relies on the order).
-fn waiting_keys<'a>(s: &mut ScriptInvocation<'a>, q: &QueueKeys) {
+fn waiting_keys<C: CallArgs>(s: &mut C, q: &QueueKeys) {
     s.key(&q.pending)
         .key(&q.flow_jobs)
         .key(&q.flows)
@@ -209,6 +209,70 @@ impl Scripts {
     }
 }
 
+/// Where a script call's KEYS and ARGV are written: an invocation, or a
+/// bare command for a pipeline. One function per script writes both.
+trait CallArgs {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self;
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self;
+}
+
+impl CallArgs for ScriptInvocation<'_> {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        ScriptInvocation::key(self, key)
+    }
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        ScriptInvocation::arg(self, arg)
+    }
+}
+
+/// KEYS and ARGV gathered for a bare EVALSHA.
+#[derive(Default)]
+struct Bare {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl CallArgs for Bare {
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+}
+
+/// KEYS and ARGV of `claim`.
+fn claim_call<C: CallArgs>(s: &mut C, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_>) {
+    waiting_keys(s, q);
+    s.key(&q.leases)
+        .key(&q.owners)
+        .key(&q.wake)
+        .key(&q.drained)
+        .key(&q.seq)
+        .key(&q.paused)
+        .key(q.claim(a.token))
+        .key(&ks.fronts)
+        .key(&ks.liveness)
+        .key(&ks.generation)
+        .key(&ks.held)
+        .key(&ks.holders)
+        .key(&ks.gcra)
+        .key(&ks.gcra_expiry)
+        .key(&ks.quota_waiting)
+        .key(&ks.quota_waiting_limits)
+        .arg(a.token)
+        .arg(a.worker)
+        .arg(ms(a.lease))
+        .arg(a.max_jobs)
+        .arg(a.max_inflight_total)
+        .arg(a.aging_step_ms)
+        .arg(a.scan_budget)
+        .arg(ms(a.front_timeout))
+        .arg(ms(a.worker_timeout));
+}
+
 /// Arguments of `claim`.
 pub(crate) struct Claim<'a> {
     pub token: &'a str,
@@ -247,33 +311,22 @@ impl Scripts {
         a: &Claim<'_>,
     ) -> ScriptInvocation<'_> {
         let mut s = self.claim.prepare_invoke();
-        waiting_keys(&mut s, q);
-        s.key(&q.leases)
-            .key(&q.owners)
-            .key(&q.wake)
-            .key(&q.drained)
-            .key(&q.seq)
-            .key(&q.paused)
-            .key(q.claim(a.token))
-            .key(&ks.fronts)
-            .key(&ks.liveness)
-            .key(&ks.generation)
-            .key(&ks.held)
-            .key(&ks.holders)
-            .key(&ks.gcra)
-            .key(&ks.gcra_expiry)
-            .key(&ks.quota_waiting)
-            .key(&ks.quota_waiting_limits)
-            .arg(a.token)
-            .arg(a.worker)
-            .arg(ms(a.lease))
-            .arg(a.max_jobs.max(1))
-            .arg(a.max_inflight_total)
-            .arg(a.aging_step_ms)
-            .arg(a.scan_budget)
-            .arg(ms(a.front_timeout))
-            .arg(ms(a.worker_timeout));
+        claim_call(&mut s, ks, q, a);
         s
+    }
+
+    /// `claim` as a bare EVALSHA, to send behind a doorbell pop in one
+    /// pipeline. Unlike an invocation it cannot load the script: a Redis
+    /// that answers NOSCRIPT (restarted empty) gets the invocation instead.
+    pub(crate) fn claim_cmd(&self, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_>) -> redis::Cmd {
+        let mut c = Bare::default();
+        claim_call(&mut c, ks, q, a);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.claim.get_hash())
+            .arg(c.keys.len())
+            .arg(c.keys)
+            .arg(c.args);
+        cmd
     }
 
     pub(crate) fn renew(

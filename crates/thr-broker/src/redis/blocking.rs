@@ -67,6 +67,48 @@ impl RedisDoorbell {
     }
 }
 
+impl RedisDoorbell {
+    /// Pops the doorbell (waiting at most `max`), then runs `then` the
+    /// moment the pop returns, in the same round trip: Redis runs a
+    /// pipeline's next command as soon as the blocked one is served, with
+    /// no trip back to this worker in between. Returns `then`'s answer, or
+    /// None when Redis did not know its script (NOSCRIPT: nothing ran).
+    pub(crate) async fn wait_then(
+        &mut self,
+        max: Duration,
+        then: redis::Cmd,
+    ) -> Result<Option<redis::Value>, BrokerError> {
+        let mut conn = self.inner.get(max).await?;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors()
+            .cmd("BLPOP")
+            .arg(&self.key)
+            .arg(BlockingConn::seconds(max))
+            .ignore()
+            .add_command(then);
+        let answer: redis::RedisResult<Vec<redis::Value>> = pipe.query_async(&mut conn).await;
+        let answer = match answer {
+            Ok(a) => a,
+            Err(e) => {
+                self.inner.conn = None;
+                return Err(e.into());
+            }
+        };
+        match answer.into_iter().next() {
+            Some(redis::Value::ServerError(e))
+                if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
+            {
+                Ok(None)
+            }
+            Some(redis::Value::ServerError(e)) => Err(redis::RedisError::from(e).into()),
+            Some(value) => Ok(Some(value)),
+            None => Err(BrokerError::Protocol(
+                "doorbell: no answer to the pipelined call".into(),
+            )),
+        }
+    }
+}
+
 impl Doorbell for RedisDoorbell {
     async fn wait(&mut self, max: Duration) -> Result<bool, BrokerError> {
         let mut conn = self.inner.get(max).await?;

@@ -282,6 +282,31 @@ impl RedisBroker {
         }
     }
 
+    /// What a claim's answer means for the worker.
+    fn claim_outcome(
+        &self,
+        queue: &str,
+        token: &str,
+        answer: redis::Value,
+    ) -> Result<ClaimOutcome, BrokerError> {
+        let answer = s::parse_claim(answer)?;
+        if answer.jobs.is_empty() {
+            return Ok(ClaimOutcome::Idle {
+                retry_in: u64::try_from(answer.retry_in_ms)
+                    .ok()
+                    .map(Duration::from_millis),
+            });
+        }
+        let generation = answer.generation;
+        Ok(ClaimOutcome::Jobs(
+            answer
+                .jobs
+                .into_iter()
+                .map(|job| self.lease_from(queue, token, &generation, job))
+                .collect(),
+        ))
+    }
+
     /// Appends `pieces` to job `id`'s stream (see `push_pieces.lua`).
     async fn push(
         &self,
@@ -537,38 +562,31 @@ impl Broker for RedisBroker {
     ) -> Result<ClaimOutcome, BrokerError> {
         let q = self.queue_keys(queue);
         let answer = self
-            .invoke(self.scripts.claim(
-                &self.keyspace,
-                &q,
-                &s::Claim {
-                    token: options.token,
-                    worker: options.worker,
-                    lease: options.lease,
-                    max_jobs: options.max_jobs,
-                    max_inflight_total: options.max_inflight_total.unwrap_or(0),
-                    aging_step_ms: aging_step_ms(options.max_wait_boost),
-                    scan_budget: CLAIM_SCAN,
-                    front_timeout: FRONT_TIMEOUT,
-                    worker_timeout: HEARTBEAT_TIMEOUT,
-                },
-            ))
+            .invoke(
+                self.scripts
+                    .claim(&self.keyspace, &q, &claim_args(&options)),
+            )
             .await?;
-        let answer = s::parse_claim(answer)?;
-        if answer.jobs.is_empty() {
-            return Ok(ClaimOutcome::Idle {
-                retry_in: u64::try_from(answer.retry_in_ms)
-                    .ok()
-                    .map(Duration::from_millis),
-            });
+        self.claim_outcome(queue, options.token, answer)
+    }
+
+    async fn wait_and_claim(
+        &self,
+        doorbell: &mut RedisDoorbell,
+        queue: &str,
+        max: Duration,
+        options: ClaimOptions<'_>,
+    ) -> Result<ClaimOutcome, BrokerError> {
+        let q = self.queue_keys(queue);
+        let claim = self
+            .scripts
+            .claim_cmd(&self.keyspace, &q, &claim_args(&options));
+        match doorbell.wait_then(max, claim).await? {
+            Some(answer) => self.claim_outcome(queue, options.token, answer),
+            // Redis lost its scripts (restarted empty): the invocation loads
+            // them. The bare call did nothing, so the token is unused.
+            None => self.claim(queue, options).await,
         }
-        let generation = answer.generation;
-        Ok(ClaimOutcome::Jobs(
-            answer
-                .jobs
-                .into_iter()
-                .map(|job| self.lease_from(queue, options.token, &generation, job))
-                .collect(),
-        ))
     }
 
     async fn renew(&self, lease: &Lease, duration: Duration) -> Result<bool, BrokerError> {
@@ -921,6 +939,21 @@ impl Broker for RedisBroker {
             Ok(())
         })
         .await
+    }
+}
+
+/// The claim script's arguments for `options`.
+fn claim_args<'a>(options: &ClaimOptions<'a>) -> s::Claim<'a> {
+    s::Claim {
+        token: options.token,
+        worker: options.worker,
+        lease: options.lease,
+        max_jobs: options.max_jobs,
+        max_inflight_total: options.max_inflight_total.unwrap_or(0),
+        aging_step_ms: aging_step_ms(options.max_wait_boost),
+        scan_budget: CLAIM_SCAN,
+        front_timeout: FRONT_TIMEOUT,
+        worker_timeout: HEARTBEAT_TIMEOUT,
     }
 }
 

@@ -85,14 +85,42 @@ local hint = -1
 local looked = 0
 local out = {gen, 'jobs'}
 
+-- What one call reads more than once is read once: fronts' liveness and
+-- flow definitions do not change during a call (a flow whose definition
+-- is deleted here leaves `flows` too, so it is not looked at again).
+local fronts_dead, flow_quotas = {}, {}
+
 -- True when a front is known and silent: nobody will read the reply.
 local function front_dead(front)
   if front == '' then
     return false
   end
-  local beat = tonumber(redis.call('ZSCORE', K_fronts, front))
-  return beat ~= nil and is_silent(alive, beat, nil, now, front_timeout)
+  local dead = fronts_dead[front]
+  if dead == nil then
+    local beat = tonumber(redis.call('ZSCORE', K_fronts, front))
+    dead = beat ~= nil and is_silent(alive, beat, nil, now, front_timeout)
+    fronts_dead[front] = dead
+  end
+  return dead
 end
+
+local function quotas_of(flow)
+  local quotas = flow_quotas[flow]
+  if not quotas then
+    quotas = parse_def(redis.call('HGET', K_flowdefs, flow))
+    flow_quotas[flow] = quotas
+  end
+  return quotas
+end
+
+-- The writes every started job makes, made once at the end of the call
+-- with every job's members: leases, owners, this claim's list, the drain
+-- count and the doorbell tokens spent.
+local leases, owners, claimed = {}, {}, {}
+local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
+-- Running jobs as max_inflight_total counts them (read when first needed,
+-- then counted here, since this call's leases are written at its end).
+local running = nil
 
 -- Forgets a waiting job that must not run (client gone, front dead).
 local function drop(id)
@@ -103,8 +131,11 @@ end
 -- Starts one job: true, or false and why not.
 local function claim_one()
   -- Expired leases are a dead worker's jobs: they no longer count as running.
-  if total > 0 and redis.call('ZCOUNT', K_leases, '(' .. now, '+inf') >= total then
-    return false, 'max_inflight_total'
+  if total > 0 then
+    running = running or redis.call('ZCOUNT', K_leases, '(' .. now, '+inf')
+    if running >= total then
+      return false, 'max_inflight_total'
+    end
   end
   local offset = 0
   while looked < budget do
@@ -115,7 +146,7 @@ local function claim_one()
     local removed = 0
     for _, flow in ipairs(batch) do
       looked = looked + 1
-      local quotas = parse_def(redis.call('HGET', K_flowdefs, flow))
+      local quotas = quotas_of(flow)
       local ok = true
       local tats = {}
       for i, q in ipairs(quotas) do
@@ -164,12 +195,14 @@ local function claim_one()
                 gcra_commit(K_gcra, K_gcra_expiry, q.token, now, tats[i], q.interval, q.burst)
               end
             end
-            redis.call('ZADD', K_leases, until_ms, id)
-            redis.call('HSET', K_owners, id, worker .. '\t' .. token .. '\t' .. int(now))
-            redis.call('RPUSH', K_claim, id)
-            -- This job's doorbell token is spent: idle workers are not woken for it.
-            redis.call('LPOP', K_wake)
-            count_start(K_drained, sec)
+            leases[#leases + 1] = until_ms
+            leases[#leases + 1] = id
+            owners[#owners + 1] = id
+            owners[#owners + 1] = owner_record
+            claimed[#claimed + 1] = id
+            if running then
+              running = running + 1
+            end
             started_entry(out, id, info)
             -- The flow's next turn: behind every flow of its priority.
             local nxt = flow_head(K_flow_jobs, flow)
@@ -205,7 +238,14 @@ for _ = 1, max_jobs do
   end
 end
 if #out > 2 then
+  redis.call('ZADD', K_leases, unpack(leases))
+  redis.call('HSET', K_owners, unpack(owners))
+  redis.call('RPUSH', K_claim, unpack(claimed))
   redis.call('PEXPIRE', K_claim, int(lease))
+  -- The started jobs' doorbell tokens are spent: idle workers are not
+  -- woken for them.
+  redis.call('LPOP', K_wake, #claimed)
+  count_start(K_drained, sec, #claimed)
   -- A worker given fewer jobs than it asked for waits on the doorbell
   -- instead of asking again at once. Releases and enqueues ring it; a rate
   -- quota frees up on its own, so a token is left for that: the next

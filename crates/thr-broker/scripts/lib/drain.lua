@@ -1,10 +1,11 @@
 -- lib/drain.lua: how fast a queue drains, the one definition behind both
 -- the Retry-After of a refused request and thrctl's figure.
 
--- Jobs started per second (kept two minutes). Old seconds are pruned once
--- per second, at its first start.
-local function count_start(hash, sec)
-  if redis.call('HINCRBY', hash, sec, 1) == 1 and redis.call('HLEN', hash) > 180 then
+-- Jobs started per second (kept two minutes): `n` more (default 1). Old
+-- seconds are pruned once per second, at its first start.
+local function count_start(hash, sec, n)
+  n = n or 1
+  if redis.call('HINCRBY', hash, sec, n) == n and redis.call('HLEN', hash) > 180 then
     for _, field in ipairs(redis.call('HKEYS', hash)) do
       if tonumber(field) < sec - 120 then
         redis.call('HDEL', hash, field)

@@ -118,6 +118,17 @@ end
 -- count and the doorbell tokens spent.
 local leases, owners, claimed = {}, {}, {}
 local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
+-- Sequence numbers for flows' turns: one block per call, taken when first
+-- needed (numbers left unused are a gap; only their order matters).
+local seq_next, seq_last = 0, -1
+local function next_seq()
+  if seq_next > seq_last then
+    seq_last = redis.call('INCRBY', K_seq, max_jobs)
+    seq_next = seq_last - max_jobs + 1
+  end
+  seq_next = seq_next + 1
+  return seq_next - 1
+end
 -- Running jobs as max_inflight_total counts them (read when first needed,
 -- then counted here, since this call's leases are written at its end).
 local running = nil
@@ -173,7 +184,8 @@ local function claim_one()
       end
       if ok then
         while true do
-          local head = flow_head(K_flow_jobs, flow)
+          -- The head, and the job after it for the flow's next turn.
+          local head, heads = flow_head(K_flow_jobs, flow, 2)
           if not head then
             redis.call('ZREM', K_flows, flow)
             redis.call('HDEL', K_flowdefs, flow)
@@ -205,15 +217,20 @@ local function claim_one()
             end
             started_entry(out, id, info)
             -- The flow's next turn: behind every flow of its priority.
-            local nxt = flow_head(K_flow_jobs, flow)
+            local nxt = heads[2]
             if not nxt then
               redis.call('ZREM', K_flows, flow)
               redis.call('HDEL', K_flowdefs, flow)
             else
               local nxt_score, nxt_id = member_parts(nxt)
-              local nxt_info = info_unpack(redis.call('HGET', K_info, nxt_id))
-              local prio = nxt_info and nxt_info.prio or 50
-              local turn = order_score(prio, redis.call('INCR', K_seq), now, step)
+              local prio
+              if step > 0 then
+                local nxt_info = info_unpack(redis.call('HGET', K_info, nxt_id))
+                prio = nxt_info and nxt_info.prio or 50
+              else
+                prio = score_priority(nxt_score)
+              end
+              local turn = order_score(prio, next_seq(), now, step)
               redis.call('ZADD', K_flows, int(turn), flow)
             end
             return true

@@ -17,12 +17,19 @@ local function flow_member(flow, score, id)
   return flow .. '\t' .. string.format('%016.0f', score) .. '\t' .. id
 end
 
--- The first waiting member of `flow` in flow_jobs, or nil.
+-- The first `count` (default 1) waiting members of `flow` in flow_jobs,
+-- in order: the first (nil when none) and the list.
 -- (Flow ids hold no control character: every member of the flow lies
 -- between `flow<TAB>` and `flow<LF>`.)
-local function flow_head(key, flow)
-  local m = redis.call('ZRANGE', key, '[' .. flow .. '\t', '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, 1)
-  return m[1]
+local function flow_head(key, flow, count)
+  local m = redis.call('ZRANGE', key, '[' .. flow .. '\t', '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, count or 1)
+  return m[1], m
+end
+
+-- The priority of a job whose order score is `score` (strict priority:
+-- aging step 0), without reading its record (thr_core::priority::priority_of).
+local function score_priority(score)
+  return math.floor(score / SPACE)
 end
 
 -- Score and job id of a flow_jobs member.

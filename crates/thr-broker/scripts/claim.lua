@@ -28,13 +28,25 @@ local now, sec = clock()
 local gen = generation(K_generation)
 local alive = liveness_now(K_liveness, now)
 
--- What a started job returns to the worker.
+-- What a started job returns to the worker. Its payload is read with the
+-- others' at the end of the call (with_frames): one read for them all.
+local started_ids = {}
 local function started_entry(out, id, info)
   out[#out + 1] = id
-  out[#out + 1] = redis.call('HGET', K_jobs, id)
+  out[#out + 1] = false
   out[#out + 1] = int(info.deadline - now)
   out[#out + 1] = info.front
   out[#out + 1] = info.def
+  started_ids[#started_ids + 1] = id
+end
+
+-- `out` with every started job's payload in its place.
+local function with_frames(out)
+  local frames = redis.call('HMGET', K_jobs, unpack(started_ids))
+  for i = 1, #started_ids do
+    out[2 + 5 * (i - 1) + 2] = frames[i]
+  end
+  return out
 end
 
 -- Marks this token used although it started nothing: a late copy of this
@@ -57,7 +69,7 @@ if #prior > 0 then
     end
   end
   if #out > 2 then
-    return out
+    return with_frames(out)
   end
   -- A late copy of a claim its worker settled may come right after the
   -- doorbell pop it was queued behind: pass that ring on if jobs wait.
@@ -133,6 +145,10 @@ end
 -- then counted here, since this call's leases are written at its end).
 local running = nil
 
+-- Jobs taken off the queue by this call (started or dropped): removed
+-- from `pending` at its end (nothing in a claim reads `pending`).
+local unqueued = {}
+
 -- Forgets a waiting job that must not run (client gone, front dead).
 local function drop(id)
   redis.call('HDEL', K_jobs, id)
@@ -194,7 +210,7 @@ local function claim_one()
           end
           redis.call('ZREM', K_flow_jobs, head)
           local _, id = member_parts(head)
-          redis.call('ZREM', K_pending, id)
+          unqueued[#unqueued + 1] = id
           waiting_add(K_waiting, K_waiting_limits, quotas, -1)
           local info = info_unpack(redis.call('HGET', K_info, id))
           if info and info.deadline > now and not front_dead(info.front) then
@@ -254,6 +270,9 @@ for _ = 1, max_jobs do
     break
   end
 end
+if #unqueued > 0 then
+  redis.call('ZREM', K_pending, unpack(unqueued))
+end
 if #out > 2 then
   redis.call('ZADD', K_leases, unpack(leases))
   redis.call('HSET', K_owners, unpack(owners))
@@ -270,6 +289,6 @@ if #out > 2 then
   if hint >= 0 then
     ring(K_wake)
   end
-  return out
+  return with_frames(out)
 end
 return seal(why, math.floor(hint))

@@ -38,15 +38,27 @@ local function push(list, frame)
   f[#f + 1] = frame
 end
 
-local i, a = 0, 3
+-- Where each job's arguments start; then every job's owner and record in
+-- one read each.
+local starts, ids = {}, {}
+local a = 3
 while a <= #ARGV do
-  i = i + 1
+  starts[#starts + 1] = a
+  ids[#ids + 1] = ARGV[a]
+  a = a + 6 + tonumber(ARGV[a + 5])
+end
+if #ids == 0 then
+  return out
+end
+local owners = redis.call('HMGET', K_owners, unpack(ids))
+local infos = redis.call('HMGET', K_info, unpack(ids))
+
+for i, a in ipairs(starts) do
   local id, token, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local backend_ms, generation, nholds = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   local first_hold = a + 6
-  a = first_hold + nholds
   local K_replies, K_settled = KEYS[10 + 2 * i - 1], KEYS[10 + 2 * i]
-  local owner = not done[id] and owner_unpack(redis.call('HGET', K_owners, id))
+  local owner = not done[id] and owner_unpack(owners[i] or nil)
   if done[id] then
     -- Settled earlier in this call (its deletions come at the end).
     out[i] = done[id] == token and 'again' or 'lost'
@@ -64,7 +76,7 @@ while a <= #ARGV do
     out[i] = 'lost'
   else
     push(K_replies, frame)
-    local info = info_unpack(redis.call('HGET', K_info, id))
+    local info = info_unpack(infos[i] or nil)
     local remember = 1000
     if info then
       remember = math.max(remember, info.deadline - now)

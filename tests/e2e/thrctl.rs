@@ -24,7 +24,11 @@ impl Ctl {
     }
 
     fn run(&self, extra: &[&str]) -> (i32, String, String) {
+        // In an empty directory: without --config, thrctl would read
+        // config/thr.toml of whatever directory the tests run from.
+        let cwd = crate::support::temp_dir("thr-ctl-cwd");
         let out = Command::new(testkit::bins::binary("thrctl"))
+            .current_dir(cwd.path())
             .args(&self.args)
             .args(extra)
             .output()

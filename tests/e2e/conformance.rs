@@ -219,6 +219,49 @@ async fn a_reply_survives_lost_data() {
     assert_eq!(after.since_last, None, "Redis forgot {FRONT}");
 }
 
+/// Jobs whose clients gave up are dropped by claims a slice at a time:
+/// a claim that met 200 of them stops and rings, and the next goes on, so
+/// a thousand expired jobs never hold Redis in one call, and none is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_drop_expired_jobs_a_slice_at_a_time() {
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    let ids: Vec<String> = (0..1_000).map(|i| format!("gone-{i}")).collect();
+    let enqueues = ids.iter().map(|id| {
+        b.enqueue(NewJob {
+            timeout: Duration::from_millis(1),
+            ..job(id, &free)
+        })
+    });
+    for admitted in futures_util::future::join_all(enqueues).await {
+        admitted.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.enqueue(job("fresh", &free)).await.unwrap();
+    let mut calls = 0;
+    let jobs = loop {
+        calls += 1;
+        assert!(calls <= 50, "fresh is reached");
+        match b
+            .claim(QUEUE, options(&format!("slice-{calls}")))
+            .await
+            .unwrap()
+        {
+            ClaimOutcome::Jobs(jobs) => break jobs,
+            ClaimOutcome::Idle { .. } => {}
+        }
+    };
+    assert_eq!(jobs[0].id(), "fresh");
+    assert!(calls >= 5, "1,000 drops take several calls, not {calls}");
+    let q = b.queue_keys(QUEUE);
+    let mut conn = redis.conn();
+    let pending: u64 = conn.zcard(&q.pending).unwrap();
+    assert_eq!(pending, 0, "no dropped job is left waiting");
+    let records: u64 = conn.hlen(&q.info).unwrap();
+    assert_eq!(records, 1, "only fresh's record is left");
+}
+
 /// A Redis that lost its scripts (restarted, `SCRIPT FLUSH`) answers
 /// NOSCRIPT to the claim pipelined behind a doorbell pop: the worker then
 /// claims by invocation, which loads the script, and gets its job.

@@ -52,8 +52,6 @@ elseif op == 'member' then
   return flow_member(ARGV[2], tonumber(ARGV[3]), ARGV[4])
 elseif op == 'score' then
   return num(order_score(tonumber(ARGV[2]), tonumber(ARGV[3]), 0, 0))
-elseif op == 'prio' then
-  return num(score_priority(tonumber(ARGV[2])))
 elseif op == 'head' then
   return flow_head(KEYS[1], ARGV[2]) or ''
 end
@@ -257,19 +255,6 @@ fn lua_and_rust_order_jobs_alike() {
             .invoke(&mut conn)
             .unwrap();
         assert_eq!(lua, priority::score(prio, seq).to_string(), "{prio} {seq}");
-        // And back: a flow's next turn takes the priority from the score.
-        let back: String = script
-            .arg("prio")
-            .arg(priority::score(prio, seq))
-            .invoke(&mut conn)
-            .unwrap();
-        let score = priority::score(prio, seq);
-        assert_eq!(
-            back,
-            priority::priority_of(score).to_string(),
-            "{prio} {seq}"
-        );
-        assert_eq!(back, prio.to_string(), "{prio} {seq}");
     }
 
     // Flow members: built alike, and Redis's lexical order is the flow's

@@ -23,6 +23,8 @@ use crate::queue::QueueRunner;
 
 /// Longest wait on the doorbell before looking at the queue anyway.
 const POLL: Duration = Duration::from_secs(1);
+/// How often a stopping loop asks again to settle its last claim.
+const SETTLE_ATTEMPTS: u32 = 5;
 /// Most jobs one claim call starts. Bounds the time one script holds Redis
 /// (each start is a walk over flows).
 const CLAIM_BATCH: usize = 16;
@@ -80,8 +82,11 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             Some(max) => tokio::select! {
                 outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
                 _ = stop.changed() => {
-                    // The claim may still run once the pop returns: settle
-                    // its token, and run what it leased if it did.
+                    // The claim may still run once the pop returns. Closing
+                    // the doorbell's connection discards it while the pop
+                    // still blocks; settling the token covers a claim that
+                    // ran meanwhile (what it leased runs here).
+                    drop(doorbell);
                     settle_last_claim(&runner, &token, permits).await;
                     break;
                 }
@@ -155,7 +160,23 @@ async fn settle_last_claim<B: Broker>(
         worker: &runner.worker_id,
         max_jobs: 0,
     };
-    if let Ok(ClaimOutcome::Jobs(claimed)) = runner.broker.claim(&runner.name, options).await {
+    // Asked again while the answer is lost (a slow Redis), a few times: the
+    // drain that follows is bounded by the shutdown grace anyway.
+    let mut answer = runner.broker.claim(&runner.name, options).await;
+    for attempt in 1..=SETTLE_ATTEMPTS {
+        match &answer {
+            Err(err) if err.outcome_unknown() => {
+                tracing::warn!(queue = %runner.name, %err, attempt, "settling the last claim: unanswered; asking again");
+                tokio::time::sleep(backoff(attempt)).await;
+                answer = runner.broker.claim(&runner.name, options).await;
+            }
+            _ => break,
+        }
+    }
+    if let Err(err) = &answer {
+        tracing::warn!(queue = %runner.name, %err, "could not settle the last claim; its jobs, if any, return when their lease runs out");
+    }
+    if let Ok(ClaimOutcome::Jobs(claimed)) = answer {
         for claimed in claimed {
             match permits.pop() {
                 Some(permit) => {

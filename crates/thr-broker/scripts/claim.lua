@@ -14,7 +14,9 @@ local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15]
 local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
 local K_waiting, K_waiting_limits = KEYS[21], KEYS[22]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local max_jobs, total, step = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+-- At most 1,000 jobs a call (a broker may start fewer than asked): what a
+-- call writes for its jobs at its end stays within Lua's unpack limit.
+local max_jobs, total, step = math.min(tonumber(ARGV[4]), 1000), tonumber(ARGV[5]), tonumber(ARGV[6])
 local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
 local worker_timeout = tonumber(ARGV[9])
 -- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
@@ -51,9 +53,11 @@ end
 
 -- Marks this token used although it started nothing: a late copy of this
 -- claim (queued behind a doorbell pop its worker gave up on) leases nothing.
+-- Such a copy runs within a doorbell wait (a second) of the seal, or not at
+-- all, so the mark lasts 10 s at most: idle polls leave no lasting keys.
 local function seal(why, hint)
   redis.call('RPUSH', K_claim, '')
-  redis.call('PEXPIRE', K_claim, int(lease))
+  redis.call('PEXPIRE', K_claim, int(math.min(lease, 10000)))
   return {gen, 'idle', why, hint}
 end
 
@@ -131,12 +135,14 @@ end
 local leases, owners, claimed = {}, {}, {}
 local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
 -- Sequence numbers for flows' turns: one block per call, taken when first
--- needed (numbers left unused are a gap; only their order matters).
+-- needed, as many as starts may still follow (numbers left unused are a
+-- gap; only their order matters).
 local seq_next, seq_last = 0, -1
 local function next_seq()
   if seq_next > seq_last then
-    seq_last = redis.call('INCRBY', K_seq, max_jobs)
-    seq_next = seq_last - max_jobs + 1
+    local want = math.max(1, max_jobs - #claimed + 1)
+    seq_last = redis.call('INCRBY', K_seq, want)
+    seq_next = seq_last - want + 1
   end
   seq_next = seq_next + 1
   return seq_next - 1
@@ -145,14 +151,21 @@ end
 -- then counted here, since this call's leases are written at its end).
 local running = nil
 
--- Jobs taken off the queue by this call (started or dropped): removed
--- from `pending` at its end (nothing in a claim reads `pending`).
+-- Jobs this call started: removed from `pending` at its end (nothing in a
+-- claim reads `pending`).
 local unqueued = {}
 
--- Forgets a waiting job that must not run (client gone, front dead).
+-- Forgets a waiting job that must not run (client gone, front dead), at
+-- once. A call drops at most DROP_BUDGET of them (thousands of a dead
+-- front's jobs would hold Redis for long); it then stops and rings, so
+-- that the next claim goes on where it stopped.
+local DROP_BUDGET = 200
+local dropped = 0
 local function drop(id)
+  redis.call('ZREM', K_pending, id)
   redis.call('HDEL', K_jobs, id)
   redis.call('HDEL', K_info, id)
+  dropped = dropped + 1
 end
 
 -- Starts one job: true, or false and why not.
@@ -210,10 +223,15 @@ local function claim_one()
           end
           redis.call('ZREM', K_flow_jobs, head)
           local _, id = member_parts(head)
-          unqueued[#unqueued + 1] = id
           waiting_add(K_waiting, K_waiting_limits, quotas, -1)
-          local info = info_unpack(redis.call('HGET', K_info, id))
+          -- Its record, and the next job's (its priority sets the flow's
+          -- next turn), in one read.
+          local nxt = heads[2]
+          local nxt_id = nxt and select(2, member_parts(nxt))
+          local records = redis.call('HMGET', K_info, id, nxt_id or id)
+          local info = info_unpack(records[1] or nil)
           if info and info.deadline > now and not front_dead(info.front) then
+            unqueued[#unqueued + 1] = id
             local until_ms = int(now + lease)
             for i, q in ipairs(quotas) do
               if q.max > 0 then
@@ -233,19 +251,12 @@ local function claim_one()
             end
             started_entry(out, id, info)
             -- The flow's next turn: behind every flow of its priority.
-            local nxt = heads[2]
             if not nxt then
               redis.call('ZREM', K_flows, flow)
               redis.call('HDEL', K_flowdefs, flow)
             else
-              local nxt_score, nxt_id = member_parts(nxt)
-              local prio
-              if step > 0 then
-                local nxt_info = info_unpack(redis.call('HGET', K_info, nxt_id))
-                prio = nxt_info and nxt_info.prio or 50
-              else
-                prio = score_priority(nxt_score)
-              end
+              local nxt_info = info_unpack(records[2] or nil)
+              local prio = nxt_info and nxt_info.prio or 50
               local turn = order_score(prio, next_seq(), now, step)
               redis.call('ZADD', K_flows, int(turn), flow)
             end
@@ -254,6 +265,10 @@ local function claim_one()
           -- Its client has given up, its front is dead, or its record is
           -- gone: it never runs.
           drop(id)
+          if dropped >= DROP_BUDGET then
+            ring(K_wake)
+            return false, 'dropping'
+          end
         end
       end
     end

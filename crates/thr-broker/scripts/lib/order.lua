@@ -26,12 +26,6 @@ local function flow_head(key, flow, count)
   return m[1], m
 end
 
--- The priority of a job whose order score is `score` (strict priority:
--- aging step 0), without reading its record (thr_core::priority::priority_of).
-local function score_priority(score)
-  return math.floor(score / SPACE)
-end
-
 -- Score and job id of a flow_jobs member.
 local function member_parts(member)
   local score, id = string.match(member, '\t(%d+)\t(.*)$')

@@ -72,7 +72,10 @@ impl RedisDoorbell {
     /// moment the pop returns, in the same round trip: Redis runs a
     /// pipeline's next command as soon as the blocked one is served, with
     /// no trip back to this worker in between. Returns `then`'s answer, or
-    /// None when Redis did not know its script (NOSCRIPT: nothing ran).
+    /// None when Redis did not know its script (NOSCRIPT: nothing ran). A
+    /// pop that Redis refuses (a wrong type, an ACL) cannot wait: that is
+    /// logged and waited out here, so a caller never spins on it, and
+    /// `then`'s answer, which ran all the same, is still returned.
     pub(crate) async fn wait_then(
         &mut self,
         max: Duration,
@@ -84,7 +87,6 @@ impl RedisDoorbell {
             .cmd("BLPOP")
             .arg(&self.key)
             .arg(BlockingConn::seconds(max))
-            .ignore()
             .add_command(then);
         let answer: redis::RedisResult<Vec<redis::Value>> = pipe.query_async(&mut conn).await;
         let answer = match answer {
@@ -94,7 +96,12 @@ impl RedisDoorbell {
                 return Err(e.into());
             }
         };
-        match answer.into_iter().next() {
+        let mut answer = answer.into_iter();
+        if let Some(redis::Value::ServerError(e)) = answer.next() {
+            tracing::warn!(key = %self.key, err = %redis::RedisError::from(e), "the doorbell cannot be waited on");
+            tokio::time::sleep(max).await;
+        }
+        match answer.next() {
             Some(redis::Value::ServerError(e))
                 if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
             {

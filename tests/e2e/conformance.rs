@@ -193,7 +193,7 @@ async fn a_finished_job_leaves_no_state_behind() {
 }
 
 /// A reply whose job Redis lost (restarted empty, flushed) still reaches
-/// its front: nobody else can answer it (DESIGN.md decision 13). The
+/// its front: nobody else can answer it (ARCHITECTURE.md decision 13). The
 /// generation tells daemons the data was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_survives_lost_data() {

@@ -1,5 +1,5 @@
 //! The Broker conformance suite: the contract of [`Broker`] written as
-//! scenarios (DESIGN.md decision 15).
+//! scenarios (ARCHITECTURE.md decision 15).
 //!
 //! The trait's doc comments say what a broker promises; this module is the
 //! same promises as code, and it is the contract: where the two disagree,

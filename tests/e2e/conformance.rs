@@ -273,29 +273,25 @@ async fn a_doorbell_claim_survives_lost_scripts() {
     let b = broker(&redis);
     let free = Flow::default();
     let mut bell = b.doorbell(QUEUE);
-    // The pipelined claim works while Redis knows the script.
-    b.enqueue(job("k1", &free)).await.unwrap();
-    match b
-        .wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options("t1"))
-        .await
-        .unwrap()
-    {
-        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "k1"),
-        other => panic!("k1 is claimed, got {other:?}"),
-    }
+    // Enqueues `id`, then waits and claims it under `token`.
+    let mut handed = async |id: &str, token: &str| {
+        b.enqueue(job(id, &free)).await.unwrap();
+        match b
+            .wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options(token))
+            .await
+            .unwrap()
+        {
+            ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), id),
+            other => panic!("{id} is claimed, got {other:?}"),
+        }
+    };
+    // The pipelined claim works while Redis knows the script, and after.
+    handed("k1", "t1").await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query(&mut redis.conn())
         .unwrap();
-    b.enqueue(job("k2", &free)).await.unwrap();
-    match b
-        .wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options("t2"))
-        .await
-        .unwrap()
-    {
-        ClaimOutcome::Jobs(jobs) => assert_eq!(jobs[0].id(), "k2"),
-        other => panic!("k2 is claimed after SCRIPT FLUSH, got {other:?}"),
-    }
+    handed("k2", "t2").await;
     // The doorbell's connection still works for a plain wait.
     assert!(!bell.wait(Duration::from_millis(50)).await.unwrap());
 }

@@ -66,17 +66,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             settle_last_claim(&runner, &token, permits).await;
             break;
         }
-        let options = {
-            let q = runner.queue.load();
-            ClaimOptions {
-                token: &token,
-                lease: q.lease,
-                max_inflight_total: q.max_inflight_total,
-                max_wait_boost: runner.scheduling.load().max_wait_boost,
-                worker: &runner.worker_id,
-                max_jobs: permits.len(),
-            }
-        };
+        let options = claim_options(&runner, &token, permits.len());
         let outcome = match wait.take() {
             None => runner.broker.claim(&name, options).await,
             Some(max) => tokio::select! {
@@ -151,15 +141,7 @@ async fn settle_last_claim<B: Broker>(
     token: &str,
     mut permits: Vec<OwnedSemaphorePermit>,
 ) {
-    let q = runner.queue.load();
-    let options = ClaimOptions {
-        token,
-        lease: q.lease,
-        max_inflight_total: q.max_inflight_total,
-        max_wait_boost: runner.scheduling.load().max_wait_boost,
-        worker: &runner.worker_id,
-        max_jobs: 0,
-    };
+    let options = claim_options(runner, token, 0);
     // Asked again while the answer is lost (a slow Redis), a few times: the
     // drain that follows is bounded by the shutdown grace anyway.
     let mut answer = runner.broker.claim(&runner.name, options).await;
@@ -188,6 +170,24 @@ async fn settle_last_claim<B: Broker>(
                 }
             }
         }
+    }
+}
+
+/// How `runner` claims under `token`, for at most `max_jobs` jobs (the
+/// queue's current configuration).
+fn claim_options<'a, B: Broker>(
+    runner: &'a QueueRunner<B>,
+    token: &'a str,
+    max_jobs: usize,
+) -> ClaimOptions<'a> {
+    let q = runner.queue.load();
+    ClaimOptions {
+        token,
+        lease: q.lease,
+        max_inflight_total: q.max_inflight_total,
+        max_wait_boost: runner.scheduling.load().max_wait_boost,
+        worker: &runner.worker_id,
+        max_jobs,
     }
 }
 

@@ -897,9 +897,9 @@ pub async fn repeated_claim_token_returns_the_same_jobs<B: Broker>(b: &B) {
     assert_eq!(reply(b, &again[0].lease).await, Delivery::Delivered);
 }
 
-/// Claims with `token` for up to `max_jobs` jobs; their ids.
-async fn claim_ids<B: Broker>(b: &B, token: &str, max_jobs: usize) -> Vec<String> {
-    ids(&jobs_of(
+/// Claims with `token` for up to `max_jobs` jobs.
+async fn claim_jobs<B: Broker>(b: &B, token: &str, max_jobs: usize) -> Vec<Claimed> {
+    jobs_of(
         claim_with(
             b,
             ClaimOptions {
@@ -908,7 +908,12 @@ async fn claim_ids<B: Broker>(b: &B, token: &str, max_jobs: usize) -> Vec<String
             },
         )
         .await,
-    ))
+    )
+}
+
+/// Claims with `token` for up to `max_jobs` jobs; their ids.
+async fn claim_ids<B: Broker>(b: &B, token: &str, max_jobs: usize) -> Vec<String> {
+    ids(&claim_jobs(b, token, max_jobs).await)
 }
 
 /// A claim token leases once. A claim that started nothing uses it up too
@@ -932,27 +937,9 @@ pub async fn a_claim_token_leases_once<B: Broker>(b: &B) {
     );
     assert_eq!(states(b, &["u1"]).await, [JobState::Waiting]);
     let ran = new_token();
-    let first = jobs_of(
-        claim_with(
-            b,
-            ClaimOptions {
-                max_jobs: 4,
-                ..options(&ran)
-            },
-        )
-        .await,
-    );
+    let first = claim_jobs(b, &ran, 4).await;
     assert_eq!(ids(&first), ["u1"]);
-    let again = jobs_of(
-        claim_with(
-            b,
-            ClaimOptions {
-                max_jobs: 0,
-                ..options(&ran)
-            },
-        )
-        .await,
-    );
+    let again = claim_jobs(b, &ran, 0).await;
     assert_eq!(
         ids(&again),
         ["u1"],

@@ -41,6 +41,7 @@ scenarios![
     priority_order,
     fifo_within_a_priority,
     claim_batches_keep_dispatch_order,
+    a_claim_of_many_starts_what_single_claims_would,
     flows_of_a_priority_take_turns,
     concurrency_quota_blocks_only_its_flow,
     quota_keys_are_shared_across_flows_and_queues,

@@ -134,6 +134,7 @@ end
 -- count and the doorbell tokens spent.
 local leases, owners, claimed = {}, {}, {}
 local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
+local until_ms = int(now + lease)
 -- Sequence numbers for flows' turns: one block per call, taken when first
 -- needed, as many as starts may still follow (numbers left unused are a
 -- gap; only their order matters).
@@ -154,11 +155,15 @@ local running = nil
 -- Jobs this call started: removed from `pending` at its end (nothing in a
 -- claim reads `pending`).
 local unqueued = {}
+-- Members of flow_jobs this call took (started or dropped), removed at its
+-- end; changes to waiting counts per quota token, written at its end.
+local taken = {}
+local waiting_delta, waiting_tokens = {}, {}
 
--- Forgets a waiting job that must not run (client gone, front dead), at
--- once. A call drops at most DROP_BUDGET of them (thousands of a dead
--- front's jobs would hold Redis for long); it then stops and rings, so
--- that the next claim goes on where it stopped.
+-- Forgets a waiting job that must not run (client gone, front dead). A
+-- call drops at most DROP_BUDGET of them (thousands of a dead front's jobs
+-- would hold Redis for long); it then stops and rings, so that the next
+-- claim goes on where it stopped.
 local DROP_BUDGET = 200
 local dropped = 0
 local function drop(id)
@@ -166,6 +171,189 @@ local function drop(id)
   redis.call('HDEL', K_jobs, id)
   redis.call('HDEL', K_info, id)
   dropped = dropped + 1
+end
+
+-- The flows in turn order. When a call finds at most FLOW_BATCH flows, it
+-- reads them once (`view`), keeps their order itself, and writes the turns
+-- it changed and the flows it emptied at its end. With more, it reads them
+-- in batches as it walks and writes each change at once.
+local FLOW_BATCH = 50
+local view = nil
+local new_turns, emptied = {}, {}
+
+local function read_view()
+  local r = redis.call('ZRANGE', K_flows, 0, FLOW_BATCH - 1, 'WITHSCORES')
+  if #r < 2 * FLOW_BATCH then
+    view = {}
+    for k = 1, #r, 2 do
+      view[#view + 1] = { flow = r[k], score = tonumber(r[k + 1]) }
+    end
+  end
+end
+
+local function view_remove(flow)
+  for k, e in ipairs(view) do
+    if e.flow == flow then
+      table.remove(view, k)
+      return
+    end
+  end
+end
+
+-- A flow whose jobs are all taken leaves the flows.
+local function flow_emptied(flow)
+  if view then
+    view_remove(flow)
+    new_turns[flow] = nil
+    emptied[#emptied + 1] = flow
+  else
+    redis.call('ZREM', K_flows, flow)
+    redis.call('HDEL', K_flowdefs, flow)
+  end
+end
+
+-- A served flow's next turn (sorted as Redis sorts: score, then name).
+local function set_turn(flow, score)
+  if not view then
+    redis.call('ZADD', K_flows, int(score), flow)
+    return
+  end
+  view_remove(flow)
+  local k = #view + 1
+  for j, e in ipairs(view) do
+    if score < e.score or (score == e.score and flow < e.flow) then
+      k = j
+      break
+    end
+  end
+  table.insert(view, k, { flow = flow, score = score })
+  new_turns[flow] = score
+end
+
+-- Per flow, its next waiting jobs read ahead: members `list` from index
+-- `i`, their ids and raw records, `done` once the list reaches the flow's
+-- last job, and `last`, the last member this call took (reads go on after
+-- it: taken members leave flow_jobs only at the end of the call). A first
+-- read takes the head and the job after it (whose priority sets the flow's
+-- next turn); each further read of the same flow takes twice as many.
+local cursors = {}
+
+local function read_ahead(flow, c)
+  local want = c and math.min(2 * c.want, 256) or 2
+  local from = c and c.last and ('(' .. c.last) or ('[' .. flow .. '\t')
+  local list = redis.call('ZRANGE', K_flow_jobs, from, '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, want)
+  local ids = {}
+  for k, member in ipairs(list) do
+    local _, id = member_parts(member)
+    ids[k] = id
+  end
+  local records = #ids > 0 and redis.call('HMGET', K_info, unpack(ids)) or {}
+  local next_c = {
+    list = list, ids = ids, records = records, infos = {}, i = 1,
+    done = #list < want, want = want, last = c and c.last,
+  }
+  cursors[flow] = next_c
+  return next_c
+end
+
+-- The cursor of `flow`, with its head and the job after it known (or
+-- known not to exist).
+local function cursor(flow)
+  local c = cursors[flow]
+  if not c or (c.i >= #c.list and not c.done) then
+    c = read_ahead(flow, c)
+  end
+  return c
+end
+
+local function info_at(c, k)
+  local info = c.infos[k]
+  if info == nil then
+    info = info_unpack(c.records[k] or nil) or false
+    c.infos[k] = info
+  end
+  return info
+end
+
+-- Starts the head of `flow` if its quotas allow: 'started', 'blocked',
+-- 'emptied' (it had no job left) or 'dropping' (DROP_BUDGET reached).
+local function try_flow(flow)
+  local quotas = quotas_of(flow)
+  local tats = {}
+  for i, q in ipairs(quotas) do
+    if full[q.token] then
+      return 'blocked'
+    elseif q.max > 0 and not sem_room(K_held, q.token, q.max) then
+      full[q.token] = true
+      return 'blocked'
+    elseif q.interval > 0 then
+      local allowed, v = gcra(K_gcra, q.token, now, q.interval, q.burst)
+      if not allowed then
+        full[q.token] = true
+        if hint < 0 or v < hint then
+          hint = v
+        end
+        return 'blocked'
+      end
+      tats[i] = v
+    end
+  end
+  while true do
+    local c = cursor(flow)
+    if c.i > #c.list then
+      flow_emptied(flow)
+      return 'emptied'
+    end
+    local k = c.i
+    local id = c.ids[k]
+    c.i = k + 1
+    c.last = c.list[k]
+    taken[#taken + 1] = c.list[k]
+    for _, q in ipairs(quotas) do
+      if not waiting_delta[q.token] then
+        waiting_tokens[#waiting_tokens + 1] = q.token
+        waiting_delta[q.token] = 0
+      end
+      waiting_delta[q.token] = waiting_delta[q.token] - 1
+    end
+    local info = info_at(c, k)
+    if info and info.deadline > now and not front_dead(info.front) then
+      unqueued[#unqueued + 1] = id
+      for i, q in ipairs(quotas) do
+        if q.max > 0 then
+          sem_take(K_held, K_holders, q.token, id, until_ms)
+        end
+        if q.interval > 0 then
+          gcra_commit(K_gcra, K_gcra_expiry, q.token, now, tats[i], q.interval, q.burst)
+        end
+      end
+      leases[#leases + 1] = until_ms
+      leases[#leases + 1] = id
+      owners[#owners + 1] = id
+      owners[#owners + 1] = owner_record
+      claimed[#claimed + 1] = id
+      if running then
+        running = running + 1
+      end
+      started_entry(out, id, info)
+      -- The flow's next turn: behind every flow of its priority.
+      if c.i > #c.list then
+        flow_emptied(flow)
+      else
+        local nxt = info_at(c, c.i)
+        local prio = nxt and nxt.prio or 50
+        set_turn(flow, order_score(prio, next_seq(), now, step))
+      end
+      return 'started'
+    end
+    -- Its client has given up, its front is dead, or its record is gone:
+    -- it never runs.
+    drop(id)
+    if dropped >= DROP_BUDGET then
+      ring(K_wake)
+      return 'dropping'
+    end
+  end
 end
 
 -- Starts one job: true, or false and why not.
@@ -177,99 +365,41 @@ local function claim_one()
       return false, 'max_inflight_total'
     end
   end
+  if view then
+    if looked >= budget then
+      return false, 'blocked'
+    end
+    local k = 1
+    while k <= #view do
+      looked = looked + 1
+      local r = try_flow(view[k].flow)
+      if r == 'started' then
+        return true
+      elseif r == 'dropping' then
+        return false, 'dropping'
+      elseif r == 'blocked' then
+        k = k + 1
+      end
+      -- 'emptied': the flow left the view, the next one took its place.
+    end
+    return false, 'blocked'
+  end
   local offset = 0
   while looked < budget do
-    local batch = redis.call('ZRANGE', K_flows, offset, offset + 49)
+    local batch = redis.call('ZRANGE', K_flows, offset, offset + FLOW_BATCH - 1)
     if #batch == 0 then
       break
     end
     local removed = 0
     for _, flow in ipairs(batch) do
       looked = looked + 1
-      local quotas = quotas_of(flow)
-      local ok = true
-      local tats = {}
-      for i, q in ipairs(quotas) do
-        if full[q.token] then
-          ok = false
-        elseif q.max > 0 and not sem_room(K_held, q.token, q.max) then
-          full[q.token] = true
-          ok = false
-        elseif q.interval > 0 then
-          local allowed, v = gcra(K_gcra, q.token, now, q.interval, q.burst)
-          if allowed then
-            tats[i] = v
-          else
-            full[q.token] = true
-            ok = false
-            if hint < 0 or v < hint then
-              hint = v
-            end
-          end
-        end
-        if not ok then
-          break
-        end
-      end
-      if ok then
-        while true do
-          -- The head, and the job after it for the flow's next turn.
-          local head, heads = flow_head(K_flow_jobs, flow, 2)
-          if not head then
-            redis.call('ZREM', K_flows, flow)
-            redis.call('HDEL', K_flowdefs, flow)
-            removed = removed + 1
-            break
-          end
-          redis.call('ZREM', K_flow_jobs, head)
-          local _, id = member_parts(head)
-          waiting_add(K_waiting, K_waiting_limits, quotas, -1)
-          -- Its record, and the next job's (its priority sets the flow's
-          -- next turn), in one read.
-          local nxt = heads[2]
-          local nxt_id = nxt and select(2, member_parts(nxt))
-          local records = redis.call('HMGET', K_info, id, nxt_id or id)
-          local info = info_unpack(records[1] or nil)
-          if info and info.deadline > now and not front_dead(info.front) then
-            unqueued[#unqueued + 1] = id
-            local until_ms = int(now + lease)
-            for i, q in ipairs(quotas) do
-              if q.max > 0 then
-                sem_take(K_held, K_holders, q.token, id, until_ms)
-              end
-              if q.interval > 0 then
-                gcra_commit(K_gcra, K_gcra_expiry, q.token, now, tats[i], q.interval, q.burst)
-              end
-            end
-            leases[#leases + 1] = until_ms
-            leases[#leases + 1] = id
-            owners[#owners + 1] = id
-            owners[#owners + 1] = owner_record
-            claimed[#claimed + 1] = id
-            if running then
-              running = running + 1
-            end
-            started_entry(out, id, info)
-            -- The flow's next turn: behind every flow of its priority.
-            if not nxt then
-              redis.call('ZREM', K_flows, flow)
-              redis.call('HDEL', K_flowdefs, flow)
-            else
-              local nxt_info = info_unpack(records[2] or nil)
-              local prio = nxt_info and nxt_info.prio or 50
-              local turn = order_score(prio, next_seq(), now, step)
-              redis.call('ZADD', K_flows, int(turn), flow)
-            end
-            return true
-          end
-          -- Its client has given up, its front is dead, or its record is
-          -- gone: it never runs.
-          drop(id)
-          if dropped >= DROP_BUDGET then
-            ring(K_wake)
-            return false, 'dropping'
-          end
-        end
+      local r = try_flow(flow)
+      if r == 'started' then
+        return true
+      elseif r == 'dropping' then
+        return false, 'dropping'
+      elseif r == 'emptied' then
+        removed = removed + 1
       end
     end
     offset = offset + #batch - removed
@@ -277,6 +407,29 @@ local function claim_one()
   return false, 'blocked'
 end
 
+-- What the walk changed in flows and flow_jobs, and in the waiting counts.
+local function write_walk()
+  if #taken > 0 then
+    redis.call('ZREM', K_flow_jobs, unpack(taken))
+  end
+  local zturns = {}
+  for flow, score in pairs(new_turns) do
+    zturns[#zturns + 1] = int(score)
+    zturns[#zturns + 1] = flow
+  end
+  if #zturns > 0 then
+    redis.call('ZADD', K_flows, unpack(zturns))
+  end
+  if #emptied > 0 then
+    redis.call('ZREM', K_flows, unpack(emptied))
+    redis.call('HDEL', K_flowdefs, unpack(emptied))
+  end
+  for _, t in ipairs(waiting_tokens) do
+    waiting_add(K_waiting, K_waiting_limits, { { token = t } }, waiting_delta[t])
+  end
+end
+
+read_view()
 local why = 'blocked'
 for _ = 1, max_jobs do
   local ok, reason = claim_one()
@@ -285,6 +438,7 @@ for _ = 1, max_jobs do
     break
   end
 end
+write_walk()
 if #unqueued > 0 then
   redis.call('ZREM', K_pending, unpack(unqueued))
 end

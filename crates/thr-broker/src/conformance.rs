@@ -94,6 +94,7 @@ scenarios![
     priority_order,
     fifo_within_a_priority,
     claim_batches_keep_dispatch_order,
+    a_claim_of_many_starts_what_single_claims_would,
     flows_of_a_priority_take_turns,
     concurrency_quota_blocks_only_its_flow,
     quota_keys_are_shared_across_flows_and_queues,
@@ -493,6 +494,46 @@ pub async fn claim_batches_keep_dispatch_order<B: Broker>(b: &B) {
     assert_eq!(ids(&take(b, 3, LONG).await), ["urgent", "b1", "b2"]);
     assert_eq!(ids(&take(b, 10, LONG).await), ["b3", "b4", "b5"]);
     assert_eq!(idle(b, "every job was claimed").await, None);
+}
+
+/// A claim of many jobs starts them in the order that claims of one job
+/// each would, across flows of several priorities and lengths: with a few
+/// flows, and with more than a claim reads at once.
+pub async fn a_claim_of_many_starts_what_single_claims_would<B: Broker>(b: &B) {
+    const PRIORITIES: [u8; 5] = [30, 80, 10, 50, 60];
+    for flows in [12usize, 60] {
+        let tenants: Vec<Flow> = (0..flows)
+            .map(|f| flow_of(vec![tenant(&format!("t{f}"))]))
+            .collect();
+        let mut orders = Vec::new();
+        for (round, per_claim) in [(0, 1), (1, 7)] {
+            // Flow f holds f % 3 + 1 jobs; the rounds differ only in ids.
+            let mut total = 0;
+            for j in 0..3 {
+                for (f, flow) in tenants.iter().enumerate().filter(|(f, _)| j <= f % 3) {
+                    let id = format!("n{flows}-r{round}-f{f}-j{j}");
+                    queued(b, job(&id, PRIORITIES[(f + 2 * j) % 5], flow)).await;
+                    total += 1;
+                }
+            }
+            let mut order = Vec::new();
+            let prefix = format!("n{flows}-r{round}-");
+            while order.len() < total {
+                let jobs = take(b, per_claim, LONG).await;
+                assert!(!jobs.is_empty(), "{total} jobs queued, claimed {order:?}");
+                order.extend(
+                    jobs.iter()
+                        .map(|c| c.id().trim_start_matches(&prefix).to_string()),
+                );
+            }
+            assert_eq!(idle(b, "every job was claimed").await, None);
+            orders.push(order);
+        }
+        assert_eq!(
+            orders[0], orders[1],
+            "{flows} flows: claims of 7 jobs against claims of one"
+        );
+    }
 }
 
 /// Flows (tenants) of one priority are served round-robin: a tenant that

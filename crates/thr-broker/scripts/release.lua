@@ -22,6 +22,7 @@ local reply_ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 -- Returns per job 'delivered', 'again' (an earlier call delivered it) or
 -- 'lost' (the lease is no longer the job's: whoever took it answers it).
 local now, sec = clock()
+local sec_s = int(sec)
 local out, ended, samples = {}, {}, {}
 local frames, lists = {}, {} -- reply frames per list, lists in first-push order
 local done = {}               -- ids settled by this call (a job repeated in it)
@@ -81,7 +82,7 @@ for i, a in ipairs(starts) do
     if info then
       remember = math.max(remember, info.deadline - now)
       local total = math.max(now - info.enqueued, backend_ms)
-      samples[#samples + 1] = sec .. '\t' .. int(total) .. '\t' .. backend_ms
+      samples[#samples + 1] = sec_s .. '\t' .. int(total) .. '\t' .. ARGV[a + 3]
     end
     redis.call('SET', K_settled, 'answered:' .. token, 'PX', int(remember))
     for h = first_hold, first_hold + nholds - 1 do

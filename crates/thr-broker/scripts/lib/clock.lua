@@ -6,7 +6,13 @@ local function clock()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), tonumber(t[1])
 end
 
--- Lua would print large numbers with 14 significant digits; scores must be exact.
+-- Lua would print large numbers with 14 significant digits; scores must be
+-- exact. A string (an integer already printed, or an argument as it came)
+-- is kept as it is: printing and parsing numbers is a good part of what a
+-- script costs Redis, so scripts print each number once.
 local function int(x)
+  if type(x) == 'string' then
+    return x
+  end
   return string.format('%.0f', x)
 end

@@ -12,9 +12,11 @@ local function order_score(prio, seq, now, step)
   return prio * SPACE + (seq % SPACE)
 end
 
--- `flow<TAB>score<TAB>id`, the score zero-padded so members sort by score.
+-- `flow<TAB>score<TAB>id`, the score zero-padded so members sort by score
+-- (`score` a number, or as `int` printed it).
 local function flow_member(flow, score, id)
-  return flow .. '\t' .. string.format('%016.0f', score) .. '\t' .. id
+  local s = int(score)
+  return flow .. '\t' .. string.rep('0', 16 - #s) .. s .. '\t' .. id
 end
 
 -- The first `count` (default 1) waiting members of `flow` in flow_jobs,

@@ -2,9 +2,10 @@
 -- order; the e2e test protocol::lua_and_rust_read_records_alike checks it).
 
 -- JobInfo: "2 prio score flow enqueued deadline front method attempts def".
+-- Numbers may come printed already (see `int`).
 local function info_pack(i)
-  return '2\t' .. i.prio .. '\t' .. int(i.score) .. '\t' .. i.flow .. '\t' .. int(i.enqueued) .. '\t' ..
-    int(i.deadline) .. '\t' .. i.front .. '\t' .. i.method .. '\t' .. i.attempts .. '\t' .. i.def
+  return '2\t' .. int(i.prio) .. '\t' .. int(i.score) .. '\t' .. i.flow .. '\t' .. int(i.enqueued) .. '\t' ..
+    int(i.deadline) .. '\t' .. i.front .. '\t' .. i.method .. '\t' .. int(i.attempts) .. '\t' .. i.def
 end
 
 local function info_unpack(s)

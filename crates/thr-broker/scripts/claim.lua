@@ -173,10 +173,10 @@ local function drop(id)
   dropped = dropped + 1
 end
 
--- The flows in turn order. When a call finds at most FLOW_BATCH flows, it
--- reads them once (`view`), keeps their order itself, and writes the turns
--- it changed and the flows it emptied at its end. With more, it reads them
--- in batches as it walks and writes each change at once.
+-- The flows in turn order. When a call finds fewer than FLOW_BATCH flows,
+-- it reads them once (`view`), keeps their order itself, and writes the
+-- turns it changed and the flows it emptied at its end. With more, it reads
+-- them in batches as it walks and writes each change at once.
 local FLOW_BATCH = 50
 local view = nil
 local new_turns, emptied = {}, {}
@@ -212,6 +212,18 @@ local function flow_emptied(flow)
   end
 end
 
+-- True when name `a` sorts before `b` in a sorted set: byte by byte (Lua's
+-- `<` on strings follows the server's locale).
+local function bytes_before(a, b)
+  for i = 1, math.min(#a, #b) do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then
+      return x < y
+    end
+  end
+  return #a < #b
+end
+
 -- A served flow's next turn (sorted as Redis sorts: score, then name).
 local function set_turn(flow, score)
   if not view then
@@ -221,7 +233,7 @@ local function set_turn(flow, score)
   view_remove(flow)
   local k = #view + 1
   for j, e in ipairs(view) do
-    if score < e.score or (score == e.score and flow < e.flow) then
+    if score < e.score or (score == e.score and bytes_before(flow, e.flow)) then
       k = j
       break
     end

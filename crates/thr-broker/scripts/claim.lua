@@ -368,6 +368,24 @@ local function try_flow(flow)
   end
 end
 
+-- Tries `flows` in turn order until one starts a job: true; or false, why
+-- not, and how many of them left the flows (emptied).
+local function try_flows(flows)
+  local removed = 0
+  for _, flow in ipairs(flows) do
+    looked = looked + 1
+    local r = try_flow(flow)
+    if r == 'started' then
+      return true
+    elseif r == 'dropping' then
+      return false, 'dropping', removed
+    elseif r == 'emptied' then
+      removed = removed + 1
+    end
+  end
+  return false, 'blocked', removed
+end
+
 -- Starts one job: true, or false and why not.
 local function claim_one()
   -- Expired leases are a dead worker's jobs: they no longer count as running.
@@ -381,20 +399,12 @@ local function claim_one()
     if looked >= budget then
       return false, 'blocked'
     end
-    local k = 1
-    while k <= #view do
-      looked = looked + 1
-      local r = try_flow(view[k].flow)
-      if r == 'started' then
-        return true
-      elseif r == 'dropping' then
-        return false, 'dropping'
-      elseif r == 'blocked' then
-        k = k + 1
-      end
-      -- 'emptied': the flow left the view, the next one took its place.
+    -- The view's order now (trying a flow may move it or take it out).
+    local flows = {}
+    for k, e in ipairs(view) do
+      flows[k] = e.flow
     end
-    return false, 'blocked'
+    return try_flows(flows)
   end
   local offset = 0
   while looked < budget do
@@ -402,17 +412,9 @@ local function claim_one()
     if #batch == 0 then
       break
     end
-    local removed = 0
-    for _, flow in ipairs(batch) do
-      looked = looked + 1
-      local r = try_flow(flow)
-      if r == 'started' then
-        return true
-      elseif r == 'dropping' then
-        return false, 'dropping'
-      elseif r == 'emptied' then
-        removed = removed + 1
-      end
+    local ok, why, removed = try_flows(batch)
+    if ok or why == 'dropping' then
+      return ok, why
     end
     offset = offset + #batch - removed
   end

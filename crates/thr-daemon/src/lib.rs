@@ -156,19 +156,26 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Resolves when the process is asked to stop (SIGTERM, SIGINT).
-pub async fn shutdown_signal() {
+/// Resolves when the process is asked to stop (SIGTERM, SIGINT). The
+/// handlers are installed by this call, not when the future is first
+/// polled: a daemon tells systemd it is ready before its main loop polls
+/// the future, and a SIGTERM in between must not kill it unannounced.
+/// Call it within the runtime.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received, shutting down"),
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler installs");
+        async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+                _ = int.recv() => tracing::info!("interrupt received, shutting down"),
+            }
         }
     }
     #[cfg(not(unix))]
-    {
+    async {
         let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -164,7 +164,7 @@ async fn redis_down_gives_a_fast_503_and_thr_recovers_by_itself() {
 
 #[tokio::test]
 async fn a_reply_after_a_long_blocking_wait_is_delivered() {
-    // 1.5 s at the backend: the front's BRPOP and the worker's pipeline wait
+    // 1.5 s at the backend: the front's BLMPOP and the worker's pipeline wait
     // well past redis-rs's default 500 ms response timeout.
     let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
     let seen = get(&stack.url(), "/slow?delay=1500").await;

@@ -1,5 +1,5 @@
 //! Blocking loops' dedicated connections: a worker's doorbell (BLPOP) and a
-//! front's reply stream (BRPOP then a batched RPOP).
+//! front's reply stream (BLMPOP: a batch, or a wait for the first reply).
 //!
 //! Each owns its connection, made lazily and dropped after any error so the
 //! next call reconnects. Its response timeout is the blocking time plus a
@@ -154,21 +154,22 @@ impl RedisReplies {
 
     async fn pop(&mut self, max: Duration) -> Result<Vec<Bytes>, BrokerError> {
         let mut conn = self.inner.get(max).await?;
-        // Under load replies are already there: take a batch without blocking.
-        let batch: Option<Vec<Vec<u8>>> = redis::cmd("RPOP")
+        // One command whatever the load: BLMPOP answers at once with up to a
+        // batch when replies are already there (as under load), and otherwise
+        // blocks for the first one. (A BRPOP followed by a batched RPOP cost
+        // an extra round trip, and a wake of this loop, per idle reply.)
+        let popped: Option<(String, Vec<Vec<u8>>)> = redis::cmd("BLMPOP")
+            .arg(BlockingConn::seconds(max))
+            .arg(1)
             .arg(&self.key)
+            .arg("RIGHT")
+            .arg("COUNT")
             .arg(REPLY_BATCH)
             .query_async(&mut conn)
             .await?;
-        if let Some(batch) = batch.filter(|b| !b.is_empty()) {
-            return Ok(batch.into_iter().map(Bytes::from).collect());
-        }
-        let one: Option<(String, Vec<u8>)> = redis::cmd("BRPOP")
-            .arg(&self.key)
-            .arg(BlockingConn::seconds(max))
-            .query_async(&mut conn)
-            .await?;
-        Ok(one.map(|(_, v)| vec![Bytes::from(v)]).unwrap_or_default())
+        Ok(popped
+            .map(|(_, batch)| batch.into_iter().map(Bytes::from).collect())
+            .unwrap_or_default())
     }
 }
 

@@ -339,3 +339,44 @@ async fn backend_refusing_connections_gives_502_and_slow_backend_504() {
     assert_eq!(String::from_utf8_lossy(&seen.body), "backend unavailable\n");
     thr.stop().await;
 }
+
+#[tokio::test]
+async fn a_doorbell_redis_refuses_still_serves_jobs_without_spinning() {
+    // An ACL that denies BLPOP (a misconfigured user): the worker cannot
+    // wait on its doorbell. Its claim, pipelined behind the refused pop,
+    // still runs, so jobs are served; and the worker waits out each refusal
+    // instead of asking again at once.
+    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    let mut conn = stack.redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-blpop")
+        .query(&mut conn)
+        .unwrap();
+    for target in ["/refused-1", "/refused-2"] {
+        assert_eq!(get(&stack.url(), target).await.status, 200);
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    let refused: u64 = info
+        .lines()
+        .find(|l| l.starts_with("cmdstat_blpop:"))
+        .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("rejected_calls=")))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap_or(0);
+    // About one refused pop per second of the wait; a spinning worker
+    // would send thousands.
+    assert!(
+        (1..=10).contains(&refused),
+        "{refused} BLPOPs refused in 3 s:\n{info}"
+    );
+    stack.thr.stop().await;
+}

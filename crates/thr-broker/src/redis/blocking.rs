@@ -154,10 +154,11 @@ impl RedisReplies {
 
     async fn pop(&mut self, max: Duration) -> Result<Vec<Bytes>, BrokerError> {
         let mut conn = self.inner.get(max).await?;
-        // One command whatever the load: BLMPOP answers at once with up to a
-        // batch when replies are already there (as under load), and otherwise
-        // blocks for the first one. (A BRPOP followed by a batched RPOP cost
-        // an extra round trip, and a wake of this loop, per idle reply.)
+        // One command whatever the load (decision 24): BLMPOP answers at
+        // once with up to a batch when replies are already there (as under
+        // load), and otherwise blocks for the first one. (A BRPOP after a
+        // batched RPOP cost a round trip and a wake of this loop more per
+        // reply on an idle system.)
         let popped: Option<(String, Vec<Vec<u8>>)> = redis::cmd("BLMPOP")
             .arg(BlockingConn::seconds(max))
             .arg(1)

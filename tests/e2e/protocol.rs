@@ -129,7 +129,7 @@ fn lua_and_rust_read_records_alike() {
             info.flow_def.clone(),
         ];
         assert_eq!(read, expected, "Lua's reading of {text:?}");
-        let packed: String = script
+        let packed: Vec<u8> = script
             .arg("pack")
             .arg(info.priority)
             .arg(info.score)
@@ -145,9 +145,10 @@ fn lua_and_rust_read_records_alike() {
         assert_eq!(packed, text, "Lua's info_pack writes what Rust does");
         assert_eq!(JobInfo::decode(&packed).as_ref(), Some(&info));
     }
-    // Not a record of this version: Lua refuses it like Rust.
-    let old = "1\t50\t1\t-\t0\t0\tf\tGET\t0\t";
-    assert_eq!(JobInfo::decode(old), None);
+    // Not a record of this version (version 2 was text): Lua refuses it
+    // like Rust.
+    let old = "2\t50\t1\t-\t0\t0\tf\tGET\t0\t";
+    assert_eq!(JobInfo::decode(old.as_bytes()), None);
     let read: Vec<String> = script.arg("info").arg(old).invoke(&mut conn).unwrap();
     assert!(read.is_empty(), "Lua read an old record: {read:?}");
 
@@ -165,24 +166,32 @@ fn lua_and_rust_read_records_alike() {
             ..owner
         },
     ] {
-        let read: Vec<String> = script
+        let read: Vec<Vec<u8>> = script
             .arg("owner")
             .arg(owner.encode())
             .invoke(&mut conn)
             .unwrap();
         let flag = if owner.streaming { "s" } else { "-" };
+        let expected: [&[u8]; 5] = [
+            b"w-9f",
+            b"claim-42",
+            b"1700000000999",
+            flag.as_bytes(),
+            &owner.encode(),
+        ];
         assert_eq!(
-            read,
-            [
-                "w-9f",
-                "claim-42",
-                "1700000000999",
-                flag,
-                owner.encode().as_str()
-            ],
+            read, expected,
             "Lua reads and writes the owner record as Rust does"
         );
     }
+    let old_owner = "w-9f\tclaim-42\t1700000000999";
+    assert_eq!(Owner::decode(old_owner.as_bytes()), None);
+    let read: Vec<String> = script
+        .arg("owner")
+        .arg(old_owner)
+        .invoke(&mut conn)
+        .unwrap();
+    assert!(read.is_empty(), "Lua read an old owner record: {read:?}");
 
     // FlowDef.
     let flow = Flow {

@@ -36,7 +36,8 @@ local started_ids = {}
 local function started_entry(out, id, info)
   out[#out + 1] = id
   out[#out + 1] = false
-  out[#out + 1] = int(info.deadline - now)
+  -- A whole number: Redis answers it as an integer, with nothing printed.
+  out[#out + 1] = info.deadline - now
   out[#out + 1] = info.front
   out[#out + 1] = info.def
   started_ids[#started_ids + 1] = id
@@ -256,8 +257,7 @@ local function read_ahead(flow, c)
   local list = redis.call('ZRANGE', K_flow_jobs, from, '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, want)
   local ids = {}
   for k, member in ipairs(list) do
-    local _, id = member_parts(member)
-    ids[k] = id
+    ids[k] = member_id(member)
   end
   local records = #ids > 0 and redis.call('HMGET', K_info, unpack(ids)) or {}
   local next_c = {

@@ -22,7 +22,6 @@ local K_waiting_limits = KEYS[13]
 -- `from_dead`, {'gone'} when there is no such dead letter.
 local n = #ARGV / 11
 local now, sec = clock()
-local now_s = int(now)
 local last_seq = redis.call('INCRBY', K_seq, n)
 
 local ids = {}
@@ -94,15 +93,15 @@ for i = 1, n do
   if not verdict then
     seen[id] = true
     admitted = admitted + 1
-    -- Each number printed once (ARGV's priority as it came).
+    -- Each number printed once.
     local score = order_score(prio, last_seq - n + i, now, step)
     local score_s = int(score)
     add(zpending, score_s, id)
     add(zflow_jobs, 0, flow_member(flow, score_s, id))
     add(hjobs, id, frame)
     add(hinfo, id, info_pack({
-      prio = ARGV[a + 2], score = score_s, flow = flow, enqueued = now_s, deadline = now + timeout,
-      front = front, method = method, attempts = '0', def = def,
+      prio = prio, score = score, flow = flow, enqueued = now, deadline = now + timeout,
+      front = front, method = method, attempts = 0, def = def,
     }))
     if not defs[flow] then
       flows[#flows + 1] = flow

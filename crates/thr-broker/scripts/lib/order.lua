@@ -28,10 +28,10 @@ local function flow_head(key, flow, count)
   return m[1], m
 end
 
--- Score and job id of a flow_jobs member.
-local function member_parts(member)
-  local score, id = string.match(member, '\t(%d+)\t(.*)$')
-  return tonumber(score), id
+-- The job id of a flow_jobs member (its score is read from the job's
+-- record: parsing it here would cost every member a number).
+local function member_id(member)
+  return string.match(member, '\t%d+\t(.*)$')
 end
 
 -- Rings the doorbell `count` times (default once): one token per job

@@ -1,54 +1,58 @@
 -- lib/records.lua: the Lua twin of protocol::records (same fields, same
 -- order; the e2e test protocol::lua_and_rust_read_records_alike checks it).
+-- JobInfo and Owner are MessagePack values one after the other, led by
+-- their version (3): one C call reads them all, numbers as numbers. Their
+-- numbers are whole and below 2^53, so exact as Lua numbers.
 
--- JobInfo: "2 prio score flow enqueued deadline front method attempts def".
--- Numbers may come printed already (see `int`).
+local RECORD_VERSION = 3
+
+-- JobInfo: prio score flow enqueued deadline front method attempts def.
 local function info_pack(i)
-  return '2\t' .. int(i.prio) .. '\t' .. int(i.score) .. '\t' .. i.flow .. '\t' .. int(i.enqueued) .. '\t' ..
-    int(i.deadline) .. '\t' .. i.front .. '\t' .. i.method .. '\t' .. int(i.attempts) .. '\t' .. i.def
+  return cmsgpack.pack(RECORD_VERSION, i.prio, i.score, i.flow, i.enqueued, i.deadline, i.front, i.method,
+    i.attempts, i.def)
+end
+
+-- True when `s` starts with this version's tag (0x03, a one-byte integer
+-- 3: no text record starts so), so that nothing else is unpacked.
+local function is_record(s)
+  return s and string.byte(s, 1) == RECORD_VERSION
 end
 
 local function info_unpack(s)
-  if not s then
+  if not is_record(s) then
     return nil
   end
-  local v, prio, score, flow, enq, deadline, front, method, attempts, def = string.match(s,
-    '^(%d+)\t(%d+)\t(%d+)\t([^\t]*)\t(%d+)\t(%d+)\t([^\t]*)\t([^\t]*)\t(%d+)\t([^\t]*)$')
-  if v ~= '2' then
+  local _, prio, score, flow, enq, deadline, front, method, attempts, def = cmsgpack.unpack(s)
+  if type(def) ~= 'string' then
     return nil
   end
   return {
-    prio = tonumber(prio), score = tonumber(score), flow = flow, enqueued = tonumber(enq),
-    deadline = tonumber(deadline), front = front, method = method, attempts = tonumber(attempts),
-    def = def,
+    prio = prio, score = score, flow = flow, enqueued = enq, deadline = deadline, front = front,
+    method = method, attempts = attempts, def = def,
   }
 end
 
--- Owner: "worker token claimed_ms", then "\ts" once the job's response
--- head went out (it streams: it can no longer run again).
+-- Owner: worker token claimed_ms streaming (its response head went out: it
+-- can no longer run again).
 local function owner_unpack(s)
-  if not s then
+  if not is_record(s) then
     return nil
   end
-  local worker, token, claimed, streaming = string.match(s, '^([^\t]*)\t([^\t]*)\t(%d+)(\t?s?)$')
-  if not worker or (streaming ~= '' and streaming ~= '\ts') then
+  local _, worker, token, claimed, streaming = cmsgpack.unpack(s)
+  if type(streaming) ~= 'boolean' then
     return nil
   end
-  return { worker = worker, token = token, claimed = tonumber(claimed), streaming = streaming == '\ts' }
+  return { worker = worker, token = token, claimed = claimed, streaming = streaming }
 end
 
 local function owner_pack(o)
-  local s = o.worker .. '\t' .. o.token .. '\t' .. int(o.claimed)
-  if o.streaming then
-    s = s .. '\ts'
-  end
-  return s
+  return cmsgpack.pack(RECORD_VERSION, o.worker, o.token, o.claimed, o.streaming == true)
 end
 
 -- FlowDef: quotas separated by ';', each "token max_concurrent interval_ms burst max_waiting".
 local function parse_def(def)
   local quotas = {}
-  if not def then
+  if not def or def == '' then
     return quotas
   end
   for part in string.gmatch(def, '[^;]+') do

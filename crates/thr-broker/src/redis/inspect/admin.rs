@@ -77,7 +77,7 @@ impl RedisBroker {
         let mut purged = 0;
         while let Some(page) = walk.next(self).await? {
             let ids: Vec<String> = page.into_iter().map(|(id, _)| id).collect();
-            let infos: Vec<Option<String>> = self.hmget(&q.info, &ids).await?;
+            let infos: Vec<Option<Vec<u8>>> = self.hmget(&q.info, &ids).await?;
             let chosen: Vec<(String, String, Bytes)> = ids
                 .into_iter()
                 .zip(infos)

@@ -174,7 +174,7 @@ impl RedisBroker {
         info: &str,
         ids: &[String],
     ) -> Result<Vec<Option<JobInfo>>, BrokerError> {
-        let raw: Vec<Option<String>> = self.hmget(info, ids).await?;
+        let raw: Vec<Option<Vec<u8>>> = self.hmget(info, ids).await?;
         Ok(raw
             .into_iter()
             .map(|r| r.as_deref().and_then(JobInfo::decode))
@@ -362,7 +362,7 @@ impl RedisBroker {
         let mut walk = ScoreWalk::new(&q.leases, PAGE);
         while let Some(page) = walk.next(self).await? {
             let ids: Vec<String> = page.iter().map(|(id, _)| id.clone()).collect();
-            let owners: Vec<Option<String>> = self.hmget(&q.owners, &ids).await?;
+            let owners: Vec<Option<Vec<u8>>> = self.hmget(&q.owners, &ids).await?;
             let infos = self.job_infos(&q.info, &ids).await?;
             let frames: Vec<Option<Vec<u8>>> = self.hmget(&q.jobs, &ids).await?;
             for (((id, until), owner), (info, frame)) in page

@@ -23,7 +23,9 @@
 //! Beside thr's figures, each scenario prints what a request through thr
 //! costs: CPU µs of http2redis and of redis2http (from /proc), and Redis's
 //! CPU µs (`INFO cpu`) and µs in commands (`INFO commandstats`, wall clock:
-//! on a busy machine it includes time Redis waited for a core).
+//! on a busy machine it includes time Redis waited for a core); then how
+//! much of that each job script takes (enqueue, claim, release: every call
+//! logged by SLOWLOG during the run) and how many requests one call serves.
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 
@@ -130,6 +132,108 @@ fn redis_time(redis: &RedisServer) -> (f64, f64) {
         .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
         .sum();
     (usec, cpu)
+}
+
+/// The job scripts whose share of Redis's time each scenario prints.
+const JOB_SCRIPTS: [&str; 3] = ["enqueue", "claim", "release"];
+/// Most calls SLOWLOG keeps during a run: a run logs fewer (5 s of the
+/// `single` scenario, the busiest, about 25,000); past it, the last ones.
+const SLOWLOG_KEEP: u32 = 100_000;
+
+/// Calls of `EVALSHA` so far (`INFO commandstats`).
+fn evalsha_calls(redis: &RedisServer) -> f64 {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap_or_default();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|v| v.split(',').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// From now on, Redis logs every command in SLOWLOG with its duration
+/// (wall clock, as `INFO commandstats`).
+fn slowlog_start(redis: &RedisServer) {
+    let mut conn = redis.conn();
+    for (name, value) in [
+        ("slowlog-max-len", SLOWLOG_KEEP.to_string()),
+        ("slowlog-log-slower-than", "0".to_string()),
+    ] {
+        let _: Result<(), _> = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut conn);
+    }
+    let _: Result<(), _> = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn);
+}
+
+/// Per job script, from the calls SLOWLOG logged since [`slowlog_start`]:
+/// its share of the logged `EVALSHA` calls and its mean µs per call. Logging
+/// stops here.
+fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
+    let mut conn = redis.conn();
+    let entries: redis::Value = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap_or(redis::Value::Nil);
+    let _: Result<(), _> = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("slowlog-log-slower-than")
+        .arg(10_000)
+        .query(&mut conn);
+    let hashes: Vec<(&str, String)> = JOB_SCRIPTS
+        .iter()
+        .map(|&name| {
+            let source = thr_broker::protocol::script_source(name).expect("a job script");
+            (name, redis::Script::new(source).get_hash().to_string())
+        })
+        .collect();
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).to_lowercase(),
+        redis::Value::SimpleString(s) => s.to_lowercase(),
+        _ => String::new(),
+    };
+    let mut evalsha = 0usize;
+    let mut sums = vec![(0usize, 0i64); JOB_SCRIPTS.len()];
+    let redis::Value::Array(entries) = entries else {
+        return Vec::new();
+    };
+    for entry in entries {
+        // [id, time, µs, [command and arguments], client, name]
+        let redis::Value::Array(fields) = entry else {
+            continue;
+        };
+        let (Some(redis::Value::Int(us)), Some(redis::Value::Array(args))) =
+            (fields.get(2), fields.get(3))
+        else {
+            continue;
+        };
+        if args.first().map(text).as_deref() != Some("evalsha") {
+            continue;
+        }
+        evalsha += 1;
+        let sha = args.get(1).map(text).unwrap_or_default();
+        if let Some(i) = hashes.iter().position(|(_, h)| *h == sha) {
+            sums[i].0 += 1;
+            sums[i].1 += us;
+        }
+    }
+    JOB_SCRIPTS
+        .iter()
+        .zip(sums)
+        .filter(|(_, (calls, _))| *calls > 0)
+        .map(|(&name, (calls, us))| {
+            (
+                name,
+                calls as f64 / evalsha as f64,
+                us as f64 / calls as f64,
+            )
+        })
+        .collect()
 }
 
 async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
@@ -348,13 +452,17 @@ async fn main() {
             cpu_seconds(front.pid()),
             cpu_seconds(worker.pid()),
             redis_time(&redis),
+            evalsha_calls(&redis),
         );
+        slowlog_start(&redis);
         let through = drive(&thr_url, connections, cli.duration).await;
         let after = (
             cpu_seconds(front.pid()),
             cpu_seconds(worker.pid()),
             redis_time(&redis),
+            evalsha_calls(&redis),
         );
+        let scripts = slowlog_scripts(&redis);
         print_row("thr", &through, &direct);
         let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
         println!(
@@ -363,6 +471,24 @@ async fn main() {
             per(after.1 - before.1),
             per(after.2.1 - before.2.1),
             per((after.2.0 - before.2.0) / 1e6),
+        );
+        // Each job script's calls in the run: its share of the calls
+        // SLOWLOG logged, of every EVALSHA counted.
+        let answered = through.answered.max(1) as f64;
+        let by_script: Vec<String> = scripts
+            .iter()
+            .map(|(name, share, mean_us)| {
+                let calls = share * (after.3 - before.3);
+                format!(
+                    "{name} {:.0} µs ({:.1} requests per call)",
+                    mean_us * calls / answered,
+                    answered / calls.max(1.0)
+                )
+            })
+            .collect();
+        println!(
+            "  Redis per request, by script (SLOWLOG, wall clock): {}",
+            by_script.join(", ")
         );
         if let Some(url) = &haproxy_url {
             let h = drive(url, connections, cli.duration).await;

@@ -6,13 +6,16 @@
 -- records that too, and a claim for 0 jobs starts nothing and returns what
 -- an earlier call with its token leased (a worker that stops waiting for
 -- a claim it sent, e.g. one queued behind its doorbell pop).
--- includes: clock order records quota drain liveness
+-- A job an enqueue handed off (it found nothing waiting: ARCHITECTURE.md
+-- decision 26) starts first, without a walk, while it is still the only
+-- waiting job; once others wait, it joins its flow and the walk orders it.
+-- includes: clock order records quota drain liveness waiting
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_wake, K_drained, K_seq, K_paused = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
-local K_waiting, K_waiting_limits = KEYS[21], KEYS[22]
+local K_waiting, K_waiting_limits, K_handoff = KEYS[21], KEYS[22], KEYS[23]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 -- At most 1,000 jobs a call (a broker may start fewer than asked): what a
 -- call writes for its jobs at its end stays within Lua's unpack limit.
@@ -78,7 +81,7 @@ if #prior > 0 then
   end
   -- A late copy of a claim its worker settled may come right after the
   -- doorbell pop it was queued behind: pass that ring on if jobs wait.
-  if max_jobs > 0 and redis.call('EXISTS', K_flows) == 1 then
+  if max_jobs > 0 and redis.call('EXISTS', K_flows, K_handoff) > 0 then
     ring(K_wake)
   end
   return {gen, 'idle', 'claimed', -1}
@@ -90,24 +93,9 @@ end
 if redis.call('EXISTS', K_paused) == 1 then
   return seal('paused', -1)
 end
-if lease_lost(alive, 0, now, worker_timeout) then
-  sem_sweep(K_held, K_holders, now)
-end
-gcra_sweep(K_gcra, K_gcra_expiry, now)
-
-local full = {}     -- quota tokens found saturated during this call
-local hint = -1
--- Flows looked at, over the whole call: starting many jobs costs Redis no
--- more time than one start may in the worst case.
-local looked = 0
-local out = {gen, 'jobs'}
-
--- What one call reads more than once is read once: fronts' liveness and
--- flow definitions do not change during a call (a flow whose definition
--- is deleted here leaves `flows` too, so it is not looked at again).
-local fronts_dead, flow_quotas = {}, {}
-
 -- True when a front is known and silent: nobody will read the reply.
+-- Fronts' liveness does not change during a call: read once per front.
+local fronts_dead = {}
 local function front_dead(front)
   if front == '' then
     return false
@@ -121,6 +109,79 @@ local function front_dead(front)
   return dead
 end
 
+-- Forgets a waiting job that must not run (client gone, front dead). A
+-- call drops at most DROP_BUDGET of them (thousands of a dead front's jobs
+-- would hold Redis for long); it then stops and rings, so that the next
+-- claim goes on where it stopped.
+local DROP_BUDGET = 200
+local dropped = 0
+local function drop(id)
+  redis.call('ZREM', K_pending, id)
+  redis.call('HDEL', K_jobs, id)
+  redis.call('HDEL', K_info, id)
+  dropped = dropped + 1
+end
+
+-- Jobs running, as max_inflight_total counts them: expired leases are a
+-- dead worker's jobs and no longer count.
+local function running_now()
+  return redis.call('ZCOUNT', K_leases, '(' .. now, '+inf')
+end
+
+-- What every started job writes, once per call with every job's members:
+-- its lease, its owner, this claim's list, the doorbell tokens spent (idle
+-- workers are not woken for them) and the drain count.
+local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
+local until_ms = int(now + lease)
+local function lease_all(ids)
+  local leases, owners = {}, {}
+  for i, id in ipairs(ids) do
+    leases[2 * i - 1], leases[2 * i] = until_ms, id
+    owners[2 * i - 1], owners[2 * i] = id, owner_record
+  end
+  redis.call('ZADD', K_leases, unpack(leases))
+  redis.call('HSET', K_owners, unpack(owners))
+  redis.call('RPUSH', K_claim, unpack(ids))
+  redis.call('PEXPIRE', K_claim, int(lease))
+  redis.call('LPOP', K_wake, #ids)
+  count_start(K_drained, sec, #ids)
+end
+
+-- The handed-off job: started here when nothing else waits (no flow), put
+-- in its flow otherwise; let go when it was withdrawn (no record), dropped
+-- when it must not run. Not while max_inflight_total is reached: it waits.
+if total == 0 or running_now() < total then
+  local id = redis.call('LPOP', K_handoff)
+  local info = id and info_unpack(redis.call('HGET', K_info, id))
+  if info and redis.call('EXISTS', K_flows) == 1 then
+    enflow(id, info)
+  elseif info and info.deadline > now and not front_dead(info.front) then
+    local out = {gen, 'jobs'}
+    started_entry(out, id, info)
+    redis.call('ZREM', K_pending, id)
+    lease_all({id})
+    return with_frames(out)
+  elseif info then
+    drop(id)
+  end
+end
+
+if lease_lost(alive, 0, now, worker_timeout) then
+  sem_sweep(K_held, K_holders, now)
+end
+gcra_sweep(K_gcra, K_gcra_expiry, now)
+
+local full = {}     -- quota tokens found saturated during this call
+local hint = -1
+-- Flows looked at, over the whole call: starting many jobs costs Redis no
+-- more time than one start may in the worst case.
+local looked = 0
+local out = {gen, 'jobs'}
+
+-- Flow definitions do not change during a call (a flow whose definition is
+-- deleted here leaves `flows` too, so it is not looked at again): read once.
+local flow_quotas = {}
+
 local function quotas_of(flow)
   local quotas = flow_quotas[flow]
   if not quotas then
@@ -130,12 +191,8 @@ local function quotas_of(flow)
   return quotas
 end
 
--- The writes every started job makes, made once at the end of the call
--- with every job's members: leases, owners, this claim's list, the drain
--- count and the doorbell tokens spent.
-local leases, owners, claimed = {}, {}, {}
-local owner_record = owner_pack({ worker = worker, token = token, claimed = now })
-local until_ms = int(now + lease)
+-- The jobs this call started, leased at its end (lease_all).
+local claimed = {}
 -- Sequence numbers for flows' turns: one block per call, taken when first
 -- needed, as many as starts may still follow (numbers left unused are a
 -- gap; only their order matters).
@@ -160,19 +217,6 @@ local unqueued = {}
 -- end; changes to waiting counts per quota token, written at its end.
 local taken = {}
 local waiting_delta, waiting_tokens = {}, {}
-
--- Forgets a waiting job that must not run (client gone, front dead). A
--- call drops at most DROP_BUDGET of them (thousands of a dead front's jobs
--- would hold Redis for long); it then stops and rings, so that the next
--- claim goes on where it stopped.
-local DROP_BUDGET = 200
-local dropped = 0
-local function drop(id)
-  redis.call('ZREM', K_pending, id)
-  redis.call('HDEL', K_jobs, id)
-  redis.call('HDEL', K_info, id)
-  dropped = dropped + 1
-end
 
 -- The flows in turn order. When a call finds fewer than FLOW_BATCH flows,
 -- it reads them once (`view`), keeps their order itself, and writes the
@@ -339,10 +383,6 @@ local function try_flow(flow)
           gcra_commit(K_gcra, K_gcra_expiry, q.token, now, tats[i], q.interval, q.burst)
         end
       end
-      leases[#leases + 1] = until_ms
-      leases[#leases + 1] = id
-      owners[#owners + 1] = id
-      owners[#owners + 1] = owner_record
       claimed[#claimed + 1] = id
       if running then
         running = running + 1
@@ -388,9 +428,8 @@ end
 
 -- Starts one job: true, or false and why not.
 local function claim_one()
-  -- Expired leases are a dead worker's jobs: they no longer count as running.
   if total > 0 then
-    running = running or redis.call('ZCOUNT', K_leases, '(' .. now, '+inf')
+    running = running or running_now()
     if running >= total then
       return false, 'max_inflight_total'
     end
@@ -457,14 +496,7 @@ if #unqueued > 0 then
   redis.call('ZREM', K_pending, unpack(unqueued))
 end
 if #out > 2 then
-  redis.call('ZADD', K_leases, unpack(leases))
-  redis.call('HSET', K_owners, unpack(owners))
-  redis.call('RPUSH', K_claim, unpack(claimed))
-  redis.call('PEXPIRE', K_claim, int(lease))
-  -- The started jobs' doorbell tokens are spent: idle workers are not
-  -- woken for them.
-  redis.call('LPOP', K_wake, #claimed)
-  count_start(K_drained, sec, #claimed)
+  lease_all(claimed)
   -- A worker given fewer jobs than it asked for waits on the doorbell
   -- instead of asking again at once. Releases and enqueues ring it; a rate
   -- quota frees up on its own, so a token is left for that: the next

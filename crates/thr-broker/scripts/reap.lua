@@ -3,8 +3,10 @@
 -- then does what the caller decided: put it back in its place, answer its
 -- client, or set it aside in the dead letters and answer. Atomic, so two
 -- reapers never handle one job twice.
--- includes: clock order records quota liveness lease
-local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- includes: clock order records quota liveness lease waiting
+-- KEYS[1..6]: the waiting keys (lib/waiting.lua reads flow-jobs, flows and
+-- flowdefs by position).
+local K_pending = KEYS[1]
 local K_jobs, K_info, K_leases, K_owners = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_wake, K_dead, K_reasons, K_waiting = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_held, K_holders, K_workers, K_liveness = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
@@ -56,12 +58,7 @@ while ARGV[3 + 4 * i] do
       info.attempts = info.attempts + 1
       redis.call('HSET', K_info, id, info_pack(info))
       redis.call('ZADD', K_pending, int(info.score), id)
-      redis.call('ZADD', K_flow_jobs, 0, flow_member(info.flow, info.score, id))
-      redis.call('HSETNX', K_flowdefs, info.flow, info.def)
-      local turn = tonumber(redis.call('ZSCORE', K_flows, info.flow))
-      if not turn or info.score < turn then
-        redis.call('ZADD', K_flows, int(info.score), info.flow)
-      end
+      enflow(id, info)
       waiting_add(K_waiting, K_waiting_limits, quotas, 1)
       ring(K_wake)
       requeued = requeued + 1

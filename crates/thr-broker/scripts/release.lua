@@ -12,8 +12,8 @@
 -- includes: clock records quota order
 local K_leases, K_owners, K_jobs, K_info = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_wake, K_latency, K_generation, K_held = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
-local K_holders, K_flows = KEYS[9], KEYS[10]
--- KEYS[10 + 2i - 1] and KEYS[10 + 2i]: job i's front's reply list and its
+local K_holders, K_flows, K_handoff = KEYS[9], KEYS[10], KEYS[11]
+-- KEYS[11 + 2i - 1] and KEYS[11 + 2i]: job i's front's reply list and its
 -- settled marker.
 local reply_ttl, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
 -- From ARGV[3], per job: id, token, frame (empty: a streamed job, whose
@@ -58,7 +58,7 @@ for i, a in ipairs(starts) do
   local id, token, frame = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local backend_ms, generation, nholds = tonumber(ARGV[a + 3]), ARGV[a + 4], tonumber(ARGV[a + 5])
   local first_hold = a + 6
-  local K_replies, K_settled = KEYS[10 + 2 * i - 1], KEYS[10 + 2 * i]
+  local K_replies, K_settled = KEYS[11 + 2 * i - 1], KEYS[11 + 2 * i]
   local owner = not done[id] and owner_unpack(owners[i] or nil)
   if done[id] then
     -- Settled earlier in this call (its deletions come at the end).
@@ -109,7 +109,9 @@ if #ended > 0 then
   redis.call('HDEL', K_owners, unpack(ended))
   redis.call('HDEL', K_jobs, unpack(ended))
   redis.call('HDEL', K_info, unpack(ended))
-  if redis.call('EXISTS', K_flows) == 1 then
+  -- Jobs wait in flows, or one was handed off (it may have waited for
+  -- max_inflight_total).
+  if redis.call('EXISTS', K_flows, K_handoff) > 0 then
     ring(K_wake)
   end
 end

@@ -49,8 +49,8 @@ use thr_core::quota::{Flow, QuotaKey};
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    Admission, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell, Gauges,
-    JobState, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, Withdrawal,
+    Admission, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell,
+    Gauges, JobState, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, Withdrawal,
 };
 
 /// A running scenario.
@@ -103,6 +103,7 @@ scenarios![
     concurrent_enqueues_respect_max_waiting,
     quota_max_waiting_refuses,
     max_inflight_total_caps_running_jobs,
+    a_lone_job_held_by_max_inflight_total_is_rung_for,
     withdraw_waiting_job,
     withdraw_running_job,
     withdraw_unknown_id_leaves_a_tombstone,
@@ -125,6 +126,7 @@ scenarios![
     dead_letter_answers_and_settles,
     silent_worker_is_reaped,
     dead_front_jobs_are_dropped,
+    a_lone_job_is_withdrawn_or_dropped_like_any,
     started_notice_precedes_reply,
     job_states_report_each_state,
     heartbeat_generation_is_stable,
@@ -273,6 +275,16 @@ async fn take_one<B: Broker>(b: &B, id: &str) -> Claimed {
     jobs.remove(0)
 }
 
+/// Claim options for up to 4 jobs under `token`, with at most `total` jobs
+/// of the queue running at once.
+fn capped_at(total: u32, token: &str) -> ClaimOptions<'_> {
+    ClaimOptions {
+        max_jobs: 4,
+        max_inflight_total: Some(total),
+        ..options(token)
+    }
+}
+
 /// Claims with a new token and insists that nothing is started; returns
 /// the claim's `retry_in`.
 async fn idle<B: Broker>(b: &B, why: &str) -> Option<Duration> {
@@ -336,6 +348,18 @@ async fn reap<B: Broker>(b: &B, policy: &RetryPolicy) -> Reaped {
     b.reap(QUEUE, policy)
         .await
         .unwrap_or_else(|e| panic!("reap: {e}"))
+}
+
+/// Says that front `id` is alive; what the broker answers.
+async fn beat_front<B: Broker>(b: &B, id: &str) -> Beat {
+    b.heartbeat(Daemon::Front, id, "{}")
+        .await
+        .unwrap_or_else(|e| panic!("heartbeat {id}: {e}"))
+}
+
+/// `job`, waited for by front `front`.
+fn of_front<'a>(job: NewJob<'a>, front: &'a str) -> NewJob<'a> {
+    NewJob { front, ..job }
 }
 
 /// Says that [`WORKER`] and [`FRONT`] are alive, as running daemons do.
@@ -787,18 +811,11 @@ pub async fn max_inflight_total_caps_running_jobs<B: Broker>(b: &B) {
     for id in ["i1", "i2", "i3", "i4"] {
         queued(b, job(id, 50, &free)).await;
     }
-    fn capped(token: &str) -> ClaimOptions<'_> {
-        ClaimOptions {
-            max_jobs: 4,
-            max_inflight_total: Some(2),
-            ..options(token)
-        }
-    }
     let t1 = new_token();
-    let first = jobs_of(claim_with(b, capped(&t1)).await);
+    let first = jobs_of(claim_with(b, capped_at(2, &t1)).await);
     assert_eq!(ids(&first), ["i1", "i2"], "two may run at once");
     let t2 = new_token();
-    let blocked = jobs_of(claim_with(b, capped(&t2)).await);
+    let blocked = jobs_of(claim_with(b, capped_at(2, &t2)).await);
     assert!(
         blocked.is_empty(),
         "two run already: got {:?}",
@@ -806,8 +823,38 @@ pub async fn max_inflight_total_caps_running_jobs<B: Broker>(b: &B) {
     );
     assert_eq!(reply(b, &first[0].lease).await, Delivery::Delivered);
     let t3 = new_token();
-    let next = jobs_of(claim_with(b, capped(&t3)).await);
+    let next = jobs_of(claim_with(b, capped_at(2, &t3)).await);
     assert_eq!(ids(&next), ["i3"], "one slot freed");
+}
+
+/// A job that finds nothing else waiting, held back by `max_inflight_total`,
+/// starts once a running job ends: the release rings the doorbell for it.
+pub async fn a_lone_job_held_by_max_inflight_total_is_rung_for<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    queued(b, job("m1", 50, &free)).await;
+    let t1 = new_token();
+    let first = jobs_of(claim_with(b, capped_at(1, &t1)).await);
+    assert_eq!(ids(&first), ["m1"]);
+    queued(b, job("m2", 50, &free)).await;
+    let t2 = new_token();
+    let held = jobs_of(claim_with(b, capped_at(1, &t2)).await);
+    assert!(
+        held.is_empty(),
+        "m1 runs, the cap is 1: got {:?}",
+        ids(&held)
+    );
+    drain_doorbell(&mut bell).await;
+    assert_eq!(reply(b, &first[0].lease).await, Delivery::Delivered);
+    assert!(
+        drain_doorbell(&mut bell).await,
+        "m2 waits for m1's place: the release rings"
+    );
+    let t3 = new_token();
+    assert_eq!(
+        ids(&jobs_of(claim_with(b, capped_at(1, &t3)).await)),
+        ["m2"]
+    );
 }
 
 // ---- withdrawal and idempotence ----------------------------------------------
@@ -1439,38 +1486,16 @@ pub async fn silent_worker_is_reaped<B: Broker>(b: &B) {
 /// the reply); a live front's are, and so are a front's that never beat.
 pub async fn dead_front_jobs_are_dropped<B: Broker>(b: &B) {
     let free = no_quota();
-    let beat = |id: &'static str| async move {
-        b.heartbeat(Daemon::Front, id, "{}")
-            .await
-            .unwrap_or_else(|e| panic!("heartbeat {id}: {e}"))
-    };
-    beat("front-dead").await;
-    beat("front-live").await;
-    queued(
-        b,
-        NewJob {
-            front: "front-dead",
-            ..job("of-dead", 50, &free)
-        },
-    )
-    .await;
-    queued(
-        b,
-        NewJob {
-            front: "front-live",
-            ..job("of-live", 50, &free)
-        },
-    )
-    .await;
-    queued(
-        b,
-        NewJob {
-            front: "front-never",
-            ..job("of-never", 50, &free)
-        },
-    )
-    .await;
-    beat_without_a_stall(Daemon::Front.timeout() * 2, || beat("front-live")).await;
+    beat_front(b, "front-dead").await;
+    beat_front(b, "front-live").await;
+    for (id, front) in [
+        ("of-dead", "front-dead"),
+        ("of-live", "front-live"),
+        ("of-never", "front-never"),
+    ] {
+        queued(b, of_front(job(id, 50, &free), front)).await;
+    }
+    beat_without_a_stall(Daemon::Front.timeout() * 2, || beat_front(b, "front-live")).await;
     assert_eq!(
         ids(&take(b, 8, LONG).await),
         ["of-live", "of-never"],
@@ -1478,11 +1503,46 @@ pub async fn dead_front_jobs_are_dropped<B: Broker>(b: &B) {
     );
     assert_eq!(states(b, &["of-dead"]).await, [JobState::Unknown]);
     // The dead front comes back: it learns how long it was silent.
-    let back = beat("front-dead").await;
+    let back = beat_front(b, "front-dead").await;
     assert!(
         back.since_last.is_some_and(|s| s > Daemon::Front.timeout()),
         "front-dead was silent longer than its timeout: {back:?}"
     );
+}
+
+/// A job that finds nothing else waiting is withdrawn, expires and is
+/// dropped with a dead front like any other, and leaves nothing behind
+/// that would hold the next one.
+pub async fn a_lone_job_is_withdrawn_or_dropped_like_any<B: Broker>(b: &B) {
+    let free = no_quota();
+    queued(b, job("lone-withdrawn", 50, &free)).await;
+    assert_eq!(withdraw(b, "lone-withdrawn").await, Withdrawal::Withdrawn);
+    queued(b, job("lone-1", 50, &free)).await;
+    assert_eq!(ids(&take(b, 8, LONG).await), ["lone-1"]);
+
+    queued(
+        b,
+        NewJob {
+            timeout: Duration::from_millis(300),
+            ..job("lone-expired", 50, &free)
+        },
+    )
+    .await;
+    pass(b, Duration::from_secs(1)).await;
+    idle(b, "lone-expired's client gave up").await;
+    assert_eq!(states(b, &["lone-expired"]).await, [JobState::Unknown]);
+
+    beat_front(b, "front-dead").await;
+    beat_front(b, "front-live").await;
+    queued(b, of_front(job("lone-of-dead", 50, &free), "front-dead")).await;
+    beat_without_a_stall(Daemon::Front.timeout() * 2, || beat_front(b, "front-live")).await;
+    idle(b, "front-dead is silent: its job is not started").await;
+    assert_eq!(states(b, &["lone-of-dead"]).await, [JobState::Unknown]);
+
+    // (FRONT went silent meanwhile too: this one is front-live's.)
+    queued(b, of_front(job("lone-2", 50, &free), "front-live")).await;
+    assert_eq!(ids(&take(b, 8, LONG).await), ["lone-2"]);
+    assert_eq!(idle(b, "every job was served or dropped").await, None);
 }
 
 // ---- the front's stream, states, heartbeats, gauges, doorbell ------------

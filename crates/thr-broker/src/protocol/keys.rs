@@ -168,6 +168,11 @@ pub struct QueueKeys {
     pub flows: String,
     /// Hash: flow id → [`FlowDef`](super::records::FlowDef).
     pub flowdefs: String,
+    /// List: the job an enqueue handed to the next claim, having found
+    /// nothing waiting and no quota to check (ARCHITECTURE.md decision 26):
+    /// it is in `pending` but in no flow. At most one, and ids of jobs
+    /// withdrawn meanwhile, which the claim lets go.
+    pub handoff: String,
     /// Hash: second → jobs started, for drain rates.
     pub drained: String,
     /// Set while the queue is paused (`thrctl pause`): workers do not claim.
@@ -195,6 +200,7 @@ impl QueueKeys {
             dead_reasons: k("dead:reasons"),
             flows: k("flows"),
             flowdefs: k("flowdefs"),
+            handoff: k("handoff"),
             drained: k("drained"),
             paused: k("paused"),
             latency: k("latency"),
@@ -246,6 +252,7 @@ mod tests {
             &q.dead_reasons,
             &q.flows,
             &q.flowdefs,
+            &q.handoff,
             &q.drained,
             &q.paused,
             &q.latency,

@@ -164,7 +164,8 @@ impl Scripts {
             .key(&ks.quota_waiting)
             .key(&q.dead)
             .key(&q.dead_reasons)
-            .key(&ks.quota_waiting_limits);
+            .key(&ks.quota_waiting_limits)
+            .key(&q.handoff);
         for a in jobs {
             s.key(q.settled(&a.id))
                 .arg(&a.id)
@@ -262,6 +263,7 @@ fn claim_call<C: CallArgs>(s: &mut C, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_
         .key(&ks.gcra_expiry)
         .key(&ks.quota_waiting)
         .key(&ks.quota_waiting_limits)
+        .key(&q.handoff)
         .arg(a.token)
         .arg(a.worker)
         .arg(ms(a.lease))
@@ -383,6 +385,7 @@ impl Scripts {
             .key(&ks.held)
             .key(&ks.holders)
             .key(&q.flows)
+            .key(&q.handoff)
             .arg(reply_ttl.as_secs())
             .arg(samples);
         for job in jobs {

@@ -23,9 +23,12 @@
 //! Beside thr's figures, each scenario prints what a request through thr
 //! costs: CPU µs of http2redis and of redis2http (from /proc), and Redis's
 //! CPU µs (`INFO cpu`) and µs in commands (`INFO commandstats`, wall clock:
-//! on a busy machine it includes time Redis waited for a core); then how
-//! much of that each job script takes (enqueue, claim, release: every call
-//! logged by SLOWLOG during the run) and how many requests one call serves.
+//! on a busy machine it includes time Redis waited for a core), the
+//! costliest commands; then how much of that each job script takes
+//! (enqueue, claim, release) and how many requests one call serves. The
+//! split by script comes from a second, one-second run whose every call
+//! SLOWLOG logs: logging every command makes Redis's calls about twice as
+//! slow, so it is kept out of the measured run.
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 
@@ -110,18 +113,35 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / *TICKS
 }
 
-/// Redis's time so far: µs spent in commands, and CPU seconds in all.
-fn redis_time(redis: &RedisServer) -> (f64, f64) {
+/// Redis's time so far: µs spent in commands (in all, and per command,
+/// as `INFO commandstats` counts them), and CPU seconds in all.
+struct RedisTime {
+    usec: f64,
+    by_command: std::collections::HashMap<String, f64>,
+    cpu: f64,
+}
+
+fn redis_time(redis: &RedisServer) -> RedisTime {
     let mut conn = redis.conn();
     let stats: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut conn)
         .unwrap_or_default();
-    let usec = stats
+    // cmdstat_NAME:calls=…,usec=…,…
+    let by_command: std::collections::HashMap<String, f64> = stats
         .lines()
-        .filter_map(|l| l.split("usec=").nth(1))
-        .filter_map(|v| v.split(',').next()?.parse::<f64>().ok())
-        .sum();
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let usec = rest
+                .split("usec=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), usec))
+        })
+        .collect();
     let cpu: String = redis::cmd("INFO")
         .arg("cpu")
         .query(&mut conn)
@@ -131,14 +151,40 @@ fn redis_time(redis: &RedisServer) -> (f64, f64) {
         .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
         .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
         .sum();
-    (usec, cpu)
+    RedisTime {
+        usec: by_command.values().sum(),
+        by_command,
+        cpu,
+    }
+}
+
+/// The commands that took most of Redis's time between two readings, with
+/// their µs per request, costliest first.
+fn top_commands(before: &RedisTime, after: &RedisTime, requests: f64) -> String {
+    let mut spent: Vec<(&str, f64)> = after
+        .by_command
+        .iter()
+        .map(|(name, usec)| {
+            let was = before.by_command.get(name).copied().unwrap_or(0.0);
+            (name.as_str(), (usec - was) / requests)
+        })
+        .filter(|(_, us)| *us >= 0.5)
+        .collect();
+    spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+    spent
+        .iter()
+        .take(6)
+        .map(|(name, us)| format!("{name} {us:.0} µs"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The job scripts whose share of Redis's time each scenario prints.
 const JOB_SCRIPTS: [&str; 3] = ["enqueue", "claim", "release"];
-/// Most calls SLOWLOG keeps during a run: a run logs fewer (5 s of the
-/// `single` scenario, the busiest, about 25,000); past it, the last ones.
+/// Most calls SLOWLOG keeps during its run (past it, the last ones).
 const SLOWLOG_KEEP: u32 = 100_000;
+/// The run whose calls SLOWLOG logs, to split `EVALSHA` time by script.
+const SLOWLOG_RUN: Duration = Duration::from_secs(1);
 
 /// Calls of `EVALSHA` so far (`INFO commandstats`).
 fn evalsha_calls(redis: &RedisServer) -> f64 {
@@ -171,8 +217,9 @@ fn slowlog_start(redis: &RedisServer) {
 }
 
 /// Per job script, from the calls SLOWLOG logged since [`slowlog_start`]:
-/// its share of the logged `EVALSHA` calls and its mean µs per call. Logging
-/// stops here.
+/// its share of the logged `EVALSHA` calls and of their time. Logging stops
+/// here. (Logging every command makes Redis slower, so the figures printed
+/// apply these shares to a run without it.)
 fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
     let mut conn = redis.conn();
     let entries: redis::Value = redis::cmd("SLOWLOG")
@@ -197,7 +244,7 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
         redis::Value::SimpleString(s) => s.to_lowercase(),
         _ => String::new(),
     };
-    let mut evalsha = 0usize;
+    let (mut evalsha, mut evalsha_us) = (0usize, 0i64);
     let mut sums = vec![(0usize, 0i64); JOB_SCRIPTS.len()];
     let redis::Value::Array(entries) = entries else {
         return Vec::new();
@@ -216,6 +263,7 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
             continue;
         }
         evalsha += 1;
+        evalsha_us += us;
         let sha = args.get(1).map(text).unwrap_or_default();
         if let Some(i) = hashes.iter().position(|(_, h)| *h == sha) {
             sums[i].0 += 1;
@@ -230,7 +278,7 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
             (
                 name,
                 calls as f64 / evalsha as f64,
-                us as f64 / calls as f64,
+                us as f64 / evalsha_us.max(1) as f64,
             )
         })
         .collect()
@@ -454,7 +502,6 @@ async fn main() {
             redis_time(&redis),
             evalsha_calls(&redis),
         );
-        slowlog_start(&redis);
         let through = drive(&thr_url, connections, cli.duration).await;
         let after = (
             cpu_seconds(front.pid()),
@@ -462,32 +509,41 @@ async fn main() {
             redis_time(&redis),
             evalsha_calls(&redis),
         );
-        let scripts = slowlog_scripts(&redis);
         print_row("thr", &through, &direct);
         let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
         println!(
             "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in commands, wall clock)",
             per(after.0 - before.0),
             per(after.1 - before.1),
-            per(after.2.1 - before.2.1),
-            per((after.2.0 - before.2.0) / 1e6),
+            per(after.2.cpu - before.2.cpu),
+            per((after.2.usec - before.2.usec) / 1e6),
         );
-        // Each job script's calls in the run: its share of the calls
-        // SLOWLOG logged, of every EVALSHA counted.
+        println!(
+            "  Redis per request, by command (commandstats, wall clock): {}",
+            top_commands(&before.2, &after.2, through.answered.max(1) as f64)
+        );
+        // Each job script's share of the EVALSHA calls and time, from a
+        // short second run that SLOWLOG logs whole, applied to the figures
+        // of the run above.
+        slowlog_start(&redis);
+        drive(&thr_url, connections, SLOWLOG_RUN).await;
+        let scripts = slowlog_scripts(&redis);
         let answered = through.answered.max(1) as f64;
+        let evalsha_us = after.2.by_command.get("evalsha").copied().unwrap_or(0.0)
+            - before.2.by_command.get("evalsha").copied().unwrap_or(0.0);
         let by_script: Vec<String> = scripts
             .iter()
-            .map(|(name, share, mean_us)| {
-                let calls = share * (after.3 - before.3);
+            .map(|(name, call_share, time_share)| {
+                let calls = call_share * (after.3 - before.3);
                 format!(
                     "{name} {:.0} µs ({:.1} requests per call)",
-                    mean_us * calls / answered,
+                    time_share * evalsha_us / answered,
                     answered / calls.max(1.0)
                 )
             })
             .collect();
         println!(
-            "  Redis per request, by script (SLOWLOG, wall clock): {}",
+            "  Redis per request, by script (commandstats, split by SLOWLOG): {}",
             by_script.join(", ")
         );
         if let Some(url) = &haproxy_url {

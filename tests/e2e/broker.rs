@@ -59,6 +59,7 @@ fn options() -> ClaimOptions<'static> {
         max_wait_boost: None,
         worker: "",
         max_jobs: 1,
+        retry_methods: &[],
     }
 }
 
@@ -418,4 +419,161 @@ async fn a_fresh_claim_by_a_worker_with_no_heartbeat_yet_is_not_reaped() {
         1,
         "{reaped:?}"
     );
+}
+
+/// What an enqueue does with a worker's offer (ARCHITECTURE.md decision
+/// 27), seen in Redis: a lone GET goes to the offer's list, leased under its
+/// token, with no ring and no place in `pending`; the claim with that token
+/// returns it. A POST (not among the offer's methods), a paused queue and
+/// an offer of a dead worker leave the job waiting for a claim; the dead
+/// worker's offer is removed, the others stay.
+#[tokio::test]
+async fn an_offer_takes_a_lone_job_only_when_it_may() {
+    use thr_broker::protocol::records::{Handed, Offer};
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let k = keys("q");
+    let ks = Keyspace::new("default");
+    let mut conn = redis.conn();
+    let offer = |worker: &str| {
+        Offer {
+            worker: worker.into(),
+            lease_ms: 30_000,
+            max_inflight_total: 0,
+            methods: "GET HEAD".into(),
+        }
+        .encode()
+    };
+    let offers = |conn: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("HKEYS").arg(&k.offers).query(conn).unwrap()
+    };
+    let waiting = |conn: &mut redis::Connection, id: &str| -> bool {
+        let score: Option<f64> = redis::cmd("ZSCORE")
+            .arg(&k.pending)
+            .arg(id)
+            .query(conn)
+            .unwrap();
+        score.is_some()
+    };
+    let rings = |conn: &mut redis::Connection| -> usize {
+        let n: usize = redis::cmd("LLEN").arg(&k.wake).query(conn).unwrap();
+        let _: () = redis::cmd("DEL").arg(&k.wake).query(conn).unwrap();
+        n
+    };
+
+    // A GET: taken.
+    let _: () = redis::cmd("HSET")
+        .arg(&k.offers)
+        .arg("offer-1")
+        .arg(offer("w1"))
+        .query(&mut conn)
+        .unwrap();
+    b.enqueue(job("g1", 50)).await.unwrap();
+    assert!(offers(&mut conn).is_empty(), "the offer is used up");
+    assert!(!waiting(&mut conn, "g1"), "g1 does not wait");
+    assert_eq!(rings(&mut conn), 0, "nobody is woken for it");
+    let handed: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg(k.offer("offer-1"))
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(handed.len(), 1);
+    let handed = Handed::decode(&handed[0]).expect("a handed record");
+    assert_eq!(handed.id, "g1");
+    assert_eq!(handed.frame, b"frame-g1");
+    let generation: String = redis::cmd("GET")
+        .arg(&ks.generation)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(handed.generation, generation);
+    let lease: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&k.leases)
+        .arg("g1")
+        .query(&mut conn)
+        .unwrap();
+    assert!(lease.is_some(), "g1 is leased");
+    let again = ClaimOptions {
+        token: "offer-1",
+        worker: "w1",
+        ..options()
+    };
+    let Some(ClaimOutcome::Jobs(jobs)) = b.claim("q", again).await.ok() else {
+        panic!("the claim under the offer's token returns g1");
+    };
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id(), "g1");
+    let left: usize = redis::cmd("EXISTS")
+        .arg(k.offer("offer-1"))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(left, 0, "the claim cleared the offer's list");
+    b.reply(&jobs[0].lease, Bytes::from_static(b"r"), 1)
+        .await
+        .unwrap();
+
+    // A POST: the offer stays, the job waits and rings.
+    let _: () = redis::cmd("HSET")
+        .arg(&k.offers)
+        .arg("offer-2")
+        .arg(offer("w1"))
+        .query(&mut conn)
+        .unwrap();
+    b.enqueue(NewJob {
+        method: "POST",
+        ..job("p1", 50)
+    })
+    .await
+    .unwrap();
+    assert_eq!(offers(&mut conn), ["offer-2"]);
+    assert!(waiting(&mut conn, "p1"));
+    assert_eq!(rings(&mut conn), 1);
+    assert_eq!(claim_all(&b).await, ["p1"]);
+
+    // Paused: the same.
+    let _: () = redis::cmd("SET")
+        .arg(&k.paused)
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    b.enqueue(job("g2", 50)).await.unwrap();
+    assert_eq!(offers(&mut conn), ["offer-2"]);
+    assert!(waiting(&mut conn, "g2"));
+    let _: () = redis::cmd("DEL").arg(&k.paused).query(&mut conn).unwrap();
+    assert_eq!(claim_all(&b).await, ["g2"]);
+    rings(&mut conn);
+
+    // A dead worker's offer: removed, and the job waits. Beats are being
+    // judged (the latest of anyone's just now, no pause since), and
+    // w-dead's last was long ago.
+    let _: () = redis::cmd("DEL").arg(&k.offers).query(&mut conn).unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&k.offers)
+        .arg("offer-3")
+        .arg(offer("w-dead"))
+        .query(&mut conn)
+        .unwrap();
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query(&mut conn).unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    let _: () = redis::cmd("HSET")
+        .arg(&ks.liveness)
+        .arg("last")
+        .arg(now_ms)
+        .arg("resumed")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(&ks.workers)
+        .arg(1)
+        .arg("w-dead")
+        .query(&mut conn)
+        .unwrap();
+    b.enqueue(job("g3", 50)).await.unwrap();
+    assert!(
+        offers(&mut conn).is_empty(),
+        "the dead worker's offer is gone"
+    );
+    assert!(waiting(&mut conn, "g3"));
+    assert_eq!(claim_all(&b).await, ["g3"]);
 }

@@ -60,6 +60,7 @@ scenarios![
     a_claim_token_leases_once,
     wait_and_claim_takes_a_job_announced_meanwhile,
     a_settled_wait_and_claim_leases_nothing,
+    an_idle_workers_wait_is_handed_a_lone_job,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,
@@ -122,6 +123,7 @@ fn options(token: &str) -> ClaimOptions<'_> {
         max_wait_boost: None,
         worker: WORKER,
         max_jobs: 8,
+        retry_methods: &[],
     }
 }
 

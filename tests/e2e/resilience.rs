@@ -342,16 +342,18 @@ async fn backend_refusing_connections_gives_502_and_slow_backend_504() {
 
 #[tokio::test]
 async fn a_doorbell_redis_refuses_still_serves_jobs_without_spinning() {
-    // An ACL that denies BLPOP (a misconfigured user): the worker cannot
-    // wait on its doorbell. Its claim, pipelined behind the refused pop,
-    // still runs, so jobs are served; and the worker waits out each refusal
-    // instead of asking again at once.
+    // An ACL that denies the doorbell's pop (BLMPOP on the queue's keys; a
+    // misconfigured user): the worker cannot wait on its doorbell. It
+    // claims after each refused pop, so jobs are served; and it waits out
+    // each refusal instead of asking again at once. (The front's BLMPOP on
+    // its reply list stays allowed.)
     let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
     let mut conn = stack.redis.conn();
     let _: () = redis::cmd("ACL")
         .arg("SETUSER")
         .arg("default")
-        .arg("-blpop")
+        .arg("-blmpop")
+        .arg("(+blmpop ~*:replies)")
         .query(&mut conn)
         .unwrap();
     for target in ["/refused-1", "/refused-2"] {
@@ -368,7 +370,7 @@ async fn a_doorbell_redis_refuses_still_serves_jobs_without_spinning() {
         .unwrap();
     let refused: u64 = info
         .lines()
-        .find(|l| l.starts_with("cmdstat_blpop:"))
+        .find(|l| l.starts_with("cmdstat_blmpop:"))
         .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("rejected_calls=")))
         .map(|n| n.trim().parse().unwrap())
         .unwrap_or(0);
@@ -376,7 +378,7 @@ async fn a_doorbell_redis_refuses_still_serves_jobs_without_spinning() {
     // would send thousands.
     assert!(
         (1..=10).contains(&refused),
-        "{refused} BLPOPs refused in 3 s:\n{info}"
+        "{refused} doorbell pops refused in 3 s:\n{info}"
     );
     stack.thr.stop().await;
 }

@@ -1,7 +1,8 @@
 //! The claim loop of one queue: keeps up to `max_inflight` jobs running. It
 //! claims while it has room; when nothing can run it waits on the queue's
-//! doorbell (or until a rate quota allows, or a one-second fallback poll)
-//! and claims the moment it rings, in the same round trip
+//! doorbell (or until a rate quota allows, or a one-second fallback poll),
+//! offering meanwhile to take a lone new job that an enqueue then leases
+//! to it directly, and claims when the doorbell rings
 //! ([`Broker::wait_and_claim`]); when Redis fails it backs off with jitter
 //! and tries again, forever.
 //!
@@ -9,14 +10,16 @@
 //! Redis. So the loop asks again with the same claim token and the same
 //! free slots until it gets an answer: Redis then returns what the first
 //! call leased, and no lease is stranded on a worker that never saw its job.
-//! A loop that stops while its claim waits behind the doorbell settles the
-//! token the same way (a claim for no job), so the late claim leases nothing.
+//! A loop that stops while it waits on the doorbell settles the token the
+//! same way (a claim for no job): it withdraws its offer, and a job handed
+//! to it meanwhile runs here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use thr_broker::backoff::backoff;
 use thr_broker::{Broker, ClaimOptions, ClaimOutcome};
+use thr_core::config::QueueConfig;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 
 use crate::queue::QueueRunner;
@@ -66,16 +69,16 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             settle_last_claim(&runner, &token, permits).await;
             break;
         }
-        let options = claim_options(&runner, &token, permits.len());
+        let q = runner.queue.load_full();
+        let options = claim_options(&runner, &q, &token, permits.len());
         let outcome = match wait.take() {
             None => runner.broker.claim(&name, options).await,
             Some(max) => tokio::select! {
                 outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
                 _ = stop.changed() => {
-                    // The claim may still run once the pop returns. Closing
-                    // the doorbell's connection discards it while the pop
-                    // still blocks; settling the token covers a claim that
-                    // ran meanwhile (what it leased runs here).
+                    // Closing the doorbell's connection ends the pop;
+                    // settling the token withdraws the offer and returns a
+                    // job an enqueue handed to it meanwhile (it runs here).
                     drop(doorbell);
                     settle_last_claim(&runner, &token, permits).await;
                     break;
@@ -141,7 +144,8 @@ async fn settle_last_claim<B: Broker>(
     token: &str,
     mut permits: Vec<OwnedSemaphorePermit>,
 ) {
-    let options = claim_options(runner, token, 0);
+    let q = runner.queue.load_full();
+    let options = claim_options(runner, &q, token, 0);
     // Asked again while the answer is lost (a slow Redis), a few times: the
     // drain that follows is bounded by the shutdown grace anyway.
     let mut answer = runner.broker.claim(&runner.name, options).await;
@@ -173,14 +177,14 @@ async fn settle_last_claim<B: Broker>(
     }
 }
 
-/// How `runner` claims under `token`, for at most `max_jobs` jobs (the
-/// queue's current configuration).
+/// How `runner` claims under `token`, for at most `max_jobs` jobs, with
+/// `q` (the queue's current configuration).
 fn claim_options<'a, B: Broker>(
     runner: &'a QueueRunner<B>,
+    q: &'a QueueConfig,
     token: &'a str,
     max_jobs: usize,
 ) -> ClaimOptions<'a> {
-    let q = runner.queue.load();
     ClaimOptions {
         token,
         lease: q.lease,
@@ -188,6 +192,7 @@ fn claim_options<'a, B: Broker>(
         max_wait_boost: runner.scheduling.load().max_wait_boost,
         worker: &runner.worker_id,
         max_jobs,
+        retry_methods: &q.retry_methods,
     }
 }
 

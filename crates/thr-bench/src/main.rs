@@ -606,6 +606,7 @@ async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
             max_wait_boost: None,
             worker: "",
             max_jobs,
+            retry_methods: &[],
         }
     }
     let next_token = || {

@@ -16,6 +16,7 @@ local K_wake, K_drained, K_seq, K_paused = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
 local K_claim, K_fronts, K_liveness, K_generation = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
 local K_held, K_holders, K_gcra, K_gcra_expiry = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
 local K_waiting, K_waiting_limits, K_handoff = KEYS[21], KEYS[22], KEYS[23]
+local K_offers, K_offer = KEYS[24], KEYS[25]
 local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 -- At most 1,000 jobs a call (a broker may start fewer than asked): what a
 -- call writes for its jobs at its end stays within Lua's unpack limit.
@@ -65,6 +66,11 @@ local function seal(why, hint)
   return {gen, 'idle', why, hint}
 end
 
+-- The worker no longer waits under this token: an enqueue may no longer
+-- hand it a job (ARCHITECTURE.md decision 27). One it handed already is
+-- leased under this token: the prior jobs below.
+redis.call('HDEL', K_offers, token)
+
 -- A repeated claim: the jobs still leased under this token.
 local prior = redis.call('LRANGE', K_claim, 0, -1)
 if #prior > 0 then
@@ -77,6 +83,9 @@ if #prior > 0 then
     end
   end
   if #out > 2 then
+    -- Answered here: what an enqueue pushed to this token's offer list is
+    -- not popped any more.
+    redis.call('DEL', K_offer)
     return with_frames(out)
   end
   -- A late copy of a claim its worker settled may come right after the

@@ -9,30 +9,42 @@
 -- share (the clock, the sequence, the sorted sets and hashes, the
 -- doorbell) are made once per call with every job's members.
 -- The first job of a call that finds nothing waiting and has no quota is
--- handed to the next claim as it is (list `handoff`): it joins no flow,
--- and the claim that takes it walks none (ARCHITECTURE.md decision 26).
--- includes: clock order records quota drain
+-- handed on as it is. To a worker waiting on the doorbell that offered to
+-- take it (hash `offers`, ARCHITECTURE.md decision 27): leased here, under
+-- the offer's claim token, and pushed to the offer's own list, which the
+-- worker's pop returns; no claim runs for it. Otherwise to the next claim
+-- (list `handoff`, decision 26): it joins no flow, and the claim that
+-- takes it walks none.
+-- includes: clock order records quota drain liveness
 local K_pending, K_flow_jobs, K_flows, K_flowdefs = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_jobs, K_info, K_seq, K_wake = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_drained, K_waiting, K_dead, K_reasons = KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local K_waiting_limits, K_handoff = KEYS[13], KEYS[14]
--- KEYS[14 + i]: job i's settled marker.
--- ARGV, 11 per job: id, priority, frame, timeout ms, flow, flow definition,
--- max waiting in the queue (0: none), aging step ms, front, method,
--- from_dead ('1' or '').
+local K_waiting_limits, K_handoff, K_paused, K_offers = KEYS[13], KEYS[14], KEYS[15], KEYS[16]
+local K_leases, K_owners, K_generation, K_workers = KEYS[17], KEYS[18], KEYS[19], KEYS[20]
+local K_liveness = KEYS[21]
+-- KEYS[21 + i]: job i's settled marker.
+-- ARGV[1], ARGV[2]: the names of an offer's list and of a claim's list,
+-- but for the claim token that ends them (QueueKeys::offer, ::claim); the
+-- token comes from the offer. ARGV[3]: ms of silence after which a worker
+-- is dead.
+-- From ARGV[4], 11 per job: id, priority, frame, timeout ms, flow, flow
+-- definition, max waiting in the queue (0: none), aging step ms, front,
+-- method, from_dead ('1' or '').
 -- Returns per job {'queued'}, {'settled'} (answered or withdrawn already),
 -- or {'refused', what is full, waiting, drain rate per second}; with
 -- `from_dead`, {'gone'} when there is no such dead letter.
-local n = #ARGV / 11
+local offer_prefix, claim_prefix, worker_timeout = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local H = 3
+local n = (#ARGV - H) / 11
 local now, sec = clock()
 local last_seq = redis.call('INCRBY', K_seq, n)
 
 local ids = {}
 for i = 1, n do
-  ids[i] = ARGV[11 * (i - 1) + 1]
+  ids[i] = ARGV[H + 11 * (i - 1) + 1]
 end
 local known = redis.call('HMGET', K_info, unpack(ids))
-local settled = redis.call('MGET', unpack(KEYS, 15, 14 + n))
+local settled = redis.call('MGET', unpack(KEYS, 22, 21 + n))
 
 local out = {}
 local seen = {}               -- ids queued by this call
@@ -42,7 +54,8 @@ local waiting, delta = {}, {} -- per quota token: count before this call, change
 local tokens = {}             -- tokens whose count changes, in first-seen order
 local zpending, zflow_jobs, hjobs, hinfo = {}, {}, {}, {}
 local defs, turns, flows = {}, {}, {}
-local handed = nil            -- the job handed to the next claim
+local handed = nil            -- the job handed on (to an offer or the next claim)
+local taker = nil             -- the offer that takes it: {token, offer}
 
 local function add(t, a, b)
   t[#t + 1] = a
@@ -53,8 +66,43 @@ local function drain()
   return tostring(drain_rate(K_drained, sec))
 end
 
+-- An offer that may take a job of `method` now: one of a live worker that
+-- runs such jobs again if it dies unseen (its `retry_methods`), while the
+-- queue is not paused and its max_inflight_total has room. An offer turned
+-- away for the method or max_inflight_total stays (its worker waits on);
+-- one taken, unreadable or of a dead worker is removed. A few tries.
+local function find_taker(method)
+  if redis.call('EXISTS', K_paused) == 1 then
+    return nil
+  end
+  local alive = nil
+  for _ = 1, 3 do
+    local pick = redis.call('HRANDFIELD', K_offers, 1, 'WITHVALUES')
+    if #pick == 0 then
+      return nil
+    end
+    local token, offer = pick[1], offer_unpack(pick[2])
+    if offer and not string.find(' ' .. offer.methods .. ' ', ' ' .. method .. ' ', 1, true) then
+      return nil
+    end
+    if offer and offer.total > 0
+        and redis.call('ZCOUNT', K_leases, '(' .. now, '+inf') >= offer.total then
+      return nil
+    end
+    redis.call('HDEL', K_offers, token)
+    if offer then
+      alive = alive or liveness_now(K_liveness, now)
+      local beat = tonumber(redis.call('ZSCORE', K_workers, offer.worker))
+      if not is_silent(alive, beat, nil, now, worker_timeout) then
+        return { token = token, offer = offer }
+      end
+    end
+  end
+  return nil
+end
+
 for i = 1, n do
-  local a = 11 * (i - 1)
+  local a = H + 11 * (i - 1)
   local id, prio, frame, timeout = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
   local flow, def, max_queue, step = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
   local front, method, from_dead = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11] == '1'
@@ -64,7 +112,7 @@ for i = 1, n do
       verdict = {'gone'}
     else
       redis.call('HDEL', K_reasons, id)
-      redis.call('DEL', KEYS[14 + i])
+      redis.call('DEL', KEYS[21 + i])
       max_queue = 0
     end
   elseif settled[i] then
@@ -100,18 +148,24 @@ for i = 1, n do
       pending_n = pending_n or redis.call('ZCARD', K_pending)
       if pending_n == 0 and redis.call('LLEN', K_handoff) == 0 then
         handed = id
+        taker = find_taker(method)
       end
     end
     admitted = admitted + 1
     -- Each number printed once.
     local score = order_score(prio, last_seq - n + i, now, step)
     local score_s = int(score)
-    add(zpending, score_s, id)
+    if not (taker and handed == id) then
+      add(zpending, score_s, id)
+    end
     add(hjobs, id, frame)
     add(hinfo, id, info_pack({
       prio = prio, score = score, flow = flow, enqueued = now, deadline = now + timeout,
       front = front, method = method, attempts = 0, def = def,
     }))
+    if taker and handed == id then
+      taker.job = { id = id, frame = frame, left = timeout, front = front, def = def }
+    end
     if handed ~= id then
       add(zflow_jobs, 0, flow_member(flow, score_s, id))
       if not defs[flow] then
@@ -134,11 +188,34 @@ for i = 1, n do
   out[i] = verdict
 end
 
+-- The job an offer takes: leased to its worker under its token (the
+-- claim list, so that a claim repeated with that token returns it), then
+-- pushed to the offer's list with what a claim would answer for it.
+local function give(t)
+  local job, token, offer = t.job, t.token, t.offer
+  local claim_list, offer_list = claim_prefix .. token, offer_prefix .. token
+  redis.call('ZADD', K_leases, int(now + offer.lease), job.id)
+  redis.call('HSET', K_owners, job.id, owner_pack({ worker = offer.worker, token = token, claimed = now }))
+  redis.call('RPUSH', claim_list, job.id)
+  redis.call('PEXPIRE', claim_list, int(offer.lease))
+  count_start(K_drained, sec, 1)
+  local gen = generation(K_generation)
+  redis.call('RPUSH', offer_list, handed_pack(gen, job.id, job.frame, job.left, job.front, job.def))
+  -- Gone with the lease if its worker never pops it (it died).
+  redis.call('PEXPIRE', offer_list, int(offer.lease))
+end
+
 if admitted > 0 then
-  redis.call('ZADD', K_pending, unpack(zpending))
+  local rung = admitted
+  if #zpending > 0 then
+    redis.call('ZADD', K_pending, unpack(zpending))
+  end
   redis.call('HSET', K_jobs, unpack(hjobs))
   redis.call('HSET', K_info, unpack(hinfo))
-  if handed then
+  if taker then
+    give(taker)
+    rung = rung - 1
+  elseif handed then
     redis.call('RPUSH', K_handoff, handed)
   end
   if #flows > 0 then
@@ -154,6 +231,8 @@ if admitted > 0 then
   for _, token in ipairs(tokens) do
     waiting_add(K_waiting, K_waiting_limits, {{token = token}}, delta[token])
   end
-  ring(K_wake, admitted)
+  if rung > 0 then
+    ring(K_wake, rung)
+  end
 end
 return out

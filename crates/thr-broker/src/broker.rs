@@ -111,6 +111,11 @@ pub struct ClaimOptions<'a> {
     /// call with it leases anything (a worker giving up on a claim it may
     /// have sent, e.g. when it stops while [`Broker::wait_and_claim`] waits).
     pub max_jobs: usize,
+    /// The queue's `retry_methods`. While [`Broker::wait_and_claim`] waits,
+    /// an enqueue may hand this worker a job directly, but only one of these
+    /// methods: a worker that dies while it waits takes that job with it
+    /// unseen, and it must be able to run again elsewhere.
+    pub retry_methods: &'a [String],
 }
 
 /// How long a worker may stay silent before it counts as dead and its
@@ -317,12 +322,15 @@ pub trait Broker: Send + Sync + 'static {
     ) -> impl Future<Output = Result<ClaimOutcome, BrokerError>> + Send;
 
     /// Waits on `doorbell` for at most `max`, then claims as
-    /// [`Broker::claim`] does, whether it rang or not. A broker may do both
-    /// in one round trip, so that an idle worker is handed a new job as soon
-    /// as it is announced (Redis: the claim is pipelined behind the blocking
-    /// pop). After an error the claim's outcome is as unknown as a claim's:
-    /// ask again with the same token. Not cancel-safe in that sense: a
-    /// caller that drops the call settles its token (`max_jobs` 0).
+    /// [`Broker::claim`] does, whether it rang or not. A broker may instead
+    /// have the job an enqueue hands off given to this wait under the
+    /// claim's token, so that an idle worker gets a lone new job with no
+    /// claim at all (Redis: an offer the enqueue takes, ARCHITECTURE.md
+    /// decision 27). After an error the claim's outcome is as unknown as a
+    /// claim's: ask again with the same token. Not cancel-safe in that
+    /// sense: a caller that drops the call settles its token (`max_jobs`
+    /// 0), and drops `doorbell`, whose pop may take a ring meant for
+    /// another worker (workers poll every second anyway).
     fn wait_and_claim(
         &self,
         doorbell: &mut Self::Doorbell,

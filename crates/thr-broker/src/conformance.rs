@@ -113,6 +113,7 @@ scenarios![
     a_claim_token_leases_once,
     wait_and_claim_takes_a_job_announced_meanwhile,
     a_settled_wait_and_claim_leases_nothing,
+    an_idle_workers_wait_is_handed_a_lone_job,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,
@@ -218,6 +219,13 @@ fn new_token() -> String {
     format!("claim-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
+/// The methods a worker runs again when their worker is lost (the
+/// configuration's default `retry_methods`).
+fn retry_methods() -> &'static [String] {
+    static METHODS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    METHODS.get_or_init(|| ["GET", "HEAD", "OPTIONS"].map(String::from).to_vec())
+}
+
 /// Claim options for [`WORKER`] with a [`LONG`] lease, one job.
 fn options(token: &str) -> ClaimOptions<'_> {
     ClaimOptions {
@@ -227,6 +235,7 @@ fn options(token: &str) -> ClaimOptions<'_> {
         max_wait_boost: None,
         worker: WORKER,
         max_jobs: 1,
+        retry_methods: retry_methods(),
     }
 }
 
@@ -1072,10 +1081,10 @@ pub async fn wait_and_claim_takes_a_job_announced_meanwhile<B: Broker>(b: &B) {
     assert_eq!(reply(b, &jobs[0].lease).await, Delivery::Delivered);
 }
 
-/// A worker that gives up on a `wait_and_claim` (it stops) and settles its
-/// token strands nothing: a job announced afterwards is not leased under
-/// that token, even if the claim was already on its way, and another
-/// worker is still woken for it.
+/// A worker that gives up on a `wait_and_claim` (it stops: it drops its
+/// doorbell and settles its token) strands nothing: a job announced
+/// afterwards is not leased under that token, even if the claim was already
+/// on its way, and another worker is still woken for it.
 pub async fn a_settled_wait_and_claim_leases_nothing<B: Broker>(b: &B) {
     let free = no_quota();
     let mut bell = b.doorbell(QUEUE);
@@ -1086,6 +1095,7 @@ pub async fn a_settled_wait_and_claim_leases_nothing<B: Broker>(b: &B) {
     )
     .await;
     assert!(gave_up.is_err(), "nothing was announced");
+    drop(bell);
     assert!(
         claim_ids(b, &token, 0).await.is_empty(),
         "nothing leased yet"
@@ -1104,6 +1114,62 @@ pub async fn a_settled_wait_and_claim_leases_nothing<B: Broker>(b: &B) {
         "s1's ring reaches another worker"
     );
     take_one(b, "s1").await;
+}
+
+/// A worker waiting on the doorbell with nothing to do is handed a lone new
+/// job by the enqueue itself (ARCHITECTURE.md decision 27): leased to it
+/// before the enqueue returns, under the wait's token (a claim repeated
+/// with it returns the job), and returned by the wait. A wait the worker
+/// gave up on and settled is handed nothing: the job waits for a claim.
+pub async fn an_idle_workers_wait_is_handed_a_lone_job<B: Broker>(b: &B) {
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    let token = new_token();
+    let announce = async {
+        // Long enough for the wait to be in place.
+        sleep(Duration::from_millis(300)).await;
+        queued(b, job("h1", 50, &free)).await;
+        states(b, &["h1"]).await
+    };
+    let wait = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.wait_and_claim(&mut bell, QUEUE, LONG, options(&token)),
+    );
+    let (outcome, seen) = tokio::join!(wait, announce);
+    assert_eq!(seen, [JobState::Running], "h1 was leased by its enqueue");
+    let jobs = jobs_of(
+        outcome
+            .expect("the wait returned long before its 30 s")
+            .expect("wait_and_claim"),
+    );
+    assert_eq!(ids(&jobs), ["h1"]);
+    assert_eq!(jobs[0].lease.token, token, "leased under the wait's token");
+    assert_eq!(jobs[0].frame, frame("h1"));
+    assert!(jobs[0].remaining > Duration::from_secs(20));
+    assert_eq!(
+        claim_ids(b, &token, 1).await,
+        ["h1"],
+        "a claim repeated with the token returns it"
+    );
+    assert_eq!(reply(b, &jobs[0].lease).await, Delivery::Delivered);
+
+    let token = new_token();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        b.wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options(&token)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing was announced");
+    // As a stopping worker does: its doorbell goes, its token is settled.
+    drop(bell);
+    assert!(claim_ids(b, &token, 0).await.is_empty());
+    queued(b, job("h2", 50, &free)).await;
+    assert_eq!(
+        states(b, &["h2"]).await,
+        [JobState::Waiting],
+        "a settled wait takes nothing"
+    );
+    take_one(b, "h2").await;
 }
 
 // ---- leases --------------------------------------------------------------------

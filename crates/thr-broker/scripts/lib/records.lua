@@ -67,3 +67,22 @@ local function parse_def(def)
   end
   return quotas
 end
+
+-- Offer: worker lease_ms max_inflight_total methods (the methods whose jobs
+-- it may be handed: space-separated, e.g. "GET HEAD").
+local function offer_unpack(s)
+  if not is_record(s) then
+    return nil
+  end
+  local _, worker, lease, total, methods = cmsgpack.unpack(s)
+  if type(methods) ~= 'string' then
+    return nil
+  end
+  return { worker = worker, lease = lease, total = total, methods = methods }
+end
+
+-- Handed: generation id frame ms_left front def, what a claim answers for
+-- one job, pushed to the list of the offer that took it.
+local function handed_pack(gen, id, frame, left, front, def)
+  return cmsgpack.pack(RECORD_VERSION, gen, id, frame, left, front, def)
+end

@@ -12,7 +12,10 @@
 //! Key sets are built once per queue ([`QueueKeys`], cached by the broker)
 //! and once per deployment ([`Keyspace`]). Per-job keys (a settled marker,
 //! a claim record) are made from ids the caller knows and passed through
-//! KEYS like every other key. Nothing taken from a request is ever spliced
+//! KEYS like every other key, but for one case: the enqueue that hands a
+//! job to a waiting worker's offer names that offer's list and claim list
+//! itself, from [`QueueKeys::offer`] and [`QueueKeys::claim`] of `""` and
+//! the claim token it finds in `offers` (ARCHITECTURE.md decision 27). Nothing taken from a request is ever spliced
 //! into a key name: queue names are restricted by the configuration to
 //! `[A-Za-z0-9_.-]`, ids are generated, quota tokens are escaped
 //! (`thr_core::quota::escape_value`) and only ever used as hash fields or
@@ -173,6 +176,11 @@ pub struct QueueKeys {
     /// it is in `pending` but in no flow. At most one, and ids of jobs
     /// withdrawn meanwhile, which the claim lets go.
     pub handoff: String,
+    /// Hash: claim token → [`Offer`](super::records::Offer): a worker
+    /// waiting on the doorbell that takes the job an enqueue hands off
+    /// (ARCHITECTURE.md decision 27). Removed by the enqueue that uses it and
+    /// by the worker's next claim.
+    pub offers: String,
     /// Hash: second → jobs started, for drain rates.
     pub drained: String,
     /// Set while the queue is paused (`thrctl pause`): workers do not claim.
@@ -201,6 +209,7 @@ impl QueueKeys {
             flows: k("flows"),
             flowdefs: k("flowdefs"),
             handoff: k("handoff"),
+            offers: k("offers"),
             drained: k("drained"),
             paused: k("paused"),
             latency: k("latency"),
@@ -218,6 +227,14 @@ impl QueueKeys {
     /// answer was lost) gets them again. Expires with the lease.
     pub fn claim(&self, token: &str) -> String {
         format!("{}claim:{token}", self.prefix)
+    }
+
+    /// List: the [`Handed`](super::records::Handed) job an enqueue gave
+    /// offer `token`, which its worker's doorbell pop returns. Expires with
+    /// the lease. The enqueue script names it (and the claim list) itself,
+    /// from `offer("")` and `claim("")` and the token it finds in `offers`.
+    pub fn offer(&self, token: &str) -> String {
+        format!("{}offer:{token}", self.prefix)
     }
 }
 
@@ -253,6 +270,8 @@ mod tests {
             &q.flows,
             &q.flowdefs,
             &q.handoff,
+            &q.offers,
+            &q.offer("t1"),
             &q.drained,
             &q.paused,
             &q.latency,

@@ -43,6 +43,13 @@ impl Packer {
         encode::write_bool(&mut self.0, b).expect("writing to a Vec");
         self
     }
+
+    /// Bytes under a string's marker, as Lua's `cmsgpack` packs any string.
+    fn bytes(&mut self, b: &[u8]) -> &mut Packer {
+        encode::write_str_len(&mut self.0, b.len() as u32).expect("writing to a Vec");
+        self.0.extend_from_slice(b);
+        self
+    }
 }
 
 /// Reads the values of a record, after its version (None: not a record of
@@ -69,6 +76,14 @@ impl<'a> Unpacker<'a> {
 
     fn bool(&mut self) -> Option<bool> {
         decode::read_bool(&mut self.0).ok()
+    }
+
+    /// A string's bytes, UTF-8 or not (a job's payload).
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let len = decode::read_str_len(&mut self.0).ok()? as usize;
+        let (b, rest) = self.0.split_at_checked(len)?;
+        self.0 = rest;
+        Some(b.to_vec())
     }
 
     /// True when every value was read.
@@ -169,6 +184,93 @@ impl Owner {
             streaming: u.bool()?,
         };
         u.done().then_some(owner)
+    }
+}
+
+/// A worker waiting on a queue's doorbell, ready to take the job an
+/// enqueue hands off (hash `offers`, by claim token; ARCHITECTURE.md
+/// decision 27).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The worker's id (its heartbeat vouches for the offer).
+    pub worker: String,
+    /// The lease the job gets.
+    pub lease_ms: u64,
+    /// The queue's `max_inflight_total` (0: none).
+    pub max_inflight_total: u32,
+    /// Methods of the jobs it may be handed, space-separated: those it runs
+    /// again when their worker is lost (`retry_methods`), since a worker
+    /// that dies while it waits takes its handed job with it unseen.
+    pub methods: String,
+}
+
+impl Offer {
+    /// The record as stored.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Packer::new();
+        p.str(&self.worker)
+            .uint(self.lease_ms)
+            .uint(u64::from(self.max_inflight_total))
+            .str(&self.methods);
+        p.0
+    }
+
+    /// Reads a stored record; None when it is not one of this version.
+    pub fn decode(bytes: &[u8]) -> Option<Offer> {
+        let mut u = Unpacker::new(bytes)?;
+        let offer = Offer {
+            worker: u.str()?,
+            lease_ms: u.uint()?,
+            max_inflight_total: u.uint()?,
+            methods: u.str()?,
+        };
+        u.done().then_some(offer)
+    }
+}
+
+/// The job an enqueue handed to an [`Offer`], as its worker pops it: what a
+/// claim answers for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The data generation when it was leased.
+    pub generation: String,
+    /// The job's id.
+    pub id: String,
+    /// Its payload.
+    pub frame: Vec<u8>,
+    /// Ms until its client stops waiting.
+    pub remaining_ms: u64,
+    /// The front waiting for it.
+    pub front: String,
+    /// Its flow's definition (empty: handed jobs have no quota).
+    pub flow_def: String,
+}
+
+impl Handed {
+    /// The record as stored (the enqueue script writes it; this is for tests).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut p = Packer::new();
+        p.str(&self.generation)
+            .str(&self.id)
+            .bytes(&self.frame)
+            .uint(self.remaining_ms)
+            .str(&self.front)
+            .str(&self.flow_def);
+        p.0
+    }
+
+    /// Reads a stored record; None when it is not one of this version.
+    pub fn decode(bytes: &[u8]) -> Option<Handed> {
+        let mut u = Unpacker::new(bytes)?;
+        let handed = Handed {
+            generation: u.str()?,
+            id: u.str()?,
+            frame: u.bytes()?,
+            remaining_ms: u.uint()?,
+            front: u.str()?,
+            flow_def: u.str()?,
+        };
+        u.done().then_some(handed)
     }
 }
 
@@ -315,6 +417,25 @@ mod tests {
             backend_ms: 3,
         };
         assert_eq!(LatencySample::decode(&s.encode()), Some(s));
+        let offer = Offer {
+            worker: "w".into(),
+            lease_ms: 30_000,
+            max_inflight_total: 0,
+            methods: "GET HEAD".into(),
+        };
+        assert_eq!(Offer::decode(&offer.encode()), Some(offer));
+        let handed = Handed {
+            generation: "1700000000.5".into(),
+            id: "j".into(),
+            // A payload need not be UTF-8.
+            frame: vec![b'T', 0, 0xff, 0xfe],
+            remaining_ms: 9_000,
+            front: "f".into(),
+            flow_def: String::new(),
+        };
+        let whole = handed.encode();
+        assert_eq!(Handed::decode(&whole), Some(handed));
+        assert_eq!(Handed::decode(&whole[..whole.len() - 1]), None);
     }
 
     #[test]

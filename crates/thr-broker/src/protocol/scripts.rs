@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::{Script, ScriptInvocation, Value};
 
 use super::keys::{Keyspace, QueueKeys};
-use crate::BrokerError;
+use crate::{BrokerError, HEARTBEAT_TIMEOUT};
 
 mod text {
     include!(concat!(env!("OUT_DIR"), "/scripts.rs"));
@@ -165,7 +165,17 @@ impl Scripts {
             .key(&q.dead)
             .key(&q.dead_reasons)
             .key(&ks.quota_waiting_limits)
-            .key(&q.handoff);
+            .key(&q.handoff)
+            .key(&q.paused)
+            .key(&q.offers)
+            .key(&q.leases)
+            .key(&q.owners)
+            .key(&ks.generation)
+            .key(&ks.workers)
+            .key(&ks.liveness)
+            .arg(q.offer(""))
+            .arg(q.claim(""))
+            .arg(ms(HEARTBEAT_TIMEOUT));
         for a in jobs {
             s.key(q.settled(&a.id))
                 .arg(&a.id)
@@ -210,8 +220,7 @@ impl Scripts {
     }
 }
 
-/// Where a script call's KEYS and ARGV are written: an invocation, or a
-/// bare command for a pipeline. One function per script writes both.
+/// Where a script call's KEYS and ARGV are written.
 trait CallArgs {
     fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self;
     fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self;
@@ -223,24 +232,6 @@ impl CallArgs for ScriptInvocation<'_> {
     }
     fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
         ScriptInvocation::arg(self, arg)
-    }
-}
-
-/// KEYS and ARGV gathered for a bare EVALSHA.
-#[derive(Default)]
-struct Bare {
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
-}
-
-impl CallArgs for Bare {
-    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
-        self.keys.extend(key.to_redis_args());
-        self
-    }
-    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        self.args.extend(arg.to_redis_args());
-        self
     }
 }
 
@@ -264,6 +255,8 @@ fn claim_call<C: CallArgs>(s: &mut C, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_
         .key(&ks.quota_waiting)
         .key(&ks.quota_waiting_limits)
         .key(&q.handoff)
+        .key(&q.offers)
+        .key(q.offer(a.token))
         .arg(a.token)
         .arg(a.worker)
         .arg(ms(a.lease))
@@ -315,20 +308,6 @@ impl Scripts {
         let mut s = self.claim.prepare_invoke();
         claim_call(&mut s, ks, q, a);
         s
-    }
-
-    /// `claim` as a bare EVALSHA, to send behind a doorbell pop in one
-    /// pipeline. Unlike an invocation it cannot load the script: a Redis
-    /// that answers NOSCRIPT (restarted empty) gets the invocation instead.
-    pub(crate) fn claim_cmd(&self, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_>) -> redis::Cmd {
-        let mut c = Bare::default();
-        claim_call(&mut c, ks, q, a);
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.claim.get_hash())
-            .arg(c.keys.len())
-            .arg(c.keys)
-            .arg(c.args);
-        cmd
     }
 
     pub(crate) fn renew(

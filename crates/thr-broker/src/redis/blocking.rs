@@ -1,4 +1,5 @@
-//! Blocking loops' dedicated connections: a worker's doorbell (BLPOP) and a
+//! Blocking loops' dedicated connections: a worker's doorbell (BLMPOP on
+//! its offer's list and the doorbell, or BLPOP) and a
 //! front's reply stream (BLMPOP: a batch, or a wait for the first reply).
 //!
 //! Each owns its connection, made lazily and dropped after any error so the
@@ -67,27 +68,41 @@ impl RedisDoorbell {
     }
 }
 
+/// What a doorbell wait with an offer returned.
+pub(crate) enum Popped {
+    /// An enqueue handed the job to the offer: its
+    /// [`Handed`](crate::protocol::records::Handed) record.
+    Handed(Vec<u8>),
+    /// The doorbell rang, or the wait is up: claim.
+    Claim,
+}
+
 impl RedisDoorbell {
-    /// Pops the doorbell (waiting at most `max`), then runs `then` the
-    /// moment the pop returns, in the same round trip: Redis runs a
-    /// pipeline's next command as soon as the blocked one is served, with
-    /// no trip back to this worker in between. Returns `then`'s answer, or
-    /// None when Redis did not know its script (NOSCRIPT: nothing ran). A
-    /// pop that Redis refuses (a wrong type, an ACL) cannot wait: that is
-    /// logged and waited out here, so a caller never spins on it, and
-    /// `then`'s answer, which ran all the same, is still returned.
-    pub(crate) async fn wait_then(
+    /// Offers to take a handed-off job (`offer`: the `HSET` of the offer
+    /// record under its token), then waits at most `max` on the offer's
+    /// list and the doorbell at once, in one round trip (ARCHITECTURE.md
+    /// decision 27). The offer's list comes first: a handed job is taken
+    /// before a ring. A pop that Redis refuses (a wrong type, an ACL)
+    /// cannot wait: that is logged and waited out here, so a caller never
+    /// spins on it.
+    pub(crate) async fn offer_and_wait(
         &mut self,
         max: Duration,
-        then: redis::Cmd,
-    ) -> Result<Option<redis::Value>, BrokerError> {
+        offer: redis::Cmd,
+        offer_list: &str,
+    ) -> Result<Popped, BrokerError> {
         let mut conn = self.inner.get(max).await?;
         let mut pipe = redis::pipe();
         pipe.ignore_errors()
-            .cmd("BLPOP")
-            .arg(&self.key)
+            .add_command(offer)
+            .cmd("BLMPOP")
             .arg(BlockingConn::seconds(max))
-            .add_command(then);
+            .arg(2)
+            .arg(offer_list)
+            .arg(&self.key)
+            .arg("LEFT")
+            .arg("COUNT")
+            .arg(1);
         let answer: redis::RedisResult<Vec<redis::Value>> = pipe.query_async(&mut conn).await;
         let answer = match answer {
             Ok(a) => a,
@@ -96,21 +111,23 @@ impl RedisDoorbell {
                 return Err(e.into());
             }
         };
-        let mut answer = answer.into_iter();
-        if let Some(redis::Value::ServerError(e)) = answer.next() {
-            tracing::warn!(key = %self.key, err = %redis::RedisError::from(e), "the doorbell cannot be waited on");
-            tokio::time::sleep(max).await;
-        }
-        match answer.next() {
-            Some(redis::Value::ServerError(e))
-                if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
-            {
-                Ok(None)
+        match answer.into_iter().nth(1) {
+            Some(redis::Value::ServerError(e)) => {
+                tracing::warn!(key = %self.key, err = %redis::RedisError::from(e), "the doorbell cannot be waited on");
+                tokio::time::sleep(max).await;
+                Ok(Popped::Claim)
             }
-            Some(redis::Value::ServerError(e)) => Err(redis::RedisError::from(e).into()),
-            Some(value) => Ok(Some(value)),
+            Some(value) => {
+                let popped: Option<(String, Vec<Vec<u8>>)> = redis::from_redis_value(value)?;
+                Ok(match popped {
+                    Some((list, mut items)) if list == offer_list => {
+                        items.pop().map_or(Popped::Claim, Popped::Handed)
+                    }
+                    _ => Popped::Claim,
+                })
+            }
             None => Err(BrokerError::Protocol(
-                "doorbell: no answer to the pipelined call".into(),
+                "doorbell: no answer to the pop".into(),
             )),
         }
     }

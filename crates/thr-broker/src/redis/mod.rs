@@ -28,7 +28,7 @@ use redis::{Client, IntoConnectionInfo};
 use thr_core::envelope::{DataReady, Piece, Reply, Started as StartedNotice, WINDOW};
 
 use crate::protocol::keys::{DEFAULT_NAMESPACE, Keyspace, LATENCY_SAMPLES, QueueKeys};
-use crate::protocol::records::FlowDef;
+use crate::protocol::records::{FlowDef, Handed, Offer};
 use crate::protocol::scripts::{self as s, Scripts};
 use crate::{
     Admission, Beat, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
@@ -36,6 +36,7 @@ use crate::{
     STREAM_TTL, Withdrawal,
 };
 use batch::{Batcher, Limits};
+use blocking::Popped;
 pub use blocking::{RedisDoorbell, RedisReplies};
 
 /// Most flows one claim call looks at, however many jobs it starts and
@@ -578,14 +579,42 @@ impl Broker for RedisBroker {
         options: ClaimOptions<'_>,
     ) -> Result<ClaimOutcome, BrokerError> {
         let q = self.queue_keys(queue);
-        let claim = self
-            .scripts
-            .claim_cmd(&self.keyspace, &q, &claim_args(&options));
-        match doorbell.wait_then(max, claim).await? {
-            Some(answer) => self.claim_outcome(queue, options.token, answer),
-            // Redis lost its scripts (restarted empty): the invocation loads
-            // them. The bare call did nothing, so the token is unused.
-            None => self.claim(queue, options).await,
+        let offer = Offer {
+            worker: options.worker.to_string(),
+            lease_ms: options.lease.as_millis().min(u128::from(u64::MAX)) as u64,
+            max_inflight_total: options.max_inflight_total.unwrap_or(0),
+            methods: options.retry_methods.join(" "),
+        };
+        let mut hset = redis::cmd("HSET");
+        hset.arg(&q.offers).arg(options.token).arg(offer.encode());
+        match doorbell
+            .offer_and_wait(max, hset, &q.offer(options.token))
+            .await?
+        {
+            Popped::Handed(record) => match Handed::decode(&record) {
+                Some(h) => {
+                    let generation = h.generation.clone();
+                    let job = s::Started {
+                        id: h.id,
+                        frame: h.frame,
+                        remaining_ms: i64::try_from(h.remaining_ms).unwrap_or(i64::MAX),
+                        front: h.front,
+                        flow_def: h.flow_def,
+                    };
+                    Ok(ClaimOutcome::Jobs(vec![self.lease_from(
+                        queue,
+                        options.token,
+                        &generation,
+                        job,
+                    )]))
+                }
+                // Not a record of this version: the claim under the same
+                // token returns the job it stands for, as Redis has it.
+                None => self.claim(queue, options).await,
+            },
+            // The claim also withdraws the offer; a job handed meanwhile is
+            // leased under this token, and the claim returns it.
+            Popped::Claim => self.claim(queue, options).await,
         }
     }
 

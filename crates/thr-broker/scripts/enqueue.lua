@@ -66,15 +66,12 @@ local function drain()
   return tostring(drain_rate(K_drained, sec))
 end
 
--- An offer that may take a job of `method` now: one of a live worker that
--- runs such jobs again if it dies unseen (its `retry_methods`), while the
--- queue is not paused and its max_inflight_total has room. An offer turned
+-- An offer that may take a job of `method` now (the queue is not paused):
+-- one of a live worker that runs such jobs again if it dies unseen (its
+-- `retry_methods`), while its max_inflight_total has room. An offer turned
 -- away for the method or max_inflight_total stays (its worker waits on);
 -- one taken, unreadable or of a dead worker is removed. A few tries.
 local function find_taker(method)
-  if redis.call('EXISTS', K_paused) == 1 then
-    return nil
-  end
   local alive = nil
   for _ = 1, 3 do
     local pick = redis.call('HRANDFIELD', K_offers, 1, 'WITHVALUES')
@@ -144,12 +141,12 @@ for i = 1, n do
   end
   if not verdict then
     seen[id] = true
-    if admitted == 0 and def == '' then
-      pending_n = pending_n or redis.call('ZCARD', K_pending)
-      if pending_n == 0 and redis.call('LLEN', K_handoff) == 0 then
-        handed = id
-        taker = find_taker(method)
-      end
+    -- Nothing waits (no pending job, none handed off) and the queue is not
+    -- paused (a paused queue's jobs wait in their flows): one command.
+    if admitted == 0 and def == ''
+        and redis.call('EXISTS', K_pending, K_handoff, K_paused) == 0 then
+      handed = id
+      taker = find_taker(method)
     end
     admitted = admitted + 1
     -- Each number printed once.

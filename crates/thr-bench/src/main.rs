@@ -113,6 +113,39 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / *TICKS
 }
 
+/// Times a process's threads have gone to sleep so far (voluntary context
+/// switches, from /proc): each is a wake-up to pay for later. Unlike CPU
+/// time, the count per request hardly moves with the machine's load, so a
+/// change that saves a wake-up shows even on a noisy machine.
+fn sleeps(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The process id of a Redis server (`INFO server`).
+fn redis_pid(redis: &RedisServer) -> u32 {
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query(&mut redis.conn())
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Redis's time so far: µs spent in commands (in all, and per command,
 /// as `INFO commandstats` counts them), and CPU seconds in all.
 struct RedisTime {
@@ -430,7 +463,7 @@ async fn main() {
         let redis = RedisServer::start();
         let backend_port = free_port();
         let front_port = free_port();
-        let _backend = Process::spawn(
+        let backend = Process::spawn(
             "slowapp",
             &[
                 "--listen",
@@ -494,13 +527,26 @@ async fn main() {
             "\nscenario `{}`: backend {} workers, {} per request; thr max_inflight {}; {connections} connection(s)",
             s.name, s.workers, s.delay, s.max_inflight
         );
+        let redis_pid = redis_pid(&redis);
+        // Sleeps of the thr daemons, Redis and the backend.
+        let thr_sleeps = || {
+            [
+                sleeps(front.pid()),
+                sleeps(worker.pid()),
+                sleeps(redis_pid),
+                sleeps(backend.pid()),
+            ]
+        };
+        let backend_sleeps = sleeps(backend.pid());
         let direct = drive(&direct_url, connections, cli.duration).await;
         print_row("direct", &direct, &direct);
+        let direct_sleeps = sleeps(backend.pid()) - backend_sleeps;
         let before = (
             cpu_seconds(front.pid()),
             cpu_seconds(worker.pid()),
             redis_time(&redis),
             evalsha_calls(&redis),
+            thr_sleeps(),
         );
         let through = drive(&thr_url, connections, cli.duration).await;
         let after = (
@@ -508,8 +554,21 @@ async fn main() {
             cpu_seconds(worker.pid()),
             redis_time(&redis),
             evalsha_calls(&redis),
+            thr_sleeps(),
         );
         print_row("thr", &through, &direct);
+        let per_request = |n: u64, answered: u64| n as f64 / answered.max(1) as f64;
+        let slept: Vec<f64> = (0..4)
+            .map(|i| per_request(after.4[i] - before.4[i], through.answered))
+            .collect();
+        println!(
+            "  thr sleeps per request (voluntary context switches): http2redis {:.2}, redis2http {:.2}, Redis {:.2}, backend {:.2} (direct: backend {:.2})",
+            slept[0],
+            slept[1],
+            slept[2],
+            slept[3],
+            per_request(direct_sleeps, direct.answered),
+        );
         let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
         println!(
             "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in commands, wall clock)",
@@ -546,9 +605,15 @@ async fn main() {
             "  Redis per request, by script (commandstats, split by SLOWLOG): {}",
             by_script.join(", ")
         );
-        if let Some(url) = &haproxy_url {
+        if let (Some(url), Some(proc)) = (&haproxy_url, &haproxy_proc) {
+            let before = (sleeps(proc.pid()), sleeps(backend.pid()));
             let h = drive(url, connections, cli.duration).await;
             print_row("haproxy", &h, &direct);
+            println!(
+                "  haproxy sleeps per request (voluntary context switches): haproxy {:.2}, backend {:.2}",
+                per_request(sleeps(proc.pid()) - before.0, h.answered),
+                per_request(sleeps(backend.pid()) - before.1, h.answered),
+            );
             println!(
                 "  thr / haproxy: x{:.2} rps, x{:.2} p50",
                 through.rps / h.rps.max(1e-9),
@@ -557,7 +622,7 @@ async fn main() {
         } else {
             println!("  haproxy: not installed (apt-get install haproxy) — skipped");
         }
-        drop((front, worker, haproxy_proc));
+        drop((front, worker, haproxy_proc, backend));
     }
     if cli.scenarios.iter().any(|n| n == "claim") {
         claim_scenario().await;

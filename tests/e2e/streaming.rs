@@ -25,17 +25,6 @@ fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn redis_pid(redis: &RedisServer) -> u32 {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut redis.conn())
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("process_id in INFO")
-}
-
 /// Samples the resident memory of `pids` every 50 ms until dropped; the
 /// peaks are read with [`Sampler::peaks`].
 struct Sampler {
@@ -134,11 +123,7 @@ async fn a_gibibyte_download_streams_in_bounded_memory_and_a_slow_reader_holds_n
     let stack = Binaries::start(backend, 1, "").await;
     let base = stack.url();
     assert_eq!(get(&base, "/warm").await.status, 200);
-    let pids = vec![
-        stack.front.pid(),
-        stack.workers[0].pid(),
-        redis_pid(&stack.redis),
-    ];
+    let pids = vec![stack.front.pid(), stack.workers[0].pid(), stack.redis.pid()];
     let idle: Vec<u64> = pids.iter().map(|p| rss(*p)).collect();
     let sampler = Sampler::start(pids.clone());
 

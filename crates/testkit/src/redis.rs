@@ -243,6 +243,11 @@ impl RedisServer {
         self.port
     }
 
+    /// The server's process id (0 while it is killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     fn socket_path(&self) -> PathBuf {
         self.dir.path().join("redis.sock")
     }

@@ -134,18 +134,6 @@ fn sleeps(pid: u32) -> u64 {
         .sum()
 }
 
-/// The process id of a Redis server (`INFO server`).
-fn redis_pid(redis: &RedisServer) -> u32 {
-    let info: String = redis::cmd("INFO")
-        .arg("server")
-        .query(&mut redis.conn())
-        .unwrap_or_default();
-    info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Redis's time so far: µs spent in commands (in all, and per command,
 /// as `INFO commandstats` counts them), and CPU seconds in all.
 struct RedisTime {
@@ -527,20 +515,19 @@ async fn main() {
             "\nscenario `{}`: backend {} workers, {} per request; thr max_inflight {}; {connections} connection(s)",
             s.name, s.workers, s.delay, s.max_inflight
         );
-        let redis_pid = redis_pid(&redis);
         // Sleeps of the thr daemons, Redis and the backend.
         let thr_sleeps = || {
             [
                 sleeps(front.pid()),
                 sleeps(worker.pid()),
-                sleeps(redis_pid),
+                sleeps(redis.pid()),
                 sleeps(backend.pid()),
             ]
         };
         let backend_sleeps = sleeps(backend.pid());
         let direct = drive(&direct_url, connections, cli.duration).await;
         print_row("direct", &direct, &direct);
-        let direct_sleeps = sleeps(backend.pid()) - backend_sleeps;
+        let direct_sleeps = sleeps(backend.pid()).saturating_sub(backend_sleeps);
         let before = (
             cpu_seconds(front.pid()),
             cpu_seconds(worker.pid()),
@@ -559,7 +546,7 @@ async fn main() {
         print_row("thr", &through, &direct);
         let per_request = |n: u64, answered: u64| n as f64 / answered.max(1) as f64;
         let slept: Vec<f64> = (0..4)
-            .map(|i| per_request(after.4[i] - before.4[i], through.answered))
+            .map(|i| per_request(after.4[i].saturating_sub(before.4[i]), through.answered))
             .collect();
         println!(
             "  thr sleeps per request (voluntary context switches): http2redis {:.2}, redis2http {:.2}, Redis {:.2}, backend {:.2} (direct: backend {:.2})",
@@ -611,8 +598,8 @@ async fn main() {
             print_row("haproxy", &h, &direct);
             println!(
                 "  haproxy sleeps per request (voluntary context switches): haproxy {:.2}, backend {:.2}",
-                per_request(sleeps(proc.pid()) - before.0, h.answered),
-                per_request(sleeps(backend.pid()) - before.1, h.answered),
+                per_request(sleeps(proc.pid()).saturating_sub(before.0), h.answered),
+                per_request(sleeps(backend.pid()).saturating_sub(before.1), h.answered),
             );
             println!(
                 "  thr / haproxy: x{:.2} rps, x{:.2} p50",

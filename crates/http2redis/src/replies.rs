@@ -43,6 +43,9 @@ struct Waiter {
 pub struct ReplyRouter {
     waiting: Arc<Mutex<HashMap<String, Waiter>>>,
     streams: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    /// Told of every new waiter and stream reader: what wakes a reply loop
+    /// that stopped popping because nobody waited.
+    arrivals: Arc<Notify>,
 }
 
 impl std::fmt::Debug for ReplyRouter {
@@ -66,6 +69,7 @@ impl ReplyRouter {
                 started: false,
             },
         );
+        self.arrivals.notify_one();
         rx
     }
 
@@ -85,6 +89,7 @@ impl ReplyRouter {
     pub fn watch_stream(&self, id: &str) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         self.lock_streams().insert(id.to_string(), notify.clone());
+        self.arrivals.notify_one();
         notify
     }
 
@@ -154,6 +159,18 @@ impl ReplyRouter {
         self.len() == 0
     }
 
+    /// True when no request waits and no streamed response is read: no
+    /// message this front pops has anyone to go to.
+    pub fn is_idle(&self) -> bool {
+        self.is_empty() && self.streams() == 0
+    }
+
+    /// Returns once a request or stream reader registers (at once if one
+    /// did since the last call).
+    pub async fn arrival(&self) {
+        self.arrivals.notified().await;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Waiter>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
@@ -165,6 +182,14 @@ impl ReplyRouter {
 /// `block` seconds.
 /// `orphan` is told of a streamed response whose head came for nobody
 /// (its client went away first): its stream must be cancelled.
+///
+/// While nobody waits for a message, the loop sends no pop until a request
+/// registers, or for at most a second. A pop sent at once after the last
+/// reply reached Redis on its own, a moment before the next request's
+/// enqueue: an extra wake of Redis per request on an idle system. Sent
+/// when a request registers (before its enqueue), it goes out with the
+/// enqueue and no reply can come before it. What arrives for nobody (an
+/// orphan stream's head) is still taken within about a second.
 pub async fn run_loop<R: ReplyStream>(
     mut stream: R,
     router: ReplyRouter,
@@ -174,6 +199,16 @@ pub async fn run_loop<R: ReplyStream>(
     const BLOCK: Duration = Duration::from_secs(1);
     let mut failures = 0;
     while !*stop.borrow_and_update() {
+        if router.is_idle() {
+            tokio::select! {
+                _ = router.arrival() => {}
+                _ = tokio::time::sleep(BLOCK) => {}
+                changed = stop.changed() => match changed {
+                    Ok(()) => continue,
+                    Err(_) => break,
+                },
+            }
+        }
         match stream.next_batch(BLOCK).await {
             Ok(batch) => {
                 failures = 0;
@@ -203,5 +238,58 @@ pub async fn run_loop<R: ReplyStream>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use thr_broker::BrokerError;
+
+    /// A stream that counts its pops and answers each with nothing at
+    /// once (as a pop that found nothing), at its block time.
+    struct Counting(Arc<AtomicUsize>);
+
+    impl ReplyStream for Counting {
+        async fn next_batch(&mut self, max: Duration) -> Result<Vec<Bytes>, BrokerError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(max).await;
+            Ok(Vec::new())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_loop_pops_only_for_someone_or_once_a_second() {
+        let pops = Arc::new(AtomicUsize::new(0));
+        let router = ReplyRouter::default();
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(run_loop(
+            Counting(pops.clone()),
+            router.clone(),
+            |_| {},
+            stop,
+        ));
+        // Nobody waits: no pop for a second, then one (it blocks a second).
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(pops.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(pops.load(Ordering::SeqCst), 1);
+        // That pop ends at 2 s; the next would come at 3 s, but a request
+        // registers at 2.5 s: the loop pops at once.
+        tokio::time::sleep(Duration::from_millis(1400)).await;
+        assert_eq!(pops.load(Ordering::SeqCst), 1);
+        let _rx = router.register("job", "q");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(pops.load(Ordering::SeqCst), 2);
+        // While someone waits, pops follow one another.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert_eq!(pops.load(Ordering::SeqCst), 4);
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the loop stops")
+            .unwrap();
     }
 }

@@ -382,3 +382,47 @@ async fn a_doorbell_redis_refuses_still_serves_jobs_without_spinning() {
     );
     stack.thr.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_with_one_slot_makes_no_empty_claim_between_handed_jobs() {
+    // One request at a time to a worker with one slot: each job is handed
+    // to the worker's offer by its enqueue (nothing else waits). The worker
+    // then waits on its doorbell again instead of claiming when its slot
+    // frees, which would find nothing: no claim script runs, except after
+    // a doorbell wait that ran its whole second. (Every claim reads its
+    // token's list with the one LRANGE of the idle path.)
+    let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |text| {
+        text.replace("max_inflight = 64", "max_inflight = 1")
+    })
+    .await;
+    assert_eq!(get(&stack.url(), "/warm").await.status, 200);
+    let mut conn = stack.redis.conn();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut conn)
+        .unwrap();
+    let started = Instant::now();
+    const REQUESTS: u64 = 30;
+    for i in 0..REQUESTS {
+        assert_eq!(get(&stack.url(), &format!("/one/{i}")).await.status, 200);
+    }
+    let polls = started.elapsed().as_secs() + 1;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    let calls = |name: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with(&format!("cmdstat_{name}:")))
+            .and_then(|l| l.split([':', ',']).find_map(|f| f.strip_prefix("calls=")))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let claims = calls("lrange");
+    assert!(
+        claims <= polls + 2,
+        "{claims} claims for {REQUESTS} requests in {polls} s (one per poll at most):\n{info}"
+    );
+    // The jobs came through the offers, one doorbell pop each.
+    assert!(calls("blmpop") >= REQUESTS, "{info}");
+    stack.thr.stop().await;
+}

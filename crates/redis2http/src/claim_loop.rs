@@ -91,8 +91,13 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 // Fewer jobs than free slots: nothing more can start now
                 // (the queue is empty, or what waits is blocked), so the
                 // loop waits on the doorbell instead of claiming again at
-                // once. Whatever could unblock a job rings it.
-                let all_taken = claimed.len() >= permits.len();
+                // once. Whatever could unblock a job rings it. So too after
+                // a handed job, which came only because nothing else
+                // waited: with one free slot, claiming when the next slot
+                // frees would find nothing but the jobs that rang meanwhile
+                // (the doorbell's pop returns at once for them), and cost
+                // Redis an empty claim per job.
+                let all_taken = claimed.len() >= permits.len() && !claimed.iter().any(|c| c.handed);
                 for claimed in claimed {
                     let Some(permit) = permits.pop() else {
                         // A broker never starts more than asked; if one

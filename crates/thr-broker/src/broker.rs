@@ -217,6 +217,10 @@ pub struct Claimed {
     pub remaining: Duration,
     /// The lease: what renew, reply, hand_back and dead_letter need.
     pub lease: Lease,
+    /// Handed by its enqueue to the worker's offer ([`Broker::wait_and_claim`]),
+    /// which happens only when nothing else waited: a worker that gets such
+    /// a job has no reason to claim before it waits on its doorbell again.
+    pub handed: bool,
 }
 
 impl Claimed {

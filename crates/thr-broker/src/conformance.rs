@@ -1078,7 +1078,17 @@ pub async fn wait_and_claim_takes_a_job_announced_meanwhile<B: Broker>(b: &B) {
         .expect("wait_and_claim");
     let jobs = jobs_of(outcome);
     assert_eq!(ids(&jobs), ["w1"]);
+    assert!(
+        jobs[0].handed,
+        "a lone job announced to a waiting worker is handed to it, and says so"
+    );
     assert_eq!(reply(b, &jobs[0].lease).await, Delivery::Delivered);
+    // A claim's job was not handed: the worker may claim again at once.
+    queued(b, job("w2", 50, &free)).await;
+    let claimed = claim_jobs(b, &new_token(), 1).await;
+    assert_eq!(ids(&claimed), ["w2"]);
+    assert!(!claimed[0].handed, "a claimed job is not marked handed");
+    assert_eq!(reply(b, &claimed[0].lease).await, Delivery::Delivered);
 }
 
 /// A worker that gives up on a `wait_and_claim` (it stops: it drops its

@@ -280,6 +280,7 @@ impl RedisBroker {
                 holds: FlowDef::holds(&flow),
                 generation: generation.to_string(),
             },
+            handed: false,
         }
     }
 
@@ -601,12 +602,9 @@ impl Broker for RedisBroker {
                         front: h.front,
                         flow_def: h.flow_def,
                     };
-                    Ok(ClaimOutcome::Jobs(vec![self.lease_from(
-                        queue,
-                        options.token,
-                        &generation,
-                        job,
-                    )]))
+                    let mut claimed = self.lease_from(queue, options.token, &generation, job);
+                    claimed.handed = true;
+                    Ok(ClaimOutcome::Jobs(vec![claimed]))
                 }
                 // Not a record of this version: the claim under the same
                 // token returns the job it stands for, as Redis has it.

@@ -537,18 +537,14 @@ async fn purging_100_000_waiting_jobs_never_blocks_redis() {
     stop.store(true, Ordering::Relaxed);
     let (worst, pings, late) = pinger.join().unwrap();
     let redis_cpu = cpu(&mut conn) - cpu_before;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut conn)
-        .unwrap();
-    let scripts = stats
-        .lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .unwrap_or("no script call")
-        .to_string();
+    let scripts = redis
+        .command_stats()
+        .get("evalsha")
+        .copied()
+        .expect("script call stats");
     eprintln!(
         "purged {JOBS} waiting jobs in {took:?} (thrctl process included); \
-         {pings} PINGs meanwhile ({late} of 20 ms or more), slowest {worst:?}; Redis CPU {redis_cpu:.2} s; {scripts}"
+         {pings} PINGs meanwhile ({late} of 20 ms or more), slowest {worst:?}; Redis CPU {redis_cpu:.2} s; {scripts:?}"
     );
     let slow: Vec<(u64, u64, u64, Vec<Vec<u8>>)> = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -577,16 +573,7 @@ async fn purging_100_000_waiting_jobs_never_blocks_redis() {
     assert_eq!(purged["purged"], JOBS);
     // What a purge call costs Redis: its own average time per call. The
     // old purge held Redis for over a second in one call.
-    let per_call: f64 = scripts
-        .split(',')
-        .find_map(|f| f.strip_prefix("usec_per_call="))
-        .and_then(|v| v.parse().ok())
-        .expect("script call stats");
-    let calls: u64 = scripts
-        .split(',')
-        .find_map(|f| f.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|v| v.parse().ok())
-        .expect("script call count");
+    let (per_call, calls) = (scripts.usec_per_call(), scripts.calls);
     assert!(per_call < 5_000.0, "a purge call costs {per_call} µs");
     // Wall-clock bounds (10 ms per command, 20 ms per PING) hold, but a
     // shared 2-core machine can deschedule Redis itself mid-call: a rare

@@ -16,7 +16,7 @@ pub mod ws;
 
 pub use backend::{BackendBuilder, SlowBackend};
 pub use daemons::Thr;
-pub use redis::RedisServer;
+pub use redis::{CommandStat, RedisServer};
 
 /// Sends test logs to the test harness's captured output (once per process).
 pub fn init_logs() {

@@ -1,5 +1,6 @@
 //! A private `redis-server` for one test (or one test binary).
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -262,6 +263,17 @@ impl RedisServer {
         self.client().get_connection().expect("redis connection")
     }
 
+    /// `INFO commandstats` by command name (`evalsha`, `blmpop`,
+    /// `config|resetstat`): what Redis counted since it started or since
+    /// `CONFIG RESETSTAT`, the commands scripts call included.
+    pub fn command_stats(&self) -> HashMap<String, CommandStat> {
+        let info: String = ::redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut self.conn())
+            .unwrap_or_default();
+        parse_command_stats(&info)
+    }
+
     /// Kills the server (SIGKILL): its data is gone, like a crash.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -285,10 +297,75 @@ impl RedisServer {
     }
 }
 
+/// One command's line of `INFO commandstats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommandStat {
+    /// Calls, refused ones excluded.
+    pub calls: u64,
+    /// Time in the command, µs (wall clock).
+    pub usec: f64,
+    /// Calls refused before running (an ACL, a wrong arity).
+    pub rejected_calls: u64,
+}
+
+impl CommandStat {
+    /// Mean µs per call (0 without calls).
+    pub fn usec_per_call(&self) -> f64 {
+        if self.calls == 0 {
+            0.0
+        } else {
+            self.usec / self.calls as f64
+        }
+    }
+}
+
+/// `cmdstat_NAME:calls=…,usec=…,usec_per_call=…,rejected_calls=…,…` lines.
+fn parse_command_stats(info: &str) -> HashMap<String, CommandStat> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let mut stat = CommandStat::default();
+            for (key, value) in fields.split(',').filter_map(|f| f.split_once('=')) {
+                match key {
+                    "calls" => stat.calls = value.parse().ok()?,
+                    "usec" => stat.usec = value.parse().ok()?,
+                    "rejected_calls" => stat.rejected_calls = value.parse().ok()?,
+                    _ => {}
+                }
+            }
+            Some((name.to_string(), stat))
+        })
+        .collect()
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         // The directory (`self.dir`) is removed after this, when the
         // fields are dropped: the server is gone by then.
         self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_stats_lines_are_read_by_name() {
+        let info = "# Commandstats\r\n\
+            cmdstat_evalsha:calls=12,usec=300,usec_per_call=25.00,rejected_calls=1,failed_calls=0\r\n\
+            cmdstat_config|resetstat:calls=1,usec=5,usec_per_call=5.00,rejected_calls=0,failed_calls=0\r\n";
+        let stats = parse_command_stats(info);
+        assert_eq!(
+            stats["evalsha"],
+            CommandStat {
+                calls: 12,
+                usec: 300.0,
+                rejected_calls: 1
+            }
+        );
+        assert_eq!(stats["evalsha"].usec_per_call(), 25.0);
+        assert_eq!(stats["config|resetstat"].calls, 1);
+        assert_eq!(stats.len(), 2);
     }
 }

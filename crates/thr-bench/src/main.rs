@@ -144,24 +144,10 @@ struct RedisTime {
 
 fn redis_time(redis: &RedisServer) -> RedisTime {
     let mut conn = redis.conn();
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut conn)
-        .unwrap_or_default();
-    // cmdstat_NAME:calls=…,usec=…,…
-    let by_command: std::collections::HashMap<String, f64> = stats
-        .lines()
-        .filter_map(|l| {
-            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-            let usec = rest
-                .split("usec=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            Some((name.to_string(), usec))
-        })
+    let by_command: std::collections::HashMap<String, f64> = redis
+        .command_stats()
+        .into_iter()
+        .map(|(name, stat)| (name, stat.usec))
         .collect();
     let cpu: String = redis::cmd("INFO")
         .arg("cpu")
@@ -209,15 +195,10 @@ const SLOWLOG_RUN: Duration = Duration::from_secs(1);
 
 /// Calls of `EVALSHA` so far (`INFO commandstats`).
 fn evalsha_calls(redis: &RedisServer) -> f64 {
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query(&mut redis.conn())
-        .unwrap_or_default();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|v| v.split(',').next()?.parse().ok())
-        .unwrap_or(0.0)
+    redis
+        .command_stats()
+        .get("evalsha")
+        .map_or(0.0, |s| s.calls as f64)
 }
 
 /// From now on, Redis logs every command in SLOWLOG with its duration

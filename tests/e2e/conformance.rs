@@ -67,6 +67,7 @@ scenarios![
     reply_after_reap_is_lost,
     hand_back_then_reap,
     lease_handed_back_is_no_longer_the_jobs,
+    a_put_back_job_waits_again_in_its_place,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,

@@ -339,6 +339,7 @@ const SCRIPTS: &[&str] = &[
     "take_pieces",
     "put_chunk",
     "hand_back",
+    "put_back",
     "dead_letter",
     "heartbeat",
     "reap_scan",

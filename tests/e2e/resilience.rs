@@ -411,3 +411,122 @@ async fn a_worker_with_one_slot_makes_no_empty_claim_between_handed_jobs() {
     assert!(calls("blmpop") >= REQUESTS, "{stats:?}");
     stack.thr.stop().await;
 }
+
+/// A worker with one slot, warmed with short jobs (so that it claims ahead
+/// when its slot is busy and a backlog waits: ARCHITECTURE.md decision 30).
+async fn one_slot_warm_stack() -> Stack {
+    let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |text| {
+        text.replace("max_inflight = 64", "max_inflight = 1")
+    })
+    .await;
+    for i in 0..4 {
+        assert_eq!(get(&stack.url(), &format!("/warm/{i}")).await.status, 200);
+    }
+    log_every_command(&stack.redis);
+    stack
+}
+
+/// Jobs leased (running or held) and jobs waiting in queue `default`.
+fn leased_and_waiting(conn: &mut redis::Connection) -> (u64, u64) {
+    let k = keys("default");
+    redis::pipe()
+        .zcard(&k.leases)
+        .zcard(&k.pending)
+        .query(conn)
+        .unwrap()
+}
+
+/// A handed job `a` takes the one slot; `b` and the POST `c` wait behind
+/// it. When `a` ends, `b` starts and `c` is claimed ahead; returns the
+/// three clients' tasks once `c` is seen held (leased, not at the backend).
+async fn hold_c_behind(stack: &Stack, b_delay_ms: u64) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let client = client();
+    let url = stack.url();
+    let mut conn = stack.redis.conn();
+    let a = spawn_send(&client, &url, Req::new("GET", "/a?delay=400"));
+    until_running(&stack.backend, 1).await;
+    let b = spawn_send(
+        &client,
+        &url,
+        Req::new("POST", format!("/b?delay={b_delay_ms}")).body("b"),
+    );
+    until(Duration::from_secs(5), "b waiting", || {
+        leased_and_waiting(&mut conn).1 == 1
+    })
+    .await;
+    let c = spawn_send(&client, &url, Req::new("POST", "/c").body("c"));
+    until(Duration::from_secs(5), "c waiting", || {
+        leased_and_waiting(&mut conn).1 == 2
+    })
+    .await;
+    // Held: two leases, nothing waiting, one request at the backend (b).
+    until(Duration::from_secs(5), "c held while b runs", || {
+        let held = leased_and_waiting(&mut conn) == (2, 0) && stack.backend.active() == 1;
+        held && stack
+            .backend
+            .requests()
+            .last()
+            .is_some_and(|r| r.target.starts_with("/b"))
+    })
+    .await;
+    vec![a, b, c]
+}
+
+/// The backend saw a, b and c once each, in that order, one at a time.
+fn each_once_in_order(stack: &Stack) {
+    let seen: Vec<String> = stack
+        .backend
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .filter(|t| !t.starts_with("/warm"))
+        .collect();
+    assert_eq!(
+        seen,
+        ["/a?delay=400", seen[1].as_str(), "/c"],
+        "each once, in order"
+    );
+    assert!(seen[1].starts_with("/b"), "{seen:?}");
+    assert_eq!(stack.backend.peak_concurrency(), 1, "one slot");
+}
+
+#[tokio::test]
+async fn a_busy_worker_holds_the_next_short_job_and_starts_it_when_its_slot_frees() {
+    let stack = one_slot_warm_stack().await;
+    let clients = hold_c_behind(&stack, 400).await;
+    for task in clients {
+        assert_eq!(task.await.unwrap().status, 200);
+    }
+    each_once_in_order(&stack);
+    assert_eq!(
+        script_calls(&stack.redis, "put_back"),
+        0,
+        "c started from the worker's hand"
+    );
+    stack.thr.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_job_that_finds_no_slot_in_time_is_put_back_and_runs_once() {
+    // b holds the slot past the hold limit (1 s): c goes back to the
+    // queue, a POST that did not run (not answered 502), and runs after b.
+    let stack = one_slot_warm_stack().await;
+    let clients = hold_c_behind(&stack, 2500).await;
+    let mut conn = stack.redis.conn();
+    until(Duration::from_secs(5), "c put back while b runs", || {
+        leased_and_waiting(&mut conn) == (1, 1) && stack.backend.active() == 1
+    })
+    .await;
+    assert!(script_calls(&stack.redis, "put_back") >= 1);
+    for task in clients {
+        let seen = task.await.unwrap();
+        assert_eq!(
+            seen.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&seen.body)
+        );
+    }
+    each_once_in_order(&stack);
+    stack.thr.stop().await;
+}

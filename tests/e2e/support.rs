@@ -315,3 +315,51 @@ pub fn spawn_send(
     let (client, base) = (client.clone(), base.to_string());
     tokio::spawn(async move { send(&client, &base, &req).await })
 }
+
+/// From now on, `redis` logs every command in SLOWLOG (for
+/// [`script_calls`]).
+pub fn log_every_command(redis: &RedisServer) {
+    let mut conn = redis.conn();
+    for (name, value) in [
+        ("slowlog-log-slower-than", "0"),
+        ("slowlog-max-len", "100000"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut conn)
+            .unwrap();
+    }
+    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
+}
+
+/// Calls of script `name` (`scripts/NAME.lua`) since [`log_every_command`]
+/// (one refused for want of the script, then run, counts twice).
+pub fn script_calls(redis: &RedisServer, name: &str) -> usize {
+    let text =
+        thr_broker::protocol::script_source(name).unwrap_or_else(|| panic!("no script {name}"));
+    let sha = redis::Script::new(text).get_hash().to_string();
+    let mut conn = redis.conn();
+    let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(-1)
+        .query(&mut conn)
+        .unwrap();
+    entries
+        .iter()
+        .filter(|entry| {
+            let redis::Value::Array(fields) = entry else {
+                return false;
+            };
+            let Some(redis::Value::Array(args)) = fields.get(3) else {
+                return false;
+            };
+            let arg = |i: usize| match args.get(i) {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).to_lowercase(),
+                _ => String::new(),
+            };
+            arg(0) == "evalsha" && arg(1) == sha
+        })
+        .count()
+}

@@ -13,14 +13,21 @@
 //! A loop that stops while it waits on the doorbell settles the token the
 //! same way (a claim for no job): it withdraws its offer, and a job handed
 //! to it meanwhile runs here.
+//!
+//! While every slot is busy with short jobs and a backlog waits, the loop
+//! claims one job ahead and holds it in hand: it starts the moment a slot
+//! frees, instead of a claim's round trip later (ARCHITECTURE.md decision
+//! 30). A held job that finds no slot within [`HOLD`] (or whose worker
+//! stops) is put back in its place, as if never claimed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use thr_broker::backoff::backoff;
-use thr_broker::{Broker, ClaimOptions, ClaimOutcome};
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Claimed};
 use thr_core::config::QueueConfig;
 use tokio::sync::{OwnedSemaphorePermit, watch};
+use tokio::time::Instant;
 
 use crate::queue::QueueRunner;
 
@@ -31,6 +38,10 @@ const SETTLE_ATTEMPTS: u32 = 5;
 /// Most jobs one claim call starts. Bounds the time one script holds Redis
 /// (each start is a walk over flows).
 const CLAIM_BATCH: usize = 16;
+/// Longest a job claimed ahead waits in hand for a slot (at most a third
+/// of its lease, which is not renewed meanwhile) before it is put back. A
+/// job is claimed ahead only when slots free about twice as often as this.
+pub const HOLD: Duration = Duration::from_secs(1);
 
 /// Claims jobs of `runner`'s queue into its free slots until `stop`.
 pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiver<bool>) {
@@ -41,26 +52,61 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
         let q = runner.queue.load();
         tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
     }
-    // A claim to ask again (its answer was lost), with the slots it was for.
+    // A claim to ask again (its answer was lost), with the slots it was
+    // for (none: a claim ahead).
     let mut retry: Option<(String, Vec<OwnedSemaphorePermit>)> = None;
     // Set when nothing could start: wait this long on the doorbell first.
     let mut wait: Option<Duration> = None;
+    // Set when the last claim filled every slot with short jobs: claim one
+    // job ahead of the next free slot.
+    let mut ahead = false;
+    // A job claimed ahead, and when.
+    let mut held: Option<(Claimed, Instant)> = None;
     loop {
+        if let Some((claimed, at)) = held.take() {
+            let limit = HOLD.min(runner.queue.load().lease / 3);
+            tokio::select! {
+                permit = runner.room.clone().acquire_owned() => {
+                    let permit = permit.expect("semaphore never closed");
+                    if claimed.remaining <= at.elapsed() {
+                        // Its client has given up: it is dropped.
+                        put_back(&runner, claimed).await;
+                        drop(permit);
+                    } else {
+                        metrics::counter!("thr_jobs_held_total", "queue" => name.clone()).increment(1);
+                        let lease = claimed.lease.clone();
+                        runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
+                        ahead = worth_holding(&runner);
+                    }
+                }
+                _ = tokio::time::sleep_until(at + limit) => {
+                    // Slots stay busy longer than jobs lately took: another
+                    // worker may run it sooner, and a more urgent job may
+                    // come; it goes back in its place.
+                    put_back(&runner, claimed).await;
+                    ahead = false;
+                }
+                _ = stop.changed() => {
+                    put_back(&runner, claimed).await;
+                    break;
+                }
+            }
+            continue;
+        }
         let (token, mut permits) = match retry.take() {
             Some(again) => again,
             None => {
-                let permit = tokio::select! {
-                    permit = runner.room.clone().acquire_owned() => permit.expect("semaphore never closed"),
-                    _ = stop.changed() => break,
-                };
                 // Every free slot at once: one claim fills them all when a
                 // backlog waits, instead of one round trip per job.
-                let mut permits = vec![permit];
-                while permits.len() < CLAIM_BATCH {
-                    match runner.room.clone().try_acquire_owned() {
-                        Ok(p) => permits.push(p),
-                        Err(_) => break,
-                    }
+                let mut permits = Vec::new();
+                fill(&runner, &mut permits);
+                if permits.is_empty() && !ahead {
+                    let permit = tokio::select! {
+                        permit = runner.room.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                        _ = stop.changed() => break,
+                    };
+                    permits.push(permit);
+                    fill(&runner, &mut permits);
                 }
                 (uuid::Uuid::new_v4().simple().to_string(), permits)
             }
@@ -69,11 +115,12 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             settle_last_claim(&runner, &token, permits).await;
             break;
         }
+        // No free slot: a claim for one job ahead.
+        let for_ahead = permits.is_empty();
         let q = runner.queue.load_full();
-        let options = claim_options(&runner, &q, &token, permits.len());
+        let options = claim_options(&runner, &q, &token, permits.len().max(1));
         let outcome = match wait.take() {
-            None => runner.broker.claim(&name, options).await,
-            Some(max) => tokio::select! {
+            Some(max) if !for_ahead => tokio::select! {
                 outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
                 _ = stop.changed() => {
                     // Closing the doorbell's connection ends the pop;
@@ -84,8 +131,19 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     break;
                 }
             },
+            _ => runner.broker.claim(&name, options).await,
         };
         match outcome {
+            Ok(ClaimOutcome::Jobs(claimed)) if for_ahead => {
+                failures = 0;
+                ahead = false;
+                let mut claimed = claimed.into_iter();
+                held = claimed.next().map(|c| (c, Instant::now()));
+                for extra in claimed {
+                    tracing::error!(queue = %name, job = %extra.id(), "claimed more jobs than asked; putting one back");
+                    put_back(&runner, extra).await;
+                }
+            }
             Ok(ClaimOutcome::Jobs(claimed)) => {
                 failures = 0;
                 // Fewer jobs than free slots: nothing more can start now
@@ -102,19 +160,22 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     let Some(permit) = permits.pop() else {
                         // A broker never starts more than asked; if one
                         // did, another worker gets the job at once.
-                        tracing::error!(queue = %name, job = %claimed.id(), "claimed more jobs than free slots; handing one back");
-                        let _ = runner.broker.hand_back(&claimed.lease).await;
+                        tracing::error!(queue = %name, job = %claimed.id(), "claimed more jobs than free slots; putting one back");
+                        put_back(&runner, claimed).await;
                         continue;
                     };
                     let lease = claimed.lease.clone();
                     runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
                 }
-                if !all_taken {
+                if all_taken {
+                    ahead = worth_holding(&runner);
+                } else {
                     wait = Some(POLL);
                 }
             }
             Ok(ClaimOutcome::Idle { retry_in }) => {
                 failures = 0;
+                ahead = false;
                 // A rate quota frees up on its own schedule, without a doorbell.
                 wait = Some(retry_in.map_or(POLL, |r| r.clamp(Duration::from_millis(1), POLL)));
             }
@@ -127,6 +188,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 } else {
                     tracing::warn!(queue = %name, %err, "claim failed");
                     drop(permits);
+                    ahead = false;
                 }
                 if sleep_or_stop(backoff(failures), &mut stop).await {
                     if let Some((token, permits)) = retry.take() {
@@ -135,6 +197,51 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     }
                     break;
                 }
+            }
+        }
+    }
+}
+
+/// Adds free slots to `permits`, up to [`CLAIM_BATCH`] in all.
+fn fill<B: Broker>(runner: &QueueRunner<B>, permits: &mut Vec<OwnedSemaphorePermit>) {
+    while permits.len() < CLAIM_BATCH {
+        match runner.room.clone().try_acquire_owned() {
+            Ok(p) => permits.push(p),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Whether to claim a job ahead while every slot is busy: when a slot
+/// frees, on average, within half of [`HOLD`] (jobs are short, so the held
+/// job starts soon and a claim's round trip between two jobs is worth
+/// saving), and no `max_inflight_total` caps the queue (a held job counts
+/// as running there, and would keep another worker's free slot idle).
+fn worth_holding<B: Broker>(runner: &QueueRunner<B>) -> bool {
+    let q = runner.queue.load();
+    if q.max_inflight_total.is_some() {
+        return false;
+    }
+    let slots = q.max_inflight.get() as u32;
+    let limit = HOLD.min(q.lease / 3) / 2;
+    runner
+        .slot_times
+        .average()
+        .is_some_and(|took| took / slots.max(1) <= limit)
+}
+
+/// Gives back a job that was claimed but never started.
+async fn put_back<B: Broker>(runner: &QueueRunner<B>, claimed: Claimed) {
+    metrics::counter!("thr_jobs_put_back_total", "queue" => runner.name.clone()).increment(1);
+    for attempt in 1..=SETTLE_ATTEMPTS {
+        match runner.broker.put_back(&claimed.lease).await {
+            Ok(_) => return,
+            Err(err) if attempt < SETTLE_ATTEMPTS => {
+                tracing::warn!(queue = %runner.name, job = %claimed.id(), %err, attempt, "could not put a job back; asking again");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+            Err(err) => {
+                tracing::warn!(queue = %runner.name, job = %claimed.id(), %err, "could not put a job back; it returns when its lease runs out");
             }
         }
     }
@@ -174,9 +281,7 @@ async fn settle_last_claim<B: Broker>(
                     let lease = claimed.lease.clone();
                     runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
                 }
-                None => {
-                    let _ = runner.broker.hand_back(&claimed.lease).await;
-                }
+                None => put_back(runner, claimed).await,
             }
         }
     }

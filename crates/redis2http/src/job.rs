@@ -138,6 +138,8 @@ async fn run_job<B: Broker>(
     lease: Lease,
     permit: OwnedSemaphorePermit,
 ) {
+    // Dropped below as soon as the backend is done, recording its time.
+    let permit = crate::queue::Slot::new(permit, runner.slot_times.clone());
     let q = runner.queue.load_full();
     let (timeout, duration) = (q.backend_timeout, q.lease);
     let safe = q.retry_methods.contains(&job.meta.method);

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use thr_backend::Forwarder;
 use thr_broker::{Broker, Lease};
 use thr_core::config::{QueueConfig, Scheduling};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 /// The shared state of one queue.
@@ -39,6 +39,75 @@ pub struct QueueRunner<B> {
     pub worker_id: String,
     /// Jobs running in this process, all queues (for the heartbeat).
     pub inflight: Arc<AtomicUsize>,
+    /// How long jobs hold a slot, lately.
+    pub slot_times: Arc<SlotTimes>,
+}
+
+/// How long jobs of a queue hold their slot, lately: a moving average over
+/// about the last eight jobs (whole responses: until the backend is done).
+/// The claim loop holds the next job in hand only when slots free often.
+#[derive(Debug)]
+pub struct SlotTimes {
+    /// Microseconds; `u64::MAX` until a job has ended.
+    average_us: AtomicU64,
+}
+
+impl Default for SlotTimes {
+    fn default() -> SlotTimes {
+        SlotTimes {
+            average_us: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl SlotTimes {
+    /// A job held its slot for `took`.
+    pub fn record(&self, took: Duration) {
+        let x = took.as_micros().min(u128::from(u64::MAX - 1)) as u64;
+        let _ = self
+            .average_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == u64::MAX {
+                    x
+                } else {
+                    // avg + (x - avg) / 8, in integers.
+                    (avg * 7 + x) / 8
+                })
+            });
+    }
+
+    /// The average, once a job has ended.
+    pub fn average(&self) -> Option<Duration> {
+        match self.average_us.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+}
+
+/// A running job's slot: gives its room back when dropped (the backend is
+/// done) and records how long the job held it.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    taken: std::time::Instant,
+    times: Arc<SlotTimes>,
+}
+
+impl Slot {
+    /// `permit`, taken now by a job of the queue whose times are `times`.
+    pub fn new(permit: OwnedSemaphorePermit, times: Arc<SlotTimes>) -> Slot {
+        Slot {
+            _permit: permit,
+            taken: std::time::Instant::now(),
+            times,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.times.record(self.taken.elapsed());
+    }
 }
 
 impl<B: Broker> QueueRunner<B> {
@@ -61,6 +130,7 @@ impl<B: Broker> QueueRunner<B> {
             broker,
             worker_id,
             inflight,
+            slot_times: Arc::default(),
         }
     }
 
@@ -166,5 +236,26 @@ impl<B: Broker> QueueRunner<B> {
             }
         }
         tasks.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_times_average_the_last_jobs() {
+        let t = SlotTimes::default();
+        assert_eq!(t.average(), None, "no job has ended");
+        t.record(Duration::from_millis(8));
+        assert_eq!(t.average(), Some(Duration::from_millis(8)));
+        for _ in 0..40 {
+            t.record(Duration::from_millis(800));
+        }
+        let avg = t.average().unwrap();
+        assert!(
+            avg > Duration::from_millis(790) && avg <= Duration::from_millis(800),
+            "{avg:?}"
+        );
     }
 }

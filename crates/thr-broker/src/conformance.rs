@@ -120,6 +120,7 @@ scenarios![
     reply_after_reap_is_lost,
     hand_back_then_reap,
     lease_handed_back_is_no_longer_the_jobs,
+    a_put_back_job_waits_again_in_its_place,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,
@@ -1341,6 +1342,78 @@ pub async fn hand_back_then_reap<B: Broker>(b: &B) {
         renew(b, &running[1].lease, LONG).await,
         "g2 was not handed back"
     );
+}
+
+/// A claimed job that never started, put back, waits again in its place
+/// as if never claimed: a POST too (it did not run, so it is not answered
+/// 502), its concurrency slot is free, its waiting counts are back, no
+/// attempt is counted, and its old lease renews, replies and puts back
+/// nothing.
+pub async fn a_put_back_job_waits_again_in_its_place<B: Broker>(b: &B) {
+    beat(b).await;
+    let free = no_quota();
+    // Not counted as a run: with two runs allowed, a put-back job whose
+    // next worker is lost goes back once more instead of being set aside.
+    // (First, while beats are steady: reaping judges only then.)
+    queued(b, job("g0", 50, &free)).await;
+    let g0 = take_one(b, "g0").await;
+    assert!(
+        b.put_back(&g0.lease).await.expect("put_back g0"),
+        "g0 waits again"
+    );
+    assert_eq!(ids(&take(b, 1, SHORT_LEASE).await), ["g0"]);
+    pass(b, PAST_SHORT_LEASE).await;
+    assert_eq!(
+        reap(b, &retry(2)).await,
+        Reaped {
+            requeued: 1,
+            ..Reaped::default()
+        },
+        "g0 lost its first run: its put-back was not one"
+    );
+    take_one(b, "g0").await;
+
+    let one = flow_of(vec![QuotaKey {
+        max_concurrent: 1,
+        ..tenant("a")
+    }]);
+    let mut front = b.replies(FRONT);
+    queued(
+        b,
+        NewJob {
+            method: "POST",
+            ..job("p1", 50, &one)
+        },
+    )
+    .await;
+    queued(b, job("a2", 50, &one)).await;
+    let p1 = take_one(b, "p1").await;
+    assert_eq!(idle(b, "a2 waits for p1's slot").await, None);
+    assert!(
+        b.put_back(&p1.lease).await.expect("put_back p1"),
+        "p1 waits again"
+    );
+    assert_eq!(gauges(b).await.waiting, 2, "both wait");
+    assert!(!renew(b, &p1.lease, LONG).await, "renew after put_back");
+    assert_eq!(
+        reply(b, &p1.lease).await,
+        Delivery::LeaseLost,
+        "reply after put_back"
+    );
+    assert!(
+        !b.put_back(&p1.lease).await.expect("put_back p1 again"),
+        "a lease put back puts nothing back again"
+    );
+    // Back before a2, with its slot free; a POST that did not run is not
+    // answered "lost".
+    let again = take_one(b, "p1").await;
+    assert_eq!(
+        states(b, &["p1", "a2"]).await,
+        [JobState::Running, JobState::Waiting]
+    );
+    assert_eq!(reply(b, &again.lease).await, Delivery::Delivered);
+    assert_eq!(front_messages(&mut front, 1).await, ["reply p1 200"]);
+    take_one(b, "a2").await;
 }
 
 /// A lease handed back is no longer the job's: renewing it fails (and does

@@ -28,6 +28,7 @@ pub(crate) struct Scripts {
     renew: Script,
     release: Script,
     hand_back: Script,
+    put_back: Script,
     dead_letter: Script,
     heartbeat: Script,
     reap_scan: Script,
@@ -50,6 +51,7 @@ pub fn source(name: &str) -> Option<&'static str> {
         "renew" => text::RENEW,
         "release" => text::RELEASE,
         "hand_back" => text::HAND_BACK,
+        "put_back" => text::PUT_BACK,
         "dead_letter" => text::DEAD_LETTER,
         "heartbeat" => text::HEARTBEAT,
         "reap_scan" => text::REAP_SCAN,
@@ -91,6 +93,7 @@ impl Scripts {
             renew: Script::new(text::RENEW),
             release: Script::new(text::RELEASE),
             hand_back: Script::new(text::HAND_BACK),
+            put_back: Script::new(text::PUT_BACK),
             dead_letter: Script::new(text::DEAD_LETTER),
             heartbeat: Script::new(text::HEARTBEAT),
             reap_scan: Script::new(text::REAP_SCAN),
@@ -388,6 +391,27 @@ impl Scripts {
         s.key(&q.leases)
             .key(&q.owners)
             .key(&q.wake)
+            .arg(id)
+            .arg(token);
+        s
+    }
+
+    pub(crate) fn put_back(
+        &self,
+        ks: &Keyspace,
+        q: &QueueKeys,
+        id: &str,
+        token: &str,
+    ) -> ScriptInvocation<'_> {
+        let mut s = self.put_back.prepare_invoke();
+        waiting_keys(&mut s, q);
+        s.key(&q.leases)
+            .key(&q.owners)
+            .key(&q.wake)
+            .key(&ks.held)
+            .key(&ks.holders)
+            .key(&ks.quota_waiting)
+            .key(&ks.quota_waiting_limits)
             .arg(id)
             .arg(token);
         s

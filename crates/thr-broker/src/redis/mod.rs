@@ -883,6 +883,17 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn put_back(&self, lease: &Lease) -> Result<bool, BrokerError> {
+        let q = self.queue_keys(&lease.queue);
+        let answer = self
+            .invoke(
+                self.scripts
+                    .put_back(&self.keyspace, &q, &lease.id, &lease.token),
+            )
+            .await?;
+        Ok(s::int(&answer) == Some(1))
+    }
+
     async fn heartbeat(&self, kind: Daemon, id: &str, info: &str) -> Result<Beat, BrokerError> {
         let answer = self
             .invoke(self.scripts.heartbeat(

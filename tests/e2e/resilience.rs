@@ -481,12 +481,13 @@ fn each_once_in_order(stack: &Stack) {
         .map(|r| r.target.clone())
         .filter(|t| !t.starts_with("/warm"))
         .collect();
-    assert_eq!(
-        seen,
-        ["/a?delay=400", seen[1].as_str(), "/c"],
-        "each once, in order"
+    assert!(
+        seen.len() == 3
+            && seen[0] == "/a?delay=400"
+            && seen[1].starts_with("/b")
+            && seen[2] == "/c",
+        "each once, in order: {seen:?}"
     );
-    assert!(seen[1].starts_with("/b"), "{seen:?}");
     assert_eq!(stack.backend.peak_concurrency(), 1, "one slot");
 }
 

@@ -22,11 +22,7 @@ end
 local now = clock()
 local info = info_unpack(redis.call('HGET', K_info, id))
 local quotas = parse_def(info and info.def)
-for _, q in ipairs(quotas) do
-  if q.max > 0 then
-    sem_drop(K_held, K_holders, q.token, id)
-  end
-end
+sem_drop_quotas(K_held, K_holders, quotas, id)
 redis.call('ZREM', K_leases, id)
 redis.call('HDEL', K_owners, id)
 if not info or info.deadline <= now then

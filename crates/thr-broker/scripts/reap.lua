@@ -44,11 +44,7 @@ while ARGV[3 + 4 * i] do
     local info = info_unpack(redis.call('HGET', K_info, id))
     -- A lost worker cannot release its quota slots: free them now.
     local quotas = parse_def(info and info.def)
-    for _, q in ipairs(quotas) do
-      if q.max > 0 then
-        sem_drop(K_held, K_holders, q.token, id)
-      end
-    end
+    sem_drop_quotas(K_held, K_holders, quotas, id)
     if not info or info.deadline <= now then
       -- Nobody waits for it any more.
       forget(id)

@@ -34,6 +34,16 @@ local function sem_drop(held, holders, token, id)
   end
 end
 
+-- Frees the concurrency slots job `id` holds under `quotas` (a parsed flow
+-- definition): a job that ends without its worker's list of holds.
+local function sem_drop_quotas(held, holders, quotas, id)
+  for _, q in ipairs(quotas) do
+    if q.max > 0 then
+      sem_drop(held, holders, q.token, id)
+    end
+  end
+end
+
 -- Rate: GCRA. Returns true and the new theoretical arrival time, or false
 -- and the milliseconds to wait.
 local function gcra(state, token, now, interval, burst)

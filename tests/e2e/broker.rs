@@ -60,6 +60,7 @@ fn options() -> ClaimOptions<'static> {
         worker: "",
         max_jobs: 1,
         retry_methods: &[],
+        ahead: false,
     }
 }
 
@@ -70,6 +71,7 @@ async fn claim(b: &RedisBroker, queue: &str) -> Option<Claimed> {
             Some(c.remove(0))
         }
         ClaimOutcome::Idle { .. } => None,
+        ClaimOutcome::Unheld => panic!("only a claim ahead answers Unheld"),
     }
 }
 
@@ -308,6 +310,7 @@ async fn one_claim_starts_several_jobs_in_dispatch_order_within_their_quotas() {
     let jobs = |outcome: ClaimOutcome| match outcome {
         ClaimOutcome::Jobs(jobs) => jobs,
         ClaimOutcome::Idle { .. } => Vec::new(),
+        ClaimOutcome::Unheld => panic!("only a claim ahead answers Unheld"),
     };
     let ids = |outcome: ClaimOutcome| {
         jobs(outcome)

@@ -68,6 +68,7 @@ scenarios![
     hand_back_then_reap,
     lease_handed_back_is_no_longer_the_jobs,
     a_put_back_job_waits_again_in_its_place,
+    a_claim_ahead_holds_only_a_job_that_may_run_again,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,
@@ -125,6 +126,7 @@ fn options(token: &str) -> ClaimOptions<'_> {
         worker: WORKER,
         max_jobs: 8,
         retry_methods: &[],
+        ahead: false,
     }
 }
 
@@ -256,6 +258,7 @@ async fn claims_drop_expired_jobs_a_slice_at_a_time() {
         {
             ClaimOutcome::Jobs(jobs) => break jobs,
             ClaimOutcome::Idle { .. } => {}
+            ClaimOutcome::Unheld => panic!("only a claim ahead answers Unheld"),
         }
     };
     assert_eq!(jobs[0].id(), "fresh");

@@ -3,6 +3,8 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+use testkit::bins::Process;
+
 use crate::support::*;
 
 /// A front with a short reply timeout and one worker slot, so that a slow
@@ -436,8 +438,8 @@ fn leased_and_waiting(conn: &mut redis::Connection) -> (u64, u64) {
         .unwrap()
 }
 
-/// A handed job `a` takes the one slot; `b` and the POST `c` wait behind
-/// it. When `a` ends, `b` starts and `c` is claimed ahead; returns the
+/// A handed job `a` takes the one slot; the POST `b` and the GET `c` wait
+/// behind it. When `a` ends, `b` starts and `c` is claimed ahead; returns the
 /// three clients' tasks once `c` is seen held (leased, not at the backend).
 async fn hold_c_behind(stack: &Stack, b_delay_ms: u64) -> Vec<tokio::task::JoinHandle<Seen>> {
     let client = client();
@@ -454,7 +456,7 @@ async fn hold_c_behind(stack: &Stack, b_delay_ms: u64) -> Vec<tokio::task::JoinH
         leased_and_waiting(&mut conn).1 == 1
     })
     .await;
-    let c = spawn_send(&client, &url, Req::new("POST", "/c").body("c"));
+    let c = spawn_send(&client, &url, Req::new("GET", "/c"));
     until(Duration::from_secs(5), "c waiting", || {
         leased_and_waiting(&mut conn).1 == 2
     })
@@ -510,7 +512,7 @@ async fn a_busy_worker_holds_the_next_short_job_and_starts_it_when_its_slot_free
 #[tokio::test]
 async fn a_held_job_that_finds_no_slot_in_time_is_put_back_and_runs_once() {
     // b holds the slot past the hold limit (1 s): c goes back to the
-    // queue, a POST that did not run (not answered 502), and runs after b.
+    // queue, not counted as a run, and runs after b.
     let stack = one_slot_warm_stack().await;
     let clients = hold_c_behind(&stack, 2500).await;
     let mut conn = stack.redis.conn();
@@ -530,4 +532,69 @@ async fn a_held_job_that_finds_no_slot_in_time_is_put_back_and_runs_once() {
     }
     each_once_in_order(&stack);
     stack.thr.stop().await;
+}
+
+#[tokio::test]
+async fn a_busy_worker_never_holds_a_post_that_could_not_run_again() {
+    // A held job is leased to its worker before it runs: a worker killed
+    // with -9 takes it along unseen, and the reaper can only run it again
+    // if its method allows (`retry_methods`). So a worker claims ahead only
+    // a job that may run again: here the POST c waits in the queue while b
+    // runs, and when the worker dies, c runs on the next one instead of
+    // being answered 502 without ever reaching the backend.
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let text = config_text(&redis.url(), &backend.url(), "")
+        .replace("max_inflight = 64", "max_inflight = 1")
+        .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
+    let (_dir, path) = config_file(&text);
+    let front = Thr::start(parse_config(&text), 0).await;
+    let mut doomed = Process::spawn("redis2http", &["--config", &path]);
+    let url = front.url();
+    // Short jobs: the worker learns that its slot frees often.
+    for i in 0..4 {
+        assert_eq!(get(&url, &format!("/warm/{i}")).await.status, 200);
+    }
+    let client = client();
+    let mut conn = redis.conn();
+    let a = spawn_send(&client, &url, Req::new("GET", "/a?delay=400"));
+    until_running(&backend, 1).await;
+    let b = spawn_send(&client, &url, Req::new("POST", "/b?delay=20000").body("b"));
+    until(Duration::from_secs(5), "b waiting", || {
+        leased_and_waiting(&mut conn).1 == 1
+    })
+    .await;
+    let c = spawn_send(&client, &url, Req::new("POST", "/c").body("c"));
+    until(Duration::from_secs(5), "c waiting", || {
+        leased_and_waiting(&mut conn).1 == 2
+    })
+    .await;
+    until(Duration::from_secs(5), "b running", || {
+        backend.active() == 1
+            && backend
+                .requests()
+                .last()
+                .is_some_and(|r| r.target.starts_with("/b"))
+    })
+    .await;
+    // Time to claim c ahead (a worker that holds does so at once, and
+    // would hold it for up to a second).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(leased_and_waiting(&mut conn), (1, 1), "c is not held");
+    doomed.signal("KILL");
+    doomed.wait();
+    let _survivor = Process::spawn("redis2http", &["--config", &path]);
+    assert_eq!(a.await.unwrap().status, 200);
+    // b ran when its worker died: it is not run again.
+    assert_eq!(b.await.unwrap().status, 502);
+    let c = c.await.unwrap();
+    assert_eq!(c.status, 200, "{:?}", String::from_utf8_lossy(&c.body));
+    let seen: Vec<String> = backend
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .filter(|t| !t.starts_with("/warm"))
+        .collect();
+    assert_eq!(seen, ["/a?delay=400", "/b?delay=20000", "/c"], "each once");
+    front.stop().await;
 }

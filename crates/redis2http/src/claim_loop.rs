@@ -17,8 +17,11 @@
 //! While every slot is busy with short jobs and a backlog waits, the loop
 //! claims one job ahead and holds it in hand: it starts the moment a slot
 //! frees, instead of a claim's round trip later (ARCHITECTURE.md decision
-//! 30). A held job that finds no slot within [`HOLD`] (or whose worker
-//! stops) is put back in its place, as if never claimed.
+//! 30). Only a job that may run again if the worker dies holding it (of the
+//! queue's `retry_methods`); when the next job is another, the loop claims
+//! it once a slot frees, as before. A held job that finds no slot within
+//! [`HOLD`] (or whose worker stops) is put back in its place, as if never
+//! claimed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,7 +121,8 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
         // No free slot: a claim for one job ahead.
         let for_ahead = permits.is_empty();
         let q = runner.queue.load_full();
-        let options = claim_options(&runner, &q, &token, permits.len().max(1));
+        let mut options = claim_options(&runner, &q, &token, permits.len().max(1));
+        options.ahead = for_ahead;
         let outcome = match wait.take() {
             Some(max) if !for_ahead => tokio::select! {
                 outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
@@ -172,6 +176,13 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 } else {
                     wait = Some(POLL);
                 }
+            }
+            Ok(ClaimOutcome::Unheld) => {
+                // The next job may not run again if this worker dies while
+                // holding it (not of `retry_methods`): it starts when a
+                // slot frees, claimed then, without a wait on the doorbell.
+                failures = 0;
+                ahead = false;
             }
             Ok(ClaimOutcome::Idle { retry_in }) => {
                 failures = 0;
@@ -303,6 +314,7 @@ fn claim_options<'a, B: Broker>(
         worker: &runner.worker_id,
         max_jobs,
         retry_methods: &q.retry_methods,
+        ahead: false,
     }
 }
 

@@ -640,6 +640,7 @@ async fn claim_rate(blocked: usize, per_call: usize) -> f64 {
             worker: "",
             max_jobs,
             retry_methods: &[],
+            ahead: false,
         }
     }
     let next_token = || {

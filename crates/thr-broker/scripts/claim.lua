@@ -23,9 +23,27 @@ local token, worker, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local max_jobs, total, step = math.min(tonumber(ARGV[4]), 1000), tonumber(ARGV[5]), tonumber(ARGV[6])
 local budget, front_timeout = tonumber(ARGV[7]), tonumber(ARGV[8])
 local worker_timeout = tonumber(ARGV[9])
+-- ARGV[10] '1': a claim ahead, for a job the worker holds until a slot
+-- frees (ARCHITECTURE.md decision 30). Such a job is leased before it runs,
+-- so a worker that dies meanwhile takes it along unseen: it starts only a
+-- job that may run again (a method of ARGV[11], space-separated). When the
+-- next job in order is of another method, it starts nothing ('unheld'):
+-- that job waits for a free slot, and nothing is taken from behind it.
+local hold_only = nil
+if ARGV[10] == '1' then
+  hold_only = {}
+  for m in string.gmatch(ARGV[11] or '', '%S+') do
+    hold_only[m] = true
+  end
+end
+-- True when the job of `info` may start under this claim.
+local function may_hold(info)
+  return not hold_only or hold_only[info.method] == true
+end
 -- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
 -- (five items per job, at least one job), or
--- {generation, 'idle', why, ms until a rate quota may allow (-1: unknown)}.
+-- {generation, 'idle', why, ms until a rate quota may allow (-1: unknown)};
+-- why is 'unheld' when a claim ahead left the next job for a free slot.
 --
 -- The walk is over flows, not jobs: a thousand jobs behind one full quota
 -- are one flow, skipped in one step. A served flow goes behind the other
@@ -165,6 +183,11 @@ if total == 0 or running_now() < total then
   if info and redis.call('EXISTS', K_flows) == 1 then
     enflow(id, info)
   elseif info and info.deadline > now and not front_dead(info.front) then
+    if not may_hold(info) then
+      -- Back at the head of the hand-off list, as it was.
+      redis.call('LPUSH', K_handoff, id)
+      return seal('unheld', -1)
+    end
     local out = {gen, 'jobs'}
     started_entry(out, id, info)
     redis.call('ZREM', K_pending, id)
@@ -341,7 +364,8 @@ local function info_at(c, k)
 end
 
 -- Starts the head of `flow` if its quotas allow: 'started', 'blocked',
--- 'emptied' (it had no job left) or 'dropping' (DROP_BUDGET reached).
+-- 'emptied' (it had no job left), 'dropping' (DROP_BUDGET reached) or
+-- 'unheld' (a claim ahead met a job it may not hold).
 local function try_flow(flow)
   local quotas = quotas_of(flow)
   local tats = {}
@@ -371,6 +395,10 @@ local function try_flow(flow)
     end
     local k = c.i
     local id = c.ids[k]
+    local head = info_at(c, k)
+    if head and head.deadline > now and not front_dead(head.front) and not may_hold(head) then
+      return 'unheld'
+    end
     c.i = k + 1
     c.last = c.list[k]
     taken[#taken + 1] = c.list[k]
@@ -381,7 +409,7 @@ local function try_flow(flow)
       end
       waiting_delta[q.token] = waiting_delta[q.token] - 1
     end
-    local info = info_at(c, k)
+    local info = head
     if info and info.deadline > now and not front_dead(info.front) then
       unqueued[#unqueued + 1] = id
       for i, q in ipairs(quotas) do
@@ -426,8 +454,8 @@ local function try_flows(flows)
     local r = try_flow(flow)
     if r == 'started' then
       return true
-    elseif r == 'dropping' then
-      return false, 'dropping', removed
+    elseif r == 'dropping' or r == 'unheld' then
+      return false, r, removed
     elseif r == 'emptied' then
       removed = removed + 1
     end
@@ -461,7 +489,7 @@ local function claim_one()
       break
     end
     local ok, why, removed = try_flows(batch)
-    if ok or why == 'dropping' then
+    if ok or why == 'dropping' or why == 'unheld' then
       return ok, why
     end
     offset = offset + #batch - removed

@@ -116,6 +116,14 @@ pub struct ClaimOptions<'a> {
     /// methods: a worker that dies while it waits takes that job with it
     /// unseen, and it must be able to run again elsewhere.
     pub retry_methods: &'a [String],
+    /// A claim for one job to hold in hand until a slot frees (ARCHITECTURE.md
+    /// decision 30). Such a job is leased before it runs: a worker that dies
+    /// meanwhile takes it along unseen, and only a job of `retry_methods`
+    /// may then run again. So the claim starts only such a job; when the
+    /// next job in order is of another method it starts nothing and answers
+    /// [`ClaimOutcome::Unheld`] (that job waits for a free slot, and nothing
+    /// is taken from behind it).
+    pub ahead: bool,
 }
 
 /// How long a worker may stay silent before it counts as dead and its
@@ -206,6 +214,9 @@ pub enum ClaimOutcome {
         /// When a rate-limited flow may run (None: wait for the doorbell).
         retry_in: Option<Duration>,
     },
+    /// A claim ahead ([`ClaimOptions::ahead`]) met a job it may not hold:
+    /// that job waits for the next claim into a free slot.
+    Unheld,
 }
 
 /// A job a worker took off a queue.

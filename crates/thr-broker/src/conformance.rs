@@ -121,6 +121,7 @@ scenarios![
     hand_back_then_reap,
     lease_handed_back_is_no_longer_the_jobs,
     a_put_back_job_waits_again_in_its_place,
+    a_claim_ahead_holds_only_a_job_that_may_run_again,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,
@@ -237,6 +238,7 @@ fn options(token: &str) -> ClaimOptions<'_> {
         worker: WORKER,
         max_jobs: 1,
         retry_methods: retry_methods(),
+        ahead: false,
     }
 }
 
@@ -253,6 +255,7 @@ fn jobs_of(outcome: ClaimOutcome) -> Vec<Claimed> {
             jobs
         }
         ClaimOutcome::Idle { .. } => Vec::new(),
+        ClaimOutcome::Unheld => panic!("only a claim ahead answers Unheld"),
     }
 }
 
@@ -310,6 +313,7 @@ async fn idle<B: Broker>(b: &B, why: &str) -> Option<Duration> {
     {
         ClaimOutcome::Idle { retry_in } => retry_in,
         ClaimOutcome::Jobs(jobs) => panic!("{why}: nothing may be claimed, got {:?}", ids(&jobs)),
+        ClaimOutcome::Unheld => panic!("{why}: only a claim ahead answers Unheld"),
     }
 }
 
@@ -1416,6 +1420,66 @@ pub async fn a_put_back_job_waits_again_in_its_place<B: Broker>(b: &B) {
     take_one(b, "a2").await;
 }
 
+/// A claim ahead (ARCHITECTURE.md decision 30) starts only a job that may
+/// run again if its worker is lost (`retry_methods`), since the job is
+/// leased before it runs. When the next job in order is of another method
+/// it starts nothing: that job waits for a claim into a free slot, and
+/// nothing is taken from behind it. A lone job handed off by its enqueue
+/// is judged the same way, and stays handed off.
+pub async fn a_claim_ahead_holds_only_a_job_that_may_run_again<B: Broker>(b: &B) {
+    let free = no_quota();
+    let post = |id| NewJob {
+        method: "POST",
+        ..job(id, 50, &free)
+    };
+    // Alone: handed off by its enqueue.
+    queued(b, post("p1")).await;
+    assert!(
+        matches!(ahead(b).await, ClaimOutcome::Unheld),
+        "p1, a POST, is not held"
+    );
+    // g1 waits behind it, in its flow.
+    queued(b, job("g1", 50, &free)).await;
+    assert!(
+        matches!(ahead(b).await, ClaimOutcome::Unheld),
+        "g1 is not taken from behind p1"
+    );
+    assert_eq!(
+        states(b, &["p1", "g1"]).await,
+        [JobState::Waiting, JobState::Waiting],
+        "a claim ahead that starts nothing changes nothing"
+    );
+    assert_eq!(gauges(b).await.waiting, 2);
+    // A claim into a free slot starts p1; then g1 may be held.
+    take_one(b, "p1").await;
+    let token = new_token();
+    let held = jobs_of(
+        claim_with(
+            b,
+            ClaimOptions {
+                ahead: true,
+                ..options(&token)
+            },
+        )
+        .await,
+    );
+    assert_eq!(ids(&held), ["g1"]);
+    assert_eq!(reply(b, &held[0].lease).await, Delivery::Delivered);
+}
+
+/// A claim ahead for one job, under a new token.
+async fn ahead<B: Broker>(b: &B) -> ClaimOutcome {
+    let token = new_token();
+    claim_with(
+        b,
+        ClaimOptions {
+            ahead: true,
+            ..options(&token)
+        },
+    )
+    .await
+}
+
 /// A lease handed back is no longer the job's: renewing it fails (and does
 /// not take the job back from the reaper), replying with it pushes nothing.
 pub async fn lease_handed_back_is_no_longer_the_jobs<B: Broker>(b: &B) {
@@ -1840,7 +1904,7 @@ pub async fn queues_are_independent<B: Broker>(b: &B) {
             assert_eq!(ids(&jobs), ["there"]);
             assert_eq!(jobs[0].lease.queue, other);
         }
-        ClaimOutcome::Idle { .. } => panic!("`there` waits on {other}"),
+        ClaimOutcome::Idle { .. } | ClaimOutcome::Unheld => panic!("`there` waits on {other}"),
     }
 }
 

@@ -269,6 +269,10 @@ fn claim_call<C: CallArgs>(s: &mut C, ks: &Keyspace, q: &QueueKeys, a: &Claim<'_
         .arg(a.scan_budget)
         .arg(ms(a.front_timeout))
         .arg(ms(a.worker_timeout));
+    match a.hold_only {
+        Some(methods) => s.arg("1").arg(methods.join(" ")),
+        None => s.arg("").arg(""),
+    };
 }
 
 /// Arguments of `claim`.
@@ -282,6 +286,8 @@ pub(crate) struct Claim<'a> {
     pub scan_budget: u32,
     pub front_timeout: Duration,
     pub worker_timeout: Duration,
+    /// A claim ahead: the methods of the jobs it may start (`retry_methods`).
+    pub hold_only: Option<&'a [String]>,
 }
 
 /// One job a claim started.
@@ -299,6 +305,8 @@ pub(crate) struct ClaimAnswer {
     pub jobs: Vec<Started>,
     /// With no job: ms until a rate quota may allow (negative: unknown).
     pub retry_in_ms: i64,
+    /// With no job: a claim ahead left the next job for a free slot.
+    pub unheld: bool,
 }
 
 impl Scripts {
@@ -655,12 +663,13 @@ pub(crate) fn parse_claim(value: Value) -> Result<ClaimAnswer, BrokerError> {
     let generation = items.next().as_ref().and_then(string).unwrap_or_default();
     let kind = items.next().as_ref().and_then(string).unwrap_or_default();
     if kind == "idle" {
-        let _why = items.next();
+        let why = items.next().as_ref().and_then(string).unwrap_or_default();
         let retry_in_ms = items.next().as_ref().and_then(int).unwrap_or(-1);
         return Ok(ClaimAnswer {
             generation,
             jobs: Vec::new(),
             retry_in_ms,
+            unheld: why == "unheld",
         });
     }
     if kind != "jobs" {
@@ -684,6 +693,7 @@ pub(crate) fn parse_claim(value: Value) -> Result<ClaimAnswer, BrokerError> {
         generation,
         jobs,
         retry_in_ms: -1,
+        unheld: false,
     })
 }
 

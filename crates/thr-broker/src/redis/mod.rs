@@ -292,6 +292,9 @@ impl RedisBroker {
         answer: redis::Value,
     ) -> Result<ClaimOutcome, BrokerError> {
         let answer = s::parse_claim(answer)?;
+        if answer.unheld {
+            return Ok(ClaimOutcome::Unheld);
+        }
         if answer.jobs.is_empty() {
             return Ok(ClaimOutcome::Idle {
                 retry_in: u64::try_from(answer.retry_in_ms)
@@ -992,6 +995,7 @@ fn claim_args<'a>(options: &ClaimOptions<'a>) -> s::Claim<'a> {
         scan_budget: CLAIM_SCAN,
         front_timeout: FRONT_TIMEOUT,
         worker_timeout: HEARTBEAT_TIMEOUT,
+        hold_only: options.ahead.then_some(options.retry_methods),
     }
 }
 

@@ -65,6 +65,10 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     let mut ahead = false;
     // A job claimed ahead, and when.
     let mut held: Option<(Claimed, Instant)> = None;
+    // Until when not to claim ahead: the last claim ahead met a job it may
+    // not hold. Under a backlog of such jobs (POSTs), claiming ahead after
+    // every claim would cost Redis a claim call per job for nothing.
+    let mut unheld_until: Option<Instant> = None;
     loop {
         if let Some((claimed, at)) = held.take() {
             let limit = HOLD.min(runner.queue.load().lease / 3);
@@ -79,7 +83,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                         metrics::counter!("thr_jobs_held_total", "queue" => name.clone()).increment(1);
                         let lease = claimed.lease.clone();
                         runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
-                        ahead = worth_holding(&runner);
+                        ahead = may_hold(&runner, unheld_until);
                     }
                 }
                 _ = tokio::time::sleep_until(at + limit) => {
@@ -172,7 +176,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     runner.spawn_job(lease, crate::job::run(runner.clone(), claimed, permit));
                 }
                 if all_taken {
-                    ahead = worth_holding(&runner);
+                    ahead = may_hold(&runner, unheld_until);
                 } else {
                     wait = Some(POLL);
                 }
@@ -183,6 +187,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 // slot frees, claimed then, without a wait on the doorbell.
                 failures = 0;
                 ahead = false;
+                unheld_until = Some(Instant::now() + HOLD);
             }
             Ok(ClaimOutcome::Idle { retry_in }) => {
                 failures = 0;
@@ -239,6 +244,12 @@ fn worth_holding<B: Broker>(runner: &QueueRunner<B>) -> bool {
         .slot_times
         .average()
         .is_some_and(|took| took / slots.max(1) <= limit)
+}
+
+/// Whether to claim a job ahead now: [`worth_holding`], and not within
+/// [`HOLD`] of a claim ahead that met a job it may not hold (`unheld_until`).
+fn may_hold<B: Broker>(runner: &QueueRunner<B>, unheld_until: Option<Instant>) -> bool {
+    unheld_until.is_none_or(|until| Instant::now() >= until) && worth_holding(runner)
 }
 
 /// Gives back a job that was claimed but never started.

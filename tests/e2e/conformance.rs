@@ -69,6 +69,7 @@ scenarios![
     lease_handed_back_is_no_longer_the_jobs,
     a_put_back_job_waits_again_in_its_place,
     a_claim_ahead_holds_only_a_job_that_may_run_again,
+    a_put_back_job_gives_back_its_rate_slot,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,

@@ -470,8 +470,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Gives back a claimed job that never started (a worker held it for a
     /// slot that did not free in time, or it is stopping): it waits again
-    /// in its place as if never claimed, whatever its method, and no
-    /// attempt is counted. True when it waits again; false when the lease
+    /// in its place as if never claimed, whatever its method: its quota
+    /// slots (concurrency and rate) are given back and no attempt is
+    /// counted. True when it waits again; false when the lease
     /// is no longer the job's or its client has given up meanwhile (it is
     /// gone). Safe to repeat.
     fn put_back(&self, lease: &Lease) -> impl Future<Output = Result<bool, BrokerError>> + Send;

@@ -122,6 +122,7 @@ scenarios![
     lease_handed_back_is_no_longer_the_jobs,
     a_put_back_job_waits_again_in_its_place,
     a_claim_ahead_holds_only_a_job_that_may_run_again,
+    a_put_back_job_gives_back_its_rate_slot,
     expired_lease_is_requeued_in_place,
     expired_lease_never_overruns_its_quota,
     reap_frees_quota_slots,
@@ -1465,6 +1466,32 @@ pub async fn a_claim_ahead_holds_only_a_job_that_may_run_again<B: Broker>(b: &B)
     );
     assert_eq!(ids(&held), ["g1"]);
     assert_eq!(reply(b, &held[0].lease).await, Delivery::Delivered);
+}
+
+/// A job put back before it ran gives back the rate slot its claim took:
+/// with one start a minute allowed, it starts again at once, and the job
+/// behind it still waits for the rate.
+pub async fn a_put_back_job_gives_back_its_rate_slot<B: Broker>(b: &B) {
+    beat(b).await;
+    let rated = flow_of(vec![QuotaKey {
+        interval_ms: 60_000.0,
+        burst: 1,
+        ..tenant("put-back")
+    }]);
+    queued(b, job("r1", 50, &rated)).await;
+    queued(b, job("r2", 50, &rated)).await;
+    let r1 = take_one(b, "r1").await;
+    assert!(
+        idle(b, "r2 waits for the rate").await.is_some(),
+        "a rate-limited claim says when to try again"
+    );
+    assert!(b.put_back(&r1.lease).await.expect("put_back r1"));
+    let again = take_one(b, "r1").await;
+    assert!(
+        idle(b, "r2 still waits for the rate").await.is_some(),
+        "one slot given back, one taken again"
+    );
+    assert_eq!(reply(b, &again.lease).await, Delivery::Delivered);
 }
 
 /// A claim ahead for one job, under a new token.

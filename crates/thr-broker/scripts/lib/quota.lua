@@ -66,6 +66,17 @@ local function gcra_commit(state, expiry, token, now, new_tat, interval, burst)
   redis.call('ZADD', expiry, int(new_tat + interval * burst + 1000), token)
 end
 
+-- Gives back the rate slot a start took (a job put back before it ran):
+-- the token's arrival time moves back one interval, never before now (a
+-- bucket is never fuller than full). Its expiry entry is left as it was:
+-- a little late, so the state is forgotten no sooner than it may be.
+local function gcra_refund(state, token, now, interval)
+  local tat = tonumber(redis.call('HGET', state, token))
+  if tat then
+    redis.call('HSET', state, token, string.format('%.3f', math.max(now, tat - interval)))
+  end
+end
+
 local function gcra_sweep(state, expiry, now)
   local gone = redis.call('ZRANGE', expiry, '-inf', now, 'BYSCORE', 'LIMIT', 0, 100)
   for _, tok in ipairs(gone) do

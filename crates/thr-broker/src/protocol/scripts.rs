@@ -420,6 +420,7 @@ impl Scripts {
             .key(&ks.holders)
             .key(&ks.quota_waiting)
             .key(&ks.quota_waiting_limits)
+            .key(&ks.gcra)
             .arg(id)
             .arg(token);
         s

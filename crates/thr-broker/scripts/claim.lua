@@ -29,16 +29,10 @@ local worker_timeout = tonumber(ARGV[9])
 -- job that may run again (a method of ARGV[11], space-separated). When the
 -- next job in order is of another method, it starts nothing ('unheld'):
 -- that job waits for a free slot, and nothing is taken from behind it.
-local hold_only = nil
-if ARGV[10] == '1' then
-  hold_only = {}
-  for m in string.gmatch(ARGV[11] or '', '%S+') do
-    hold_only[m] = true
-  end
-end
+local hold_only = ARGV[10] == '1' and ARGV[11] or nil
 -- True when the job of `info` may start under this claim.
 local function may_hold(info)
-  return not hold_only or hold_only[info.method] == true
+  return not hold_only or method_in(hold_only, info.method)
 end
 -- Returns {generation, 'jobs', id, job, ms left, front, flow definition, ...}
 -- (five items per job, at least one job), or
@@ -395,8 +389,10 @@ local function try_flow(flow)
     end
     local k = c.i
     local id = c.ids[k]
-    local head = info_at(c, k)
-    if head and head.deadline > now and not front_dead(head.front) and not may_hold(head) then
+    local info = info_at(c, k)
+    -- Not runnable: dropped below.
+    local runnable = info and info.deadline > now and not front_dead(info.front)
+    if runnable and not may_hold(info) then
       return 'unheld'
     end
     c.i = k + 1
@@ -409,8 +405,7 @@ local function try_flow(flow)
       end
       waiting_delta[q.token] = waiting_delta[q.token] - 1
     end
-    local info = head
-    if info and info.deadline > now and not front_dead(info.front) then
+    if runnable then
       unqueued[#unqueued + 1] = id
       for i, q in ipairs(quotas) do
         if q.max > 0 then

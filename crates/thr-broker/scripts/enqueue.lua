@@ -79,7 +79,7 @@ local function find_taker(method)
       return nil
     end
     local token, offer = pick[1], offer_unpack(pick[2])
-    if offer and not string.find(' ' .. offer.methods .. ' ', ' ' .. method .. ' ', 1, true) then
+    if offer and not method_in(offer.methods, method) then
       return nil
     end
     if offer and offer.total > 0

@@ -81,6 +81,13 @@ local function offer_unpack(s)
   return { worker = worker, lease = lease, total = total, methods = methods }
 end
 
+-- True when `method` is one of `methods` (space-separated, as in an Offer:
+-- the methods a job may have to be leased before it runs, since only those
+-- run again when the worker holding it is lost).
+local function method_in(methods, method)
+  return string.find(' ' .. methods .. ' ', ' ' .. method .. ' ', 1, true) ~= nil
+end
+
 -- Handed: generation id frame ms_left front def, what a claim answers for
 -- one job, pushed to the list of the offer that took it.
 local function handed_pack(gen, id, frame, left, front, def)

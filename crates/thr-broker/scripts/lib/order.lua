@@ -38,10 +38,12 @@ end
 -- wakes one idle worker; a handful is enough to wake them all. Trimmed back
 -- to 64 once past 128, so that a busy queue pays the trim once per 64
 -- rings, not on every one.
+-- Tokens are the string '1', not the number: Redis prints every number
+-- argument of redis.call with printf, and an enqueue rings once per job.
 local function ring(wake, count)
   local tokens = {}
   for i = 1, math.min(count or 1, 64) do
-    tokens[i] = 1
+    tokens[i] = '1'
   end
   if redis.call('RPUSH', wake, unpack(tokens)) > 128 then
     redis.call('LTRIM', wake, 0, 63)

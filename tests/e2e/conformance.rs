@@ -16,7 +16,7 @@ use thr_broker::{
 use thr_core::envelope::Reply;
 use thr_core::quota::{Flow, QuotaKey};
 
-use crate::support::RedisServer;
+use crate::support::{RedisServer, stall};
 
 fn broker(redis: &RedisServer) -> RedisBroker {
     RedisBroker::new(&redis.url(), Duration::from_millis(750)).expect("a Redis broker")
@@ -304,17 +304,6 @@ async fn a_doorbell_claim_survives_lost_scripts() {
     handed("k2", "t2").await;
     // The doorbell's connection still works for a plain wait.
     assert!(!bell.wait(Duration::from_millis(50)).await.unwrap());
-}
-
-/// Stalls every client of `redis` for `time`, as a slow fork, a long
-/// command or a frozen VM would.
-fn stall(redis: &RedisServer, time: Duration) {
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(time.as_millis() as u64)
-        .arg("ALL")
-        .query(&mut redis.conn())
-        .unwrap();
 }
 
 /// Nobody can beat while Redis is stalled: when it answers again, silence

@@ -123,15 +123,9 @@ async fn client_pause_longer_than_command_timeout_under_load() {
     let stack = stack(backend, 2, 4).await;
     let pause = async {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        let mut conn = stack.redis.conn();
         // Every command of every client waits 3 s: enqueues, claims,
         // releases, heartbeats.
-        let _: () = redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(3000)
-            .arg("ALL")
-            .query(&mut conn)
-            .unwrap();
+        stall(&stack.redis, Duration::from_secs(3));
     };
     let seen = load_during(&stack.url(), 12, 10, pause).await;
     all_served(&stack, &seen, "CLIENT PAUSE 3000 under load").await;

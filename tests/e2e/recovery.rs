@@ -44,15 +44,7 @@ async fn kill_9_of_a_worker_with_20_gets_in_flight_loses_nothing() {
     doomed.signal("KILL");
     doomed.wait();
     let killed = Instant::now();
-    for r in requests {
-        let seen = r.await.unwrap();
-        assert_eq!(
-            seen.status,
-            200,
-            "{:?}",
-            String::from_utf8_lossy(&seen.body)
-        );
-    }
+    all_ok(requests).await;
     // Silent for 5 s, reaped within a second, then 2 s at the backend.
     assert!(
         killed.elapsed() < Duration::from_secs(12),

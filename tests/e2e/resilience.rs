@@ -521,17 +521,61 @@ async fn a_held_job_that_finds_no_slot_in_time_is_put_back_and_runs_once() {
     })
     .await;
     assert!(script_calls(&stack.redis, "put_back") >= 1);
-    for task in clients {
-        let seen = task.await.unwrap();
-        assert_eq!(
-            seen.status,
-            200,
-            "{:?}",
-            String::from_utf8_lossy(&seen.body)
-        );
-    }
+    all_ok(clients).await;
     each_once_in_order(&stack);
     stack.thr.stop().await;
+}
+
+#[tokio::test]
+async fn a_held_job_whose_put_back_meets_a_paused_redis_still_runs_once() {
+    // c is held while b runs past the hold limit; Redis is paused (3 s,
+    // longer than a command's timeout) just as c goes back. The put back
+    // goes unanswered and is asked again; b's reply waits for Redis. Every
+    // client gets one answer and each request runs once, in order.
+    let stack = one_slot_warm_stack().await;
+    let clients = hold_c_behind(&stack, 2000).await;
+    let mut conn = stack.redis.conn();
+    stall(&stack.redis, Duration::from_secs(3));
+    all_ok(clients).await;
+    each_once_in_order(&stack);
+    assert_eq!(leased_and_waiting(&mut conn), (0, 0), "nothing left");
+    stack.thr.stop().await;
+}
+
+/// A front in this process and one worker as a process of its own (to be
+/// killed or stopped), with one slot, warmed with short jobs so that the
+/// worker knows its slot frees often (and claims ahead). `extra` goes in
+/// the queue's table.
+struct WorkerProcess {
+    redis: RedisServer,
+    backend: SlowBackend,
+    front: Thr,
+    worker: Process,
+    /// The configuration file, for more workers.
+    path: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn one_slot_worker_process(extra: &str) -> WorkerProcess {
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let text = config_text(&redis.url(), &backend.url(), "")
+        .replace("max_inflight = 64", &format!("max_inflight = 1{extra}"))
+        .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
+    let (dir, path) = config_file(&text);
+    let front = Thr::start(parse_config(&text), 0).await;
+    let worker = Process::spawn("redis2http", &["--config", &path]);
+    for i in 0..4 {
+        assert_eq!(get(&front.url(), &format!("/warm/{i}")).await.status, 200);
+    }
+    WorkerProcess {
+        redis,
+        backend,
+        front,
+        worker,
+        path,
+        _dir: dir,
+    }
 }
 
 #[tokio::test]
@@ -542,19 +586,15 @@ async fn a_busy_worker_never_holds_a_post_that_could_not_run_again() {
     // a job that may run again: here the POST c waits in the queue while b
     // runs, and when the worker dies, c runs on the next one instead of
     // being answered 502 without ever reaching the backend.
-    let redis = RedisServer::start();
-    let backend = SlowBackend::builder().start().await;
-    let text = config_text(&redis.url(), &backend.url(), "")
-        .replace("max_inflight = 64", "max_inflight = 1")
-        .replace("reply_timeout = \"10s\"", "reply_timeout = \"30s\"");
-    let (_dir, path) = config_file(&text);
-    let front = Thr::start(parse_config(&text), 0).await;
-    let mut doomed = Process::spawn("redis2http", &["--config", &path]);
+    let WorkerProcess {
+        redis,
+        backend,
+        front,
+        worker: mut doomed,
+        path,
+        _dir,
+    } = one_slot_worker_process("").await;
     let url = front.url();
-    // Short jobs: the worker learns that its slot frees often.
-    for i in 0..4 {
-        assert_eq!(get(&url, &format!("/warm/{i}")).await.status, 200);
-    }
     let client = client();
     let mut conn = redis.conn();
     let a = spawn_send(&client, &url, Req::new("GET", "/a?delay=400"));
@@ -596,6 +636,72 @@ async fn a_busy_worker_never_holds_a_post_that_could_not_run_again() {
         .filter(|t| !t.starts_with("/warm"))
         .collect();
     assert_eq!(seen, ["/a?delay=400", "/b?delay=20000", "/c"], "each once");
+    front.stop().await;
+}
+
+#[tokio::test]
+async fn a_worker_stopped_while_it_holds_a_job_never_runs_it_late() {
+    // A job held in hand is leased, and its lease is not renewed while it
+    // waits. A worker stopped (SIGSTOP) past the lease loses it: the reaper
+    // puts it back and another worker runs it. When the stopped worker
+    // resumes, its hold is long past the limit: it puts the job back
+    // (Redis refuses, the job is no longer its) instead of running it a
+    // second time.
+    let WorkerProcess {
+        redis,
+        backend,
+        front,
+        worker: mut stopped,
+        path,
+        _dir,
+    } = one_slot_worker_process("\nlease = \"3s\"").await;
+    let url = front.url();
+    log_every_command(&redis);
+    let client = client();
+    let mut conn = redis.conn();
+    let a = spawn_send(&client, &url, Req::new("GET", "/a?delay=400"));
+    until_running(&backend, 1).await;
+    let b = spawn_send(&client, &url, Req::new("GET", "/b?delay=1500"));
+    until(Duration::from_secs(5), "b waiting", || {
+        leased_and_waiting(&mut conn).1 == 1
+    })
+    .await;
+    let c = spawn_send(&client, &url, Req::new("GET", "/c"));
+    until(Duration::from_secs(5), "c held while b runs", || {
+        let held = leased_and_waiting(&mut conn) == (2, 0) && backend.active() == 1;
+        held && backend
+            .requests()
+            .last()
+            .is_some_and(|r| r.target.starts_with("/b"))
+    })
+    .await;
+    stopped.signal("STOP");
+    let _survivor = Process::spawn("redis2http", &["--config", &path]);
+    assert_eq!(a.await.unwrap().status, 200);
+    // Both leases ran out with the stopped worker: the survivor runs b
+    // again (a GET may) and c, and answers both clients.
+    all_ok([b, c]).await;
+    let puts_before = script_calls(&redis, "put_back");
+    stopped.signal("CONT");
+    // The resumed worker ends b's first run (its reply is refused) and
+    // gives c back.
+    until(Duration::from_secs(10), "c given back", || {
+        script_calls(&redis, "put_back") > puts_before
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = |target: &str| {
+        backend
+            .requests()
+            .iter()
+            .filter(|r| r.target == target)
+            .count()
+    };
+    assert_eq!(runs("/c"), 1, "c ran once, on the survivor");
+    assert_eq!(runs("/b?delay=1500"), 2, "b ran on each worker");
+    assert_eq!(leased_and_waiting(&mut conn), (0, 0), "nothing left");
+    stopped.signal("KILL");
+    stopped.wait();
     front.stop().await;
 }
 

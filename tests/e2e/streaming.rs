@@ -490,12 +490,7 @@ async fn a_download_survives_a_redis_pause_byte_for_byte() {
         read += data.len() as u64;
         checked.extend_from_slice(&data);
     }
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(3000)
-        .arg("ALL")
-        .query(&mut stack.redis.conn())
-        .unwrap();
+    stall(&stack.redis, Duration::from_secs(3));
     while let Some(frame) = body.frame().await {
         let data = frame.expect("not cut by a pause").into_data().unwrap();
         checked.extend_from_slice(&data);

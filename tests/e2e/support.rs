@@ -363,3 +363,28 @@ pub fn script_calls(redis: &RedisServer, name: &str) -> usize {
         })
         .count()
 }
+
+/// Stalls every client of `redis` for `time` (CLIENT PAUSE … ALL), as a
+/// slow fork, a long command or a frozen VM would.
+pub fn stall(redis: &RedisServer, time: Duration) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(time.as_millis() as u64)
+        .arg("ALL")
+        .query(&mut redis.conn())
+        .unwrap();
+}
+
+/// Waits for each client task and checks that it was answered 200 (the
+/// body is shown when not).
+pub async fn all_ok(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<Seen>>) {
+    for task in tasks {
+        let seen = task.await.unwrap();
+        assert_eq!(
+            seen.status,
+            200,
+            "{:?}",
+            String::from_utf8_lossy(&seen.body)
+        );
+    }
+}

@@ -75,8 +75,13 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             tokio::select! {
                 permit = runner.room.clone().acquire_owned() => {
                     let permit = permit.expect("semaphore never closed");
-                    if claimed.remaining <= at.elapsed() {
-                        // Its client has given up: it is dropped.
+                    let waited = at.elapsed();
+                    if claimed.remaining <= waited || waited >= limit {
+                        // Its client has given up (it is dropped), or it
+                        // was held past the limit: this process was
+                        // stopped or starved, its unrenewed lease may have
+                        // run out and the job run elsewhere. It goes back;
+                        // Redis knows whether it is still this worker's.
                         put_back(&runner, claimed).await;
                         drop(permit);
                     } else {

@@ -33,7 +33,12 @@ pub async fn run<B: Broker>(
     let id = claimed.lease.id.clone();
     let running = metrics::gauge!("thr_jobs_running", "queue" => runner.name.clone());
     running.increment(1.0);
-    execute(&runner, claimed, permit).await;
+    // Boxed: executing a job is a large future (~10 KB: the backend call,
+    // lease renewal, delivery). Behind a box, this one stays small, so
+    // moving it into its task copies a few hundred bytes, and the large one
+    // is copied once, into the heap (perf showed memcpy of the job future
+    // at ~2.5 % of the worker's CPU when it was moved whole twice).
+    Box::pin(execute(&runner, claimed, permit)).await;
     running.decrement(1.0);
     runner.finished(&id);
 }

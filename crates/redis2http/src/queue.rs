@@ -150,11 +150,9 @@ impl<B: Broker> QueueRunner<B> {
         let id = lease.id.clone();
         // Registered before it runs, so it is always found to remove.
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        // Boxed: a job's future is large (backend call, lease renewal,
-        // delivery), and a task moves its future in and its output over it;
-        // behind a box those moves copy a pointer (perf showed memmove at
-        // ~9 % of the worker's CPU).
-        let handle = tasks.spawn(Box::pin(job));
+        // A job's future is small: `job::run` keeps the large part behind
+        // a box.
+        let handle = tasks.spawn(job);
         running.insert(id, (lease, handle));
     }
 

@@ -373,14 +373,22 @@ impl Piece {
 /// Header values as Latin-1 JSON strings: one char per byte, so any byte
 /// sequence round-trips and ASCII stays as it is.
 mod latin1_pairs {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use std::borrow::Cow;
+
+    /// A value as text, one char per byte: ASCII values (nearly all) are
+    /// borrowed as they are, only others are converted.
+    fn as_text(v: &[u8]) -> Cow<'_, str> {
+        match std::str::from_utf8(v) {
+            // UTF-8 beyond ASCII is not Latin-1: its bytes are converted.
+            Ok(text) if text.is_ascii() => Cow::Borrowed(text),
+            _ => Cow::Owned(v.iter().map(|&b| b as char).collect()),
+        }
+    }
 
     pub fn serialize<S: Serializer>(pairs: &[(String, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
-        let as_text: Vec<(&str, String)> = pairs
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.iter().map(|&b| b as char).collect()))
-            .collect();
-        as_text.serialize(s)
+        s.collect_seq(pairs.iter().map(|(n, v)| (n.as_str(), as_text(v))))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(
@@ -390,6 +398,10 @@ mod latin1_pairs {
         as_text
             .into_iter()
             .map(|(n, v)| {
+                if v.is_ascii() {
+                    // Its bytes are its chars: kept without a copy.
+                    return Ok((n, v.into_bytes()));
+                }
                 let bytes = v
                     .chars()
                     .map(|c| u8::try_from(u32::from(c)))

@@ -16,6 +16,9 @@
 //! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
 //!   behind a full quota: claim cost must not grow with blocked jobs
 //!   (ARCHITECTURE.md decision 5);
+//! - `scripts` (only when asked): the three job scripts alone, through the
+//!   broker without HTTP, Redis's µs per job and per call of each, from
+//!   SLOWLOG: the figures to compare two versions of a script with;
 //! - `soak` (only when asked): `--soak-duration` (10 min) of mixed load while
 //!   a worker is killed with SIGKILL every minute and Redis is restarted
 //!   once; prints requests sent, answered, 5xx, lost and the daemons' memory.
@@ -45,6 +48,8 @@ use testkit::RedisServer;
 use testkit::bins::{Process, binary};
 use testkit::redis::free_port;
 
+mod scripts;
+
 /// Benchmark thr against the backend alone and HAProxy.
 #[derive(Debug, Parser)]
 #[command(about)]
@@ -55,7 +60,7 @@ struct Cli {
     /// Concurrent client connections.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Scenarios to run: overhead, single, legacy, claim (and soak).
+    /// Scenarios to run: overhead, single, legacy, claim (and scripts, soak).
     #[arg(
         long,
         value_delimiter = ',',
@@ -203,7 +208,7 @@ fn evalsha_calls(redis: &RedisServer) -> f64 {
 
 /// From now on, Redis logs every command in SLOWLOG with its duration
 /// (wall clock, as `INFO commandstats`).
-fn slowlog_start(redis: &RedisServer) {
+pub(crate) fn slowlog_start(redis: &RedisServer) {
     let mut conn = redis.conn();
     for (name, value) in [
         ("slowlog-max-len", SLOWLOG_KEEP.to_string()),
@@ -223,6 +228,22 @@ fn slowlog_start(redis: &RedisServer) {
 /// here. (Logging every command makes Redis slower, so the figures printed
 /// apply these shares to a run without it.)
 fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
+    let (evalsha, evalsha_us, sums) = slowlog_sums(redis);
+    sums.into_iter()
+        .map(|(name, calls, us)| {
+            (
+                name,
+                calls as f64 / evalsha.max(1) as f64,
+                us as f64 / evalsha_us.max(1) as f64,
+            )
+        })
+        .collect()
+}
+
+/// From the calls SLOWLOG logged since [`slowlog_start`]: the `EVALSHA`
+/// calls and their µs, and per job script that ran, its calls and µs.
+/// Logging stops here.
+pub(crate) fn slowlog_sums(redis: &RedisServer) -> (usize, i64, Vec<(&'static str, usize, i64)>) {
     let mut conn = redis.conn();
     let entries: redis::Value = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -249,7 +270,7 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
     let (mut evalsha, mut evalsha_us) = (0usize, 0i64);
     let mut sums = vec![(0usize, 0i64); JOB_SCRIPTS.len()];
     let redis::Value::Array(entries) = entries else {
-        return Vec::new();
+        return (0, 0, Vec::new());
     };
     for entry in entries {
         // [id, time, µs, [command and arguments], client, name]
@@ -272,18 +293,13 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
             sums[i].1 += us;
         }
     }
-    JOB_SCRIPTS
+    let sums = JOB_SCRIPTS
         .iter()
         .zip(sums)
         .filter(|(_, (calls, _))| *calls > 0)
-        .map(|(&name, (calls, us))| {
-            (
-                name,
-                calls as f64 / evalsha as f64,
-                us as f64 / evalsha_us.max(1) as f64,
-            )
-        })
-        .collect()
+        .map(|(&name, (calls, us))| (name, calls, us))
+        .collect();
+    (evalsha, evalsha_us, sums)
 }
 
 async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
@@ -594,6 +610,9 @@ async fn main() {
     }
     if cli.scenarios.iter().any(|n| n == "claim") {
         claim_scenario().await;
+    }
+    if cli.scenarios.iter().any(|n| n == "scripts") {
+        scripts::scenario().await;
     }
     if cli.scenarios.iter().any(|n| n == "soak") {
         soak(cli.soak_duration, &dir).await;

@@ -1,0 +1,148 @@
+//! The `scripts` scenario: the three job scripts alone, through the broker
+//! but without HTTP, on a Redis that does nothing else. Rounds of 16 jobs
+//! are enqueued at once (the broker batches them), claimed by one call and
+//! answered at once (batched too); SLOWLOG logs every call, so what each
+//! script costs Redis per job and per call is measured inside Redis, free
+//! of the daemons' and the load generator's noise. The figures to compare
+//! two versions of a script with.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use testkit::RedisServer;
+use thr_broker::{Broker, ClaimOptions, ClaimOutcome, NewJob, RedisBroker};
+use thr_core::envelope::{HeaderList, Job, JobMeta, Reply};
+use thr_core::quota::Flow;
+
+use crate::{slowlog_start, slowlog_sums};
+
+/// Jobs per round.
+const JOBS: usize = 16;
+/// Rounds measured (after as many again to warm Redis up).
+const ROUNDS: usize = 500;
+
+/// A request as a browser sends it, in a job frame.
+fn job_frame(id: &str) -> bytes::Bytes {
+    let headers = [
+        ("host", "app.example.com"),
+        (
+            "user-agent",
+            "Mozilla/5.0 (X11; Linux x86_64; rv:120.0) Gecko/20100101 Firefox/120.0",
+        ),
+        (
+            "accept",
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+        ),
+        ("accept-language", "en-US,en;q=0.5"),
+        (
+            "cookie",
+            "sessionid=0123456789abcdef; csrftoken=fedcba9876543210",
+        ),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+    ];
+    let meta = JobMeta {
+        id: id.to_string(),
+        request_id: id.to_string(),
+        queue: "bench".into(),
+        priority: 50,
+        front: String::new(),
+        method: "GET".into(),
+        target: "/reports/daily?page=2".into(),
+        headers: HeaderList(
+            headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+        ),
+        timeout_ms: 60_000,
+        flow: Flow::default().id(),
+        flow_def: String::new(),
+        body_chunks: 0,
+        body_len: 0,
+    };
+    Job::encode(&meta, b"")
+}
+
+/// Enqueues, claims and answers `rounds` rounds of [`JOBS`] jobs; returns
+/// the jobs answered.
+async fn run_rounds(broker: &RedisBroker, rounds: usize, first: usize) -> usize {
+    let flow = Flow::default();
+    let mut answered = 0;
+    for round in 0..rounds {
+        let ids: Vec<String> = (0..JOBS)
+            .map(|i| format!("{:032x}", (first + round) * JOBS + i))
+            .collect();
+        join_all(ids.iter().map(|id| {
+            broker.enqueue(NewJob {
+                queue: "bench",
+                id,
+                priority: 50,
+                frame: job_frame(id),
+                timeout: Duration::from_secs(60),
+                flow: &flow,
+                max_waiting: None,
+                max_wait_boost: None,
+                front: "",
+                method: "GET",
+            })
+        }))
+        .await
+        .into_iter()
+        .for_each(|r| {
+            r.expect("enqueue");
+        });
+        let token = format!("round-{}", first + round);
+        let options = ClaimOptions {
+            token: &token,
+            lease: Duration::from_secs(60),
+            max_inflight_total: None,
+            max_wait_boost: None,
+            worker: "bench",
+            max_jobs: JOBS,
+            retry_methods: &[],
+            ahead: false,
+        };
+        let Ok(ClaimOutcome::Jobs(claimed)) = broker.claim("bench", options).await else {
+            panic!("a round's jobs are claimed");
+        };
+        let replies = claimed.iter().map(|c| {
+            let frame = Reply::plain(c.id(), 200, "a report of a few lines\n", "bench", &[]);
+            broker.reply(&c.lease, frame, 3)
+        });
+        answered += join_all(replies)
+            .await
+            .into_iter()
+            .filter(|r| r.is_ok())
+            .count();
+    }
+    answered
+}
+
+/// Runs the scenario and prints, per script, Redis's µs per job and per
+/// call and the jobs per call.
+pub async fn scenario() {
+    println!(
+        "\nscenario `scripts`: {ROUNDS} rounds of {JOBS} jobs enqueued, claimed and answered, no HTTP, Redis idle otherwise"
+    );
+    let redis = RedisServer::start();
+    let broker = RedisBroker::new(&redis.url(), Duration::from_secs(5)).expect("broker");
+    run_rounds(&broker, ROUNDS, 0).await;
+    slowlog_start(&redis);
+    let jobs = run_rounds(&broker, ROUNDS, ROUNDS).await as f64;
+    let (_, _, sums) = slowlog_sums(&redis);
+    let mut total = 0.0;
+    for (name, calls, us) in sums {
+        total += us as f64;
+        println!(
+            "  {name:<8} {:>6.1} µs per job   {:>6.1} µs per call   {:>5.1} jobs per call",
+            us as f64 / jobs,
+            us as f64 / calls.max(1) as f64,
+            jobs / calls.max(1) as f64
+        );
+    }
+    println!(
+        "  all      {:>6.1} µs per job (SLOWLOG logging every call makes calls slower: compare runs, not with the load scenarios)",
+        total / jobs
+    );
+}

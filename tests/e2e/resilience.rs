@@ -538,6 +538,12 @@ async fn a_held_job_whose_put_back_meets_a_paused_redis_still_runs_once() {
     stall(&stack.redis, Duration::from_secs(3));
     all_ok(clients).await;
     each_once_in_order(&stack);
+    // The put back met the pause: asked again while unanswered, Redis ran
+    // it more than once (the first gave c back, the others found it gone).
+    assert!(
+        script_calls(&stack.redis, "put_back") >= 2,
+        "the put back was asked again"
+    );
     assert_eq!(leased_and_waiting(&mut conn), (0, 0), "nothing left");
     stack.thr.stop().await;
 }

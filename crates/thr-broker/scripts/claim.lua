@@ -319,14 +319,16 @@ end
 -- it: taken members leave flow_jobs only at the end of the call). A first
 -- read takes the head and the job after it (whose priority sets the flow's
 -- next turn); each further read of the same flow takes twice as many. The
--- only flow waiting (a queue without quotas) is read at once for every
--- job the call may still start, and the one after: the turns give it all.
+-- only flow waiting, when it has no quota (a queue without limits), is read
+-- at once for every job the call may still start, and the one after: the
+-- turns give it all, and no quota stops it half-way.
 local cursors = {}
 
 local function read_ahead(flow, c)
   local want = c and math.min(2 * c.want, 256)
   if not want then
-    want = (view and #view == 1) and math.min(max_jobs - #claimed + 1, 256) or 2
+    local alone = view and #view == 1 and #quotas_of(flow) == 0
+    want = alone and math.min(max_jobs - #claimed + 1, 256) or 2
   end
   local from = c and c.last and ('(' .. c.last) or ('[' .. flow .. '\t')
   local list = redis.call('ZRANGE', K_flow_jobs, from, '(' .. flow .. '\n', 'BYLEX', 'LIMIT', 0, want)

@@ -67,6 +67,10 @@ struct Cli {
         default_value = "overhead,single,legacy,claim"
     )]
     scenarios: Vec<String>,
+    /// Jobs per round of the `scripts` scenario (1: each script's cost per
+    /// call).
+    #[arg(long, default_value_t = 16)]
+    script_jobs: usize,
     /// Length of the `soak` scenario (not in the default set).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     soak_duration: Duration,
@@ -612,7 +616,7 @@ async fn main() {
         claim_scenario().await;
     }
     if cli.scenarios.iter().any(|n| n == "scripts") {
-        scripts::scenario().await;
+        scripts::scenario(cli.script_jobs).await;
     }
     if cli.scenarios.iter().any(|n| n == "soak") {
         soak(cli.soak_duration, &dir).await;

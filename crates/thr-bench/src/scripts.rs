@@ -1,10 +1,11 @@
 //! The `scripts` scenario: the three job scripts alone, through the broker
 //! but without HTTP, on a Redis that does nothing else. Rounds of 16 jobs
-//! are enqueued at once (the broker batches them), claimed by one call and
-//! answered at once (batched too); SLOWLOG logs every call, so what each
-//! script costs Redis per job and per call is measured inside Redis, free
-//! of the daemons' and the load generator's noise. The figures to compare
-//! two versions of a script with.
+//! (`--script-jobs`) are enqueued at once (the broker batches them),
+//! claimed by one call and answered at once (batched too); SLOWLOG logs
+//! every call, so what each script costs Redis per job and per call is
+//! measured inside Redis, free of the daemons' and the load generator's
+//! noise. The figures to compare two versions of a script with; rounds of
+//! one job tell a script's cost per call from its cost per job.
 
 use std::time::Duration;
 
@@ -16,8 +17,6 @@ use thr_core::quota::Flow;
 
 use crate::{slowlog_start, slowlog_sums};
 
-/// Jobs per round.
-const JOBS: usize = 16;
 /// Rounds measured (after as many again to warm Redis up).
 const ROUNDS: usize = 500;
 
@@ -64,14 +63,14 @@ fn job_frame(id: &str) -> bytes::Bytes {
     Job::encode(&meta, b"")
 }
 
-/// Enqueues, claims and answers `rounds` rounds of [`JOBS`] jobs; returns
+/// Enqueues, claims and answers `rounds` rounds of `jobs` jobs; returns
 /// the jobs answered.
-async fn run_rounds(broker: &RedisBroker, rounds: usize, first: usize) -> usize {
+async fn run_rounds(broker: &RedisBroker, jobs: usize, rounds: usize, first: usize) -> usize {
     let flow = Flow::default();
     let mut answered = 0;
     for round in 0..rounds {
-        let ids: Vec<String> = (0..JOBS)
-            .map(|i| format!("{:032x}", (first + round) * JOBS + i))
+        let ids: Vec<String> = (0..jobs)
+            .map(|i| format!("{:032x}", (first + round) * jobs + i))
             .collect();
         join_all(ids.iter().map(|id| {
             broker.enqueue(NewJob {
@@ -99,7 +98,7 @@ async fn run_rounds(broker: &RedisBroker, rounds: usize, first: usize) -> usize 
             max_inflight_total: None,
             max_wait_boost: None,
             worker: "bench",
-            max_jobs: JOBS,
+            max_jobs: jobs,
             retry_methods: &[],
             ahead: false,
         };
@@ -120,16 +119,17 @@ async fn run_rounds(broker: &RedisBroker, rounds: usize, first: usize) -> usize 
 }
 
 /// Runs the scenario and prints, per script, Redis's µs per job and per
-/// call and the jobs per call.
-pub async fn scenario() {
+/// call and the jobs per call, for rounds of `jobs` jobs.
+pub async fn scenario(jobs: usize) {
+    let jobs_per_round = jobs.max(1);
     println!(
-        "\nscenario `scripts`: {ROUNDS} rounds of {JOBS} jobs enqueued, claimed and answered, no HTTP, Redis idle otherwise"
+        "\nscenario `scripts`: {ROUNDS} rounds of {jobs_per_round} jobs enqueued, claimed and answered, no HTTP, Redis idle otherwise"
     );
     let redis = RedisServer::start();
     let broker = RedisBroker::new(&redis.url(), Duration::from_secs(5)).expect("broker");
-    run_rounds(&broker, ROUNDS, 0).await;
+    run_rounds(&broker, jobs_per_round, ROUNDS, 0).await;
     slowlog_start(&redis);
-    let jobs = run_rounds(&broker, ROUNDS, ROUNDS).await as f64;
+    let jobs = run_rounds(&broker, jobs_per_round, ROUNDS, ROUNDS).await as f64;
     let (_, _, sums) = slowlog_sums(&redis);
     let mut total = 0.0;
     for (name, calls, us) in sums {

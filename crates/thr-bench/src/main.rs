@@ -558,6 +558,10 @@ async fn main() {
             per_request(direct_sleeps, direct.answered),
         );
         let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
+        // What thr's three processes spend per request, to set beside
+        // HAProxy's.
+        let thr_cpu =
+            per(after.0 - before.0) + per(after.1 - before.1) + per(after.2.cpu - before.2.cpu);
         println!(
             "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in commands, wall clock)",
             per(after.0 - before.0),
@@ -594,13 +598,22 @@ async fn main() {
             by_script.join(", ")
         );
         if let (Some(url), Some(proc)) = (&haproxy_url, &haproxy_proc) {
-            let before = (sleeps(proc.pid()), sleeps(backend.pid()));
+            let before = (
+                sleeps(proc.pid()),
+                sleeps(backend.pid()),
+                cpu_seconds(proc.pid()),
+            );
             let h = drive(url, connections, cli.duration).await;
+            let haproxy_cpu = (cpu_seconds(proc.pid()) - before.2) * 1e6 / h.answered.max(1) as f64;
             print_row("haproxy", &h, &direct);
             println!(
                 "  haproxy sleeps per request (voluntary context switches): haproxy {:.2}, backend {:.2}",
                 per_request(sleeps(proc.pid()).saturating_sub(before.0), h.answered),
                 per_request(sleeps(backend.pid()).saturating_sub(before.1), h.answered),
+            );
+            println!(
+                "  haproxy cost per request: {haproxy_cpu:.0} µs CPU; thr's daemons and Redis {thr_cpu:.0} µs (x{:.1})",
+                thr_cpu / haproxy_cpu.max(1e-9)
             );
             println!(
                 "  thr / haproxy: x{:.2} rps, x{:.2} p50",

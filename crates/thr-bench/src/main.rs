@@ -1,9 +1,11 @@
 //! `thr-bench`: drives the same load straight at a backend, through thr and
-//! (when installed) through HAProxy with a queue, in one run, and prints
-//! requests/s, p50 and p99 for each with their ratios to the direct baseline.
+//! (when installed) through HAProxy with a queue and through nginx, in one
+//! run, and prints requests/s, p50 and p99 for each with their ratios to
+//! the direct baseline.
 //!
 //! Every part is a real process on this machine: `redis-server` on a free
-//! port, the demo backend `slowapp`, `redis2http`, `http2redis`, `haproxy`.
+//! port, the demo backend `slowapp`, `redis2http`, `http2redis`, `haproxy`,
+//! `nginx`.
 //! The load generator is in this process (keep-alive connections, one
 //! request at a time each). Two scenarios:
 //!
@@ -12,7 +14,8 @@
 //! - `single`: the same backend and one connection sending one request at
 //!   a time: the latency thr adds to every request of an idle system;
 //! - `legacy`: a backend of 4 workers taking 20 ms each, the situation thr
-//!   is for; thr and HAProxy both hold the excess in a queue;
+//!   is for; thr and HAProxy both hold the excess in a queue (nginx, without
+//!   one, passes all 64 connections on to the 4 workers);
 //! - `claim`: the claim script alone, with 0 and then 10,000 jobs blocked
 //!   behind a full quota: claim cost must not grow with blocked jobs
 //!   (ARCHITECTURE.md decision 5);
@@ -390,15 +393,181 @@ async fn wait_http(url: &str) {
     panic!("{url} did not come up");
 }
 
+/// The first of `paths` that exists.
+fn installed(paths: &[&str]) -> Option<PathBuf> {
+    paths.iter().map(PathBuf::from).find(|p| p.is_file())
+}
+
 fn haproxy() -> Option<PathBuf> {
-    [
+    installed(&[
         "/usr/sbin/haproxy",
         "/usr/bin/haproxy",
         "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.is_file())
+    ])
+}
+
+fn nginx() -> Option<PathBuf> {
+    installed(&[
+        "/usr/sbin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ])
+}
+
+/// `pid` and its children (an nginx master and its workers), from /proc.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+    }
+    pids
+}
+
+/// Least CPU time (seconds) whose per-request figure is printed: /proc
+/// counts in ticks of 10 ms.
+const MEASURABLE_CPU: f64 = 0.05;
+
+/// A proxy measured beside thr: HAProxy or nginx.
+struct Peer {
+    name: &'static str,
+    url: String,
+    process: Process,
+}
+
+impl Peer {
+    /// CPU seconds and sleeps of the peer's processes so far.
+    fn usage(&self) -> (f64, u64) {
+        process_tree(self.process.pid())
+            .into_iter()
+            .fold((0.0, 0), |(cpu, slept), pid| {
+                (cpu + cpu_seconds(pid), slept + sleeps(pid))
+            })
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // An nginx master stops its workers on TERM; killed, it would leave
+        // them serving the port.
+        self.process.signal("TERM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// HAProxy in front of the backend, with a queue of `max_inflight`
+/// (`maxconn`), when installed.
+async fn start_haproxy(
+    dir: &std::path::Path,
+    scenario: &str,
+    backend_port: u16,
+    max_inflight: usize,
+) -> Option<Peer> {
+    let bin = haproxy()?;
+    let port = free_port();
+    let cfg = dir.join(format!("haproxy-{scenario}.cfg"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout queue 60s\n  option http-keep-alive\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server app 127.0.0.1:{backend_port} maxconn {max_inflight}\n"
+        ),
+    )
+    .expect("haproxy config");
+    let process = Process::spawn_path(&bin, &["-db", "-f", &cfg.display().to_string()]);
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&url).await;
+    Some(Peer {
+        name: "haproxy",
+        url,
+        process,
+    })
+}
+
+/// nginx in front of the backend, as it is commonly set up: one worker per
+/// core, keep-alive connections to the backend. Open-source nginx has no
+/// queue (`max_conns` without one refuses the excess with 502), so it
+/// passes every connection on: a peer for the cost of proxying, not for
+/// protecting the backend.
+async fn start_nginx(dir: &std::path::Path, scenario: &str, backend_port: u16) -> Option<Peer> {
+    let bin = nginx()?;
+    let port = free_port();
+    let prefix = dir.join(format!("nginx-{scenario}"));
+    std::fs::create_dir_all(prefix.join("logs")).expect("nginx prefix");
+    let p = prefix.display();
+    let cfg = prefix.join("nginx.conf");
+    std::fs::write(
+        &cfg,
+        format!(
+            "daemon off;\nworker_processes auto;\nuser root;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n  upstream b {{ server 127.0.0.1:{backend_port}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+        ),
+    )
+    .expect("nginx config");
+    let process = Process::spawn_path(
+        &bin,
+        &[
+            "-p",
+            &p.to_string(),
+            "-e",
+            &format!("{p}/logs/error.log"),
+            "-c",
+            &cfg.display().to_string(),
+        ],
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_http(&url).await;
+    Some(Peer {
+        name: "nginx",
+        url,
+        process,
+    })
+}
+
+/// Drives the scenario's load through `peer` and prints its row, its
+/// sleeps and CPU per request beside thr's (`thr_cpu` µs: daemons and
+/// Redis), and thr's ratios to it.
+async fn measure_peer(
+    peer: &Peer,
+    backend: &Process,
+    connections: usize,
+    duration: Duration,
+    direct: &Figures,
+    through: &Figures,
+    thr_cpu: f64,
+) {
+    let per_request = |n: u64, answered: u64| n as f64 / answered.max(1) as f64;
+    let before = (peer.usage(), sleeps(backend.pid()));
+    let h = drive(&peer.url, connections, duration).await;
+    let after = (peer.usage(), sleeps(backend.pid()));
+    let name = peer.name;
+    let cpu_seconds = after.0.0 - before.0.0;
+    let cpu = cpu_seconds * 1e6 / h.answered.max(1) as f64;
+    print_row(name, &h, direct);
+    println!(
+        "  {name} sleeps per request (voluntary context switches): {name} {:.2}, backend {:.2}",
+        per_request(after.0.1.saturating_sub(before.0.1), h.answered),
+        per_request(after.1.saturating_sub(before.1), h.answered),
+    );
+    // /proc counts CPU time in ticks of 10 ms: below a few, the figure
+    // would be mostly rounding.
+    if cpu_seconds >= MEASURABLE_CPU {
+        println!(
+            "  {name} cost per request: {cpu:.0} µs CPU; thr's daemons and Redis {thr_cpu:.0} µs (x{:.1})",
+            thr_cpu / cpu.max(1e-9)
+        );
+    } else {
+        println!(
+            "  {name} cost per request: too little CPU in all to measure ({:.0} ms, in ticks of 10 ms)",
+            cpu_seconds * 1e3
+        );
+    }
+    println!(
+        "  thr / {name}: x{:.2} rps, x{:.2} p50",
+        through.rps / h.rps.max(1e-9),
+        through.p50.as_secs_f64() / h.p50.as_secs_f64().max(1e-9)
+    );
 }
 
 fn print_row(name: &str, f: &Figures, base: &Figures) {
@@ -489,27 +658,8 @@ async fn main() {
         wait_http(&direct_url).await;
         wait_http(&thr_url).await;
 
-        let mut haproxy_proc = None;
-        let mut haproxy_url = None;
-        if let Some(bin) = haproxy() {
-            let port = free_port();
-            let cfg = dir.join(format!("haproxy-{}.cfg", s.name));
-            std::fs::write(
-                &cfg,
-                format!(
-                    "global\n  maxconn 4096\ndefaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout queue 60s\n  option http-keep-alive\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server app 127.0.0.1:{backend_port} maxconn {}\n",
-                    s.max_inflight
-                ),
-            )
-            .expect("haproxy config");
-            haproxy_proc = Some(Process::spawn_path(
-                &bin,
-                &["-db", "-f", &cfg.display().to_string()],
-            ));
-            let url = format!("http://127.0.0.1:{port}");
-            wait_http(&url).await;
-            haproxy_url = Some(url);
-        }
+        let haproxy = start_haproxy(&dir, s.name, backend_port, s.max_inflight).await;
+        let nginx = start_nginx(&dir, s.name, backend_port).await;
 
         let connections = s.connections.unwrap_or(cli.concurrency);
         println!(
@@ -597,33 +747,26 @@ async fn main() {
             "  Redis per request, by script (commandstats, split by SLOWLOG): {}",
             by_script.join(", ")
         );
-        if let (Some(url), Some(proc)) = (&haproxy_url, &haproxy_proc) {
-            let before = (
-                sleeps(proc.pid()),
-                sleeps(backend.pid()),
-                cpu_seconds(proc.pid()),
-            );
-            let h = drive(url, connections, cli.duration).await;
-            let haproxy_cpu = (cpu_seconds(proc.pid()) - before.2) * 1e6 / h.answered.max(1) as f64;
-            print_row("haproxy", &h, &direct);
-            println!(
-                "  haproxy sleeps per request (voluntary context switches): haproxy {:.2}, backend {:.2}",
-                per_request(sleeps(proc.pid()).saturating_sub(before.0), h.answered),
-                per_request(sleeps(backend.pid()).saturating_sub(before.1), h.answered),
-            );
-            println!(
-                "  haproxy cost per request: {haproxy_cpu:.0} µs CPU; thr's daemons and Redis {thr_cpu:.0} µs (x{:.1})",
-                thr_cpu / haproxy_cpu.max(1e-9)
-            );
-            println!(
-                "  thr / haproxy: x{:.2} rps, x{:.2} p50",
-                through.rps / h.rps.max(1e-9),
-                through.p50.as_secs_f64() / h.p50.as_secs_f64().max(1e-9)
-            );
-        } else {
-            println!("  haproxy: not installed (apt-get install haproxy) — skipped");
+        for (peer, package) in [(&haproxy, "haproxy"), (&nginx, "nginx")] {
+            match peer {
+                Some(peer) => {
+                    measure_peer(
+                        peer,
+                        &backend,
+                        connections,
+                        cli.duration,
+                        &direct,
+                        &through,
+                        thr_cpu,
+                    )
+                    .await
+                }
+                None => {
+                    println!("  {package}: not installed (apt-get install {package}) — skipped")
+                }
+            }
         }
-        drop((front, worker, haproxy_proc, backend));
+        drop((front, worker, haproxy, nginx, backend));
     }
     if cli.scenarios.iter().any(|n| n == "claim") {
         claim_scenario().await;

@@ -188,13 +188,17 @@ impl ReplyRouter {
 /// reply reached Redis on its own, a moment before the next request's
 /// enqueue: an extra wake of Redis per request on an idle system. Sent
 /// when a request registers, no reply can come before it. It then yields
-/// once, so that the request's enqueue is written first (on a current-
-/// thread runtime, the enqueue's tasks were woken before it resumes): the
-/// pop reaches Redis while it runs the enqueue and is served in the same
-/// wake. Written before the enqueue, it woke Redis on its own a few µs
-/// earlier (`thr-bench --scenarios single`: Redis slept 3.84–3.93 times
-/// per request before, 2.97–2.99 after). What arrives for nobody (an
-/// orphan stream's head) is still taken within about a second.
+/// once, so that the request's enqueue is usually written first: tokio
+/// (1.x, current-thread runtime) wakes a yielded task only after the other
+/// ready tasks have run and the I/O driver has been polled, and the
+/// enqueue's batcher, its call and the connection's driver are woken in
+/// that time. The pop then reaches Redis while it runs the enqueue and is
+/// served in the same wake. Written before the enqueue, it woke Redis on
+/// its own a few µs earlier (`thr-bench --scenarios single`: Redis slept
+/// 3.84–3.93 times per request before, 2.97–2.99 after). Tokio does not
+/// promise that order: it is a matter of speed, never of correctness. What
+/// arrives for nobody (an orphan stream's head) is still taken within
+/// about a second.
 pub async fn run_loop<R: ReplyStream>(
     mut stream: R,
     router: ReplyRouter,
@@ -207,8 +211,8 @@ pub async fn run_loop<R: ReplyStream>(
         if router.is_idle() {
             tokio::select! {
                 _ = router.arrival() => {
-                    // The request that woke the loop is sending its enqueue:
-                    // let it go first (see above).
+                    // Usually a request sending its enqueue: let it go
+                    // first (see above).
                     tokio::task::yield_now().await;
                 }
                 _ = tokio::time::sleep(BLOCK) => {}

@@ -71,9 +71,9 @@ struct Cli {
     )]
     scenarios: Vec<String>,
     /// Jobs per round of the `scripts` scenario (1: each script's cost per
-    /// call).
-    #[arg(long, default_value_t = 16)]
-    script_jobs: usize,
+    /// call); at most 1000, the most a claim starts.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    script_jobs: u64,
     /// Length of the `soak` scenario (not in the default set).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     soak_duration: Duration,
@@ -378,6 +378,11 @@ async fn drive(url: &str, concurrency: usize, duration: Duration) -> Figures {
 }
 
 async fn wait_http(url: &str) {
+    assert!(answers(url).await, "{url} did not come up");
+}
+
+/// True once `url` answers `/ready` with a success, false after 20 s.
+async fn answers(url: &str) -> bool {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(20) {
@@ -386,11 +391,11 @@ async fn wait_http(url: &str) {
                 tokio::time::timeout(Duration::from_secs(2), client.get(uri)).await
             && resp.status().is_success()
         {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{url} did not come up");
+    false
 }
 
 /// The first of `paths` that exists.
@@ -414,15 +419,42 @@ fn nginx() -> Option<PathBuf> {
     ])
 }
 
-/// `pid` and its children (an nginx master and its workers), from /proc.
+/// `pid` and its children (an nginx master and its workers), from /proc:
+/// its `children` list, or where the kernel has none, every process whose
+/// parent it is.
 fn process_tree(pid: u32) -> Vec<u32> {
     let mut pids = vec![pid];
-    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
-        pids.extend(
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        Ok(children) => pids.extend(
             children
                 .split_whitespace()
                 .filter_map(|c| c.parse::<u32>().ok()),
-        );
+        ),
+        Err(_) => {
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return pids;
+            };
+            for entry in entries.flatten() {
+                let Some(child) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                // The parent is the 2nd field after the command name (which
+                // may hold spaces).
+                let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
+                    .ok()
+                    .and_then(|stat| {
+                        let after = stat.rsplit_once(')')?.1.to_string();
+                        after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                    });
+                if parent == Some(pid) {
+                    pids.push(child);
+                }
+            }
+        }
     }
     pids
 }
@@ -439,6 +471,22 @@ struct Peer {
 }
 
 impl Peer {
+    /// The peer `name` that `process` runs, once it serves on `port`; None
+    /// (and a line saying so) when it does not come up: the scenario goes
+    /// on without it.
+    async fn start(name: &'static str, process: Process, port: u16) -> Option<Peer> {
+        let url = format!("http://127.0.0.1:{port}");
+        // Made before the wait, so that a peer that never comes up is
+        // stopped like one that did.
+        let peer = Peer { name, url, process };
+        if answers(&peer.url).await {
+            Some(peer)
+        } else {
+            println!("  {name}: did not come up on {} — skipped", peer.url);
+            None
+        }
+    }
+
     /// CPU seconds and sleeps of the peer's processes so far.
     fn usage(&self) -> (f64, u64) {
         process_tree(self.process.pid())
@@ -452,9 +500,16 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         // An nginx master stops its workers on TERM; killed, it would leave
-        // them serving the port.
+        // them serving the port. So TERM, and the kill (Process's drop)
+        // only after it has exited or 5 s have passed.
+        if !self.process.is_running() {
+            return;
+        }
         self.process.signal("TERM");
-        std::thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        while self.process.is_running() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -477,13 +532,7 @@ async fn start_haproxy(
     )
     .expect("haproxy config");
     let process = Process::spawn_path(&bin, &["-db", "-f", &cfg.display().to_string()]);
-    let url = format!("http://127.0.0.1:{port}");
-    wait_http(&url).await;
-    Some(Peer {
-        name: "haproxy",
-        url,
-        process,
-    })
+    Peer::start("haproxy", process, port).await
 }
 
 /// nginx in front of the backend, as it is commonly set up: one worker per
@@ -501,28 +550,15 @@ async fn start_nginx(dir: &std::path::Path, scenario: &str, backend_port: u16) -
     std::fs::write(
         &cfg,
         format!(
-            "daemon off;\nworker_processes auto;\nuser root;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n  upstream b {{ server 127.0.0.1:{backend_port}; keepalive 256; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
+            "daemon off;\nworker_processes auto;\nuser root;\npid {p}/nginx.pid;\nerror_log {p}/logs/error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n  fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n  upstream b {{ server 127.0.0.1:{backend_port}; keepalive 256; keepalive_requests 1000000; }}\n  server {{\n    listen 127.0.0.1:{port};\n    keepalive_requests 1000000;\n    location / {{ proxy_pass http://b; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n"
         ),
     )
     .expect("nginx config");
     let process = Process::spawn_path(
         &bin,
-        &[
-            "-p",
-            &p.to_string(),
-            "-e",
-            &format!("{p}/logs/error.log"),
-            "-c",
-            &cfg.display().to_string(),
-        ],
+        &["-p", &p.to_string(), "-c", &cfg.display().to_string()],
     );
-    let url = format!("http://127.0.0.1:{port}");
-    wait_http(&url).await;
-    Some(Peer {
-        name: "nginx",
-        url,
-        process,
-    })
+    Peer::start("nginx", process, port).await
 }
 
 /// Drives the scenario's load through `peer` and prints its row, its
@@ -542,8 +578,8 @@ async fn measure_peer(
     let h = drive(&peer.url, connections, duration).await;
     let after = (peer.usage(), sleeps(backend.pid()));
     let name = peer.name;
-    let cpu_seconds = after.0.0 - before.0.0;
-    let cpu = cpu_seconds * 1e6 / h.answered.max(1) as f64;
+    let used = after.0.0 - before.0.0;
+    let cpu = used * 1e6 / h.answered.max(1) as f64;
     print_row(name, &h, direct);
     println!(
         "  {name} sleeps per request (voluntary context switches): {name} {:.2}, backend {:.2}",
@@ -552,7 +588,7 @@ async fn measure_peer(
     );
     // /proc counts CPU time in ticks of 10 ms: below a few, the figure
     // would be mostly rounding.
-    if cpu_seconds >= MEASURABLE_CPU {
+    if used >= MEASURABLE_CPU {
         println!(
             "  {name} cost per request: {cpu:.0} µs CPU; thr's daemons and Redis {thr_cpu:.0} µs (x{:.1})",
             thr_cpu / cpu.max(1e-9)
@@ -560,7 +596,7 @@ async fn measure_peer(
     } else {
         println!(
             "  {name} cost per request: too little CPU in all to measure ({:.0} ms, in ticks of 10 ms)",
-            cpu_seconds * 1e3
+            used * 1e3
         );
     }
     println!(
@@ -772,7 +808,7 @@ async fn main() {
         claim_scenario().await;
     }
     if cli.scenarios.iter().any(|n| n == "scripts") {
-        scripts::scenario(cli.script_jobs).await;
+        scripts::scenario(cli.script_jobs as usize).await;
     }
     if cli.scenarios.iter().any(|n| n == "soak") {
         soak(cli.soak_duration, &dir).await;

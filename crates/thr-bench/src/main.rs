@@ -72,8 +72,8 @@ struct Cli {
     scenarios: Vec<String>,
     /// Jobs per round of the `scripts` scenario (1: each script's cost per
     /// call); at most 1000, the most a claim starts.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1000))]
-    script_jobs: u64,
+    #[arg(long, default_value_t = 16, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1000))]
+    script_jobs: usize,
     /// Length of the `soak` scenario (not in the default set).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     soak_duration: Duration,
@@ -112,17 +112,23 @@ fn cpu_seconds(pid: u32) -> f64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     });
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces): utime is the
-    // 12th, stime the 13th.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime is the 12th field after the command name, stime the 13th.
+    let fields = stat_fields(pid);
     let ticks: f64 = fields.get(11..13).map_or(0.0, |f| {
         f.iter().filter_map(|v| v.parse::<f64>().ok()).sum()
     });
     ticks / *TICKS
+}
+
+/// The fields of /proc/`pid`/stat after the command name (which may hold
+/// spaces): the state first, then the parent's pid; empty when `pid` is
+/// gone.
+fn stat_fields(pid: u32) -> Vec<String> {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Vec::new();
+    };
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after.split_whitespace().map(str::to_string).collect()
 }
 
 /// Times a process's threads have gone to sleep so far (voluntary context
@@ -442,14 +448,9 @@ fn process_tree(pid: u32) -> Vec<u32> {
                 else {
                     continue;
                 };
-                // The parent is the 2nd field after the command name (which
-                // may hold spaces).
-                let parent = std::fs::read_to_string(format!("/proc/{child}/stat"))
-                    .ok()
-                    .and_then(|stat| {
-                        let after = stat.rsplit_once(')')?.1.to_string();
-                        after.split_whitespace().nth(1)?.parse::<u32>().ok()
-                    });
+                let parent = stat_fields(child)
+                    .get(1)
+                    .and_then(|p| p.parse::<u32>().ok());
                 if parent == Some(pid) {
                     pids.push(child);
                 }
@@ -471,19 +472,17 @@ struct Peer {
 }
 
 impl Peer {
-    /// The peer `name` that `process` runs, once it serves on `port`; None
-    /// (and a line saying so) when it does not come up: the scenario goes
-    /// on without it.
-    async fn start(name: &'static str, process: Process, port: u16) -> Option<Peer> {
+    /// The peer `name` that `process` runs, once it serves on `port`; or
+    /// why not (it did not come up: the scenario goes on without it).
+    async fn start(name: &'static str, process: Process, port: u16) -> Result<Peer, String> {
         let url = format!("http://127.0.0.1:{port}");
         // Made before the wait, so that a peer that never comes up is
         // stopped like one that did.
         let peer = Peer { name, url, process };
         if answers(&peer.url).await {
-            Some(peer)
+            Ok(peer)
         } else {
-            println!("  {name}: did not come up on {} — skipped", peer.url);
-            None
+            Err(format!("{name}: did not come up on {} — skipped", peer.url))
         }
     }
 
@@ -513,6 +512,11 @@ impl Drop for Peer {
     }
 }
 
+/// Why a peer that is not installed is skipped.
+fn not_installed(package: &str) -> String {
+    format!("{package}: not installed (apt-get install {package}) — skipped")
+}
+
 /// HAProxy in front of the backend, with a queue of `max_inflight`
 /// (`maxconn`), when installed.
 async fn start_haproxy(
@@ -520,8 +524,8 @@ async fn start_haproxy(
     scenario: &str,
     backend_port: u16,
     max_inflight: usize,
-) -> Option<Peer> {
-    let bin = haproxy()?;
+) -> Result<Peer, String> {
+    let bin = haproxy().ok_or_else(|| not_installed("haproxy"))?;
     let port = free_port();
     let cfg = dir.join(format!("haproxy-{scenario}.cfg"));
     std::fs::write(
@@ -540,8 +544,12 @@ async fn start_haproxy(
 /// queue (`max_conns` without one refuses the excess with 502), so it
 /// passes every connection on: a peer for the cost of proxying, not for
 /// protecting the backend.
-async fn start_nginx(dir: &std::path::Path, scenario: &str, backend_port: u16) -> Option<Peer> {
-    let bin = nginx()?;
+async fn start_nginx(
+    dir: &std::path::Path,
+    scenario: &str,
+    backend_port: u16,
+) -> Result<Peer, String> {
+    let bin = nginx().ok_or_else(|| not_installed("nginx"))?;
     let port = free_port();
     let prefix = dir.join(format!("nginx-{scenario}"));
     std::fs::create_dir_all(prefix.join("logs")).expect("nginx prefix");
@@ -783,9 +791,9 @@ async fn main() {
             "  Redis per request, by script (commandstats, split by SLOWLOG): {}",
             by_script.join(", ")
         );
-        for (peer, package) in [(&haproxy, "haproxy"), (&nginx, "nginx")] {
+        for peer in [&haproxy, &nginx] {
             match peer {
-                Some(peer) => {
+                Ok(peer) => {
                     measure_peer(
                         peer,
                         &backend,
@@ -797,9 +805,7 @@ async fn main() {
                     )
                     .await
                 }
-                None => {
-                    println!("  {package}: not installed (apt-get install {package}) — skipped")
-                }
+                Err(why) => println!("  {why}"),
             }
         }
         drop((front, worker, haproxy, nginx, backend));
@@ -808,7 +814,7 @@ async fn main() {
         claim_scenario().await;
     }
     if cli.scenarios.iter().any(|n| n == "scripts") {
-        scripts::scenario(cli.script_jobs as usize).await;
+        scripts::scenario(cli.script_jobs).await;
     }
     if cli.scenarios.iter().any(|n| n == "soak") {
         soak(cli.soak_duration, &dir).await;

@@ -119,9 +119,8 @@ async fn run_rounds(broker: &RedisBroker, jobs: usize, rounds: usize, first: usi
 }
 
 /// Runs the scenario and prints, per script, Redis's µs per job and per
-/// call and the jobs per call, for rounds of `jobs` jobs.
-pub async fn scenario(jobs: usize) {
-    let jobs_per_round = jobs.max(1);
+/// call and the jobs per call, for rounds of `jobs_per_round` jobs.
+pub async fn scenario(jobs_per_round: usize) {
     println!(
         "\nscenario `scripts`: {ROUNDS} rounds of {jobs_per_round} jobs enqueued, claimed and answered, no HTTP, Redis idle otherwise"
     );

@@ -201,6 +201,48 @@ async fn a_finished_job_leaves_no_state_behind() {
     );
 }
 
+/// An enqueue's payloads are stored by its caller in the same transaction
+/// as the script (`Scripts::enqueue`): a job the script does not queue
+/// (refused, settled, a dead letter gone) leaves no payload behind, and a
+/// repeat of a waiting job leaves that job's payload in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enqueue_that_queues_nothing_leaves_no_payload() {
+    use thr_broker::Admission;
+
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    let q = b.queue_keys(QUEUE);
+    let mut conn = redis.conn();
+    let mut stored = |id: &str| -> bool { conn.hexists(&q.jobs, id).unwrap() };
+    let capped = |id| NewJob {
+        max_waiting: Some(1),
+        ..job(id, &free)
+    };
+    assert_eq!(b.enqueue(capped("w1")).await.unwrap(), Admission::Queued);
+    assert!(matches!(
+        b.enqueue(capped("w2")).await.unwrap(),
+        Admission::Refused { .. }
+    ));
+    assert!(!stored("w2"), "a refused job's payload is gone");
+    assert_eq!(b.enqueue(capped("w1")).await.unwrap(), Admission::Queued);
+    assert!(stored("w1"), "a repeat keeps the waiting job's payload");
+    let ClaimOutcome::Jobs(jobs) = b.claim(QUEUE, options("t1")).await.unwrap() else {
+        panic!("w1 is claimed");
+    };
+    assert_eq!(jobs[0].frame, Bytes::from("job w1"));
+    let reply = Reply::plain("w1", 200, "ok", WORKER, &[]);
+    assert_eq!(
+        b.reply(&jobs[0].lease, reply, 1).await.unwrap(),
+        Delivery::Delivered
+    );
+    assert_eq!(
+        b.enqueue(job("w1", &free)).await.unwrap(),
+        Admission::Settled
+    );
+    assert!(!stored("w1"), "a settled job's payload is not stored again");
+}
+
 /// A reply whose job Redis lost (restarted empty, flushed) still reaches
 /// its front: nobody else can answer it (ARCHITECTURE.md decision 13). The
 /// generation tells daemons the data was lost.

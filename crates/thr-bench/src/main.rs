@@ -28,9 +28,10 @@
 //!
 //! Beside thr's figures, each scenario prints what a request through thr
 //! costs: CPU µs of http2redis and of redis2http (from /proc), and Redis's
-//! CPU µs (`INFO cpu`) and µs in commands (`INFO commandstats`, wall clock:
+//! CPU µs (`INFO cpu`) and µs in scripts (`INFO commandstats`, wall clock:
 //! on a busy machine it includes time Redis waited for a core), the
-//! costliest commands; then how much of that each job script takes
+//! costliest commands (commandstats counts a command a script or a
+//! transaction runs under its own name too, so these overlap); then how much of that each job script takes
 //! (enqueue, claim, release) and how many requests one call serves. The
 //! split by script comes from a second, one-second run whose every call
 //! SLOWLOG logs: logging every command makes Redis's calls about twice as
@@ -152,10 +153,10 @@ fn sleeps(pid: u32) -> u64 {
         .sum()
 }
 
-/// Redis's time so far: µs spent in commands (in all, and per command,
-/// as `INFO commandstats` counts them), and CPU seconds in all.
+/// Redis's time so far: µs spent per command, as `INFO commandstats`
+/// counts them (a command run by a script or by EXEC counts under its own
+/// name as well as in the caller's time), and CPU seconds in all.
 struct RedisTime {
-    usec: f64,
     by_command: std::collections::HashMap<String, f64>,
     cpu: f64,
 }
@@ -176,11 +177,7 @@ fn redis_time(redis: &RedisServer) -> RedisTime {
         .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
         .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
         .sum();
-    RedisTime {
-        usec: by_command.values().sum(),
-        by_command,
-        cpu,
-    }
+    RedisTime { by_command, cpu }
 }
 
 /// The commands that took most of Redis's time between two readings, with
@@ -752,16 +749,18 @@ async fn main() {
             per_request(direct_sleeps, direct.answered),
         );
         let per = |seconds: f64| seconds * 1e6 / (through.answered.max(1) as f64);
+        let evalsha_us = after.2.by_command.get("evalsha").copied().unwrap_or(0.0)
+            - before.2.by_command.get("evalsha").copied().unwrap_or(0.0);
         // What thr's three processes spend per request, to set beside
         // HAProxy's.
         let thr_cpu =
             per(after.0 - before.0) + per(after.1 - before.1) + per(after.2.cpu - before.2.cpu);
         println!(
-            "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in commands, wall clock)",
+            "  thr cost per request: http2redis {:.0} µs CPU, redis2http {:.0} µs CPU, Redis {:.0} µs CPU ({:.0} µs in scripts, wall clock)",
             per(after.0 - before.0),
             per(after.1 - before.1),
             per(after.2.cpu - before.2.cpu),
-            per((after.2.usec - before.2.usec) / 1e6),
+            per(evalsha_us / 1e6),
         );
         println!(
             "  Redis per request, by command (commandstats, wall clock): {}",
@@ -774,8 +773,6 @@ async fn main() {
         drive(&thr_url, connections, SLOWLOG_RUN).await;
         let scripts = slowlog_scripts(&redis);
         let answered = through.answered.max(1) as f64;
-        let evalsha_us = after.2.by_command.get("evalsha").copied().unwrap_or(0.0)
-            - before.2.by_command.get("evalsha").copied().unwrap_or(0.0);
         let by_script: Vec<String> = scripts
             .iter()
             .map(|(name, call_share, time_share)| {

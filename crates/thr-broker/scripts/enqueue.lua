@@ -8,6 +8,11 @@
 -- sees the jobs admitted before it in the same call), and the writes they
 -- share (the clock, the sequence, the sorted sets and hashes, the
 -- doorbell) are made once per call with every job's members.
+-- Jobs' payloads are not arguments: the caller stores them in `jobs` in
+-- the same transaction, just before this call (Scripts::enqueue), so that
+-- no payload crosses into Lua (each crossing copies and hashes it). This
+-- call deletes the payload of a job it does not queue (refused, settled,
+-- or a dead letter already gone) unless that job is waiting or running.
 -- The first job of a call that finds nothing waiting and has no quota is
 -- handed on as it is. To a worker waiting on the doorbell that offered to
 -- take it (hash `offers`, ARCHITECTURE.md decision 27): leased here, under
@@ -27,7 +32,7 @@ local K_liveness = KEYS[21]
 -- but for the claim token that ends them (QueueKeys::offer, ::claim); the
 -- token comes from the offer. ARGV[3]: ms of silence after which a worker
 -- is dead.
--- From ARGV[4], 11 per job: id, priority, frame, timeout ms, flow, flow
+-- From ARGV[4], 10 per job: id, priority, timeout ms, flow, flow
 -- definition, max waiting in the queue (0: none), aging step ms, front,
 -- method, from_dead ('1' or '').
 -- Returns per job {'queued'}, {'settled'} (answered or withdrawn already),
@@ -35,13 +40,14 @@ local K_liveness = KEYS[21]
 -- `from_dead`, {'gone'} when there is no such dead letter.
 local offer_prefix, claim_prefix, worker_timeout = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local H = 3
-local n = (#ARGV - H) / 11
+local A = 10 -- arguments per job
+local n = (#ARGV - H) / A
 local now, sec = clock()
 local last_seq = redis.call('INCRBY', K_seq, n)
 
 local ids = {}
 for i = 1, n do
-  ids[i] = ARGV[H + 11 * (i - 1) + 1]
+  ids[i] = ARGV[H + A * (i - 1) + 1]
 end
 local known = redis.call('HMGET', K_info, unpack(ids))
 local settled = redis.call('MGET', unpack(KEYS, 22, 21 + n))
@@ -52,7 +58,8 @@ local pending_n = nil         -- ZCARD of pending before this call, read when fi
 local admitted = 0
 local waiting, delta = {}, {} -- per quota token: count before this call, change
 local tokens = {}             -- tokens whose count changes, in first-seen order
-local zpending, zflow_jobs, hjobs, hinfo = {}, {}, {}, {}
+local zpending, zflow_jobs, hinfo = {}, {}, {}
+local unqueued = {}           -- ids of jobs not queued (their payloads go unless live)
 local defs, turns, flows = {}, {}, {}
 local handed = nil            -- the job handed on (to an offer or the next claim)
 local taker = nil             -- the offer that takes it: {token, offer}
@@ -99,10 +106,10 @@ local function find_taker(method)
 end
 
 for i = 1, n do
-  local a = H + 11 * (i - 1)
-  local id, prio, frame, timeout = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
-  local flow, def, max_queue, step = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7]), tonumber(ARGV[a + 8])
-  local front, method, from_dead = ARGV[a + 9], ARGV[a + 10], ARGV[a + 11] == '1'
+  local a = H + A * (i - 1)
+  local id, prio, timeout = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local flow, def, max_queue, step = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
+  local front, method, from_dead = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10] == '1'
   local verdict = nil
   if from_dead then
     if redis.call('HDEL', K_dead, id) == 0 then
@@ -155,13 +162,12 @@ for i = 1, n do
     if not (taker and handed == id) then
       add(zpending, score_s, id)
     end
-    add(hjobs, id, frame)
     add(hinfo, id, info_pack({
       prio = prio, score = score, flow = flow, enqueued = now, deadline = now + timeout,
       front = front, method = method, attempts = 0, def = def,
     }))
     if taker and handed == id then
-      taker.job = { id = id, frame = frame, left = timeout, front = front, def = def }
+      taker.job = { id = id, left = timeout, front = front, def = def }
     end
     if handed ~= id then
       add(zflow_jobs, 0, flow_member(flow, score_s, id))
@@ -182,7 +188,22 @@ for i = 1, n do
     end
     verdict = {'queued'}
   end
+  if verdict[1] ~= 'queued' then
+    unqueued[#unqueued + 1] = i
+  end
   out[i] = verdict
+end
+
+-- Payloads of jobs this call did not queue, but for a job that waits or
+-- runs under that id (its payload is the same one).
+local orphans = {}
+for _, i in ipairs(unqueued) do
+  if not known[i] and not seen[ids[i]] then
+    orphans[#orphans + 1] = ids[i]
+  end
+end
+if #orphans > 0 then
+  redis.call('HDEL', K_jobs, unpack(orphans))
 end
 
 -- The job an offer takes: leased to its worker under its token (the
@@ -197,7 +218,8 @@ local function give(t)
   redis.call('PEXPIRE', claim_list, int(offer.lease))
   count_start(K_drained, sec, 1)
   local gen = generation(K_generation)
-  redis.call('RPUSH', offer_list, handed_pack(gen, job.id, job.frame, job.left, job.front, job.def))
+  local frame = redis.call('HGET', K_jobs, job.id)
+  redis.call('RPUSH', offer_list, handed_pack(gen, job.id, frame, job.left, job.front, job.def))
   -- Gone with the lease if its worker never pops it (it died).
   redis.call('PEXPIRE', offer_list, int(offer.lease))
 end
@@ -207,7 +229,6 @@ if admitted > 0 then
   if #zpending > 0 then
     redis.call('ZADD', K_pending, unpack(zpending))
   end
-  redis.call('HSET', K_jobs, unpack(hjobs))
   redis.call('HSET', K_info, unpack(hinfo))
   if taker then
     give(taker)

@@ -370,11 +370,36 @@ impl RedisBroker {
             method: job.method.clone(),
             from_dead: true,
         }];
+        let call = self.scripts.enqueue(&self.keyspace, &q, &jobs);
         let answer = self
-            .invoke(self.scripts.enqueue(&self.keyspace, &q, &jobs))
+            .run(|mut conn| async move { run_enqueue(&mut conn, &call).await })
             .await?;
         let outcome = s::parse_enqueue(answer)?.pop();
         Ok(!matches!(outcome, Some(s::Enqueued::Gone)))
+    }
+}
+
+/// Runs an `enqueue` call: its payloads' `HSET` and its script in one
+/// MULTI/EXEC. A Redis that lost its scripts (restarted, flushed) stores
+/// the payloads and answers NOSCRIPT for the script: it is loaded and the
+/// whole transaction sent again (storing the same payloads again).
+async fn run_enqueue(
+    conn: &mut ConnectionManager,
+    call: &s::EnqueueCall<'_>,
+) -> redis::RedisResult<redis::Value> {
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .add_command(call.payloads.clone())
+        .ignore()
+        .invoke_script(&call.script);
+    match pipe.query_async::<(redis::Value,)>(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            call.script.load_async(conn).await?;
+            pipe.query_async::<(redis::Value,)>(conn)
+                .await
+                .map(|(v,)| v)
+        }
+        answer => answer.map(|(v,)| v),
     }
 }
 
@@ -461,7 +486,10 @@ impl QueueBatchers {
             move |jobs: Vec<s::Enqueue>| {
                 let calls = calls.clone();
                 async move {
-                    s::parse_enqueue(calls.invoke(|sc, ks, q| sc.enqueue(ks, q, &jobs)).await?)
+                    let mut conn = calls.conn.clone();
+                    let call = calls.scripts.enqueue(&calls.keyspace, &calls.queue, &jobs);
+                    let answer = run_enqueue(&mut conn, &call);
+                    s::parse_enqueue(bounded(calls.timeout, &calls.url, answer).await?)
                 }
             }
         });

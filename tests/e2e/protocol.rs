@@ -337,7 +337,6 @@ const SCRIPTS: &[&str] = &[
     "stream_head",
     "push_pieces",
     "take_pieces",
-    "put_chunk",
     "hand_back",
     "put_back",
     "dead_letter",

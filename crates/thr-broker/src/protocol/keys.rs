@@ -86,7 +86,10 @@ impl Keyspace {
         QueueKeys::new(&self.root, name)
     }
 
-    /// List: a request body's chunks, while its job waits or runs.
+    /// Hash: a request body's chunks by index (0, 1, …), while its job
+    /// waits or runs. Written and read by plain commands, never by a
+    /// script: a chunk passed into Lua would cost Redis about 1 µs per KB
+    /// (ARCHITECTURE.md decision 31).
     pub fn upload(&self, id: &str) -> String {
         format!("{}j:{id}:upload", self.root)
     }

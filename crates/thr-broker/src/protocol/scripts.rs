@@ -38,7 +38,6 @@ pub(crate) struct Scripts {
     stream_head: Script,
     push_pieces: Script,
     take_pieces: Script,
-    put_chunk: Script,
 }
 
 /// The scripts' text, for tests that run them by hand.
@@ -61,7 +60,6 @@ pub fn source(name: &str) -> Option<&'static str> {
         "stream_head" => text::STREAM_HEAD,
         "push_pieces" => text::PUSH_PIECES,
         "take_pieces" => text::TAKE_PIECES,
-        "put_chunk" => text::PUT_CHUNK,
         _ => return None,
     })
 }
@@ -103,7 +101,6 @@ impl Scripts {
             stream_head: Script::new(text::STREAM_HEAD),
             push_pieces: Script::new(text::PUSH_PIECES),
             take_pieces: Script::new(text::TAKE_PIECES),
-            put_chunk: Script::new(text::PUT_CHUNK),
         })
     }
 }
@@ -823,19 +820,6 @@ impl Scripts {
             .arg(from)
             .arg(max)
             .arg(ms(stream_ttl));
-        s
-    }
-
-    pub(crate) fn put_chunk(
-        &self,
-        ks: &Keyspace,
-        id: &str,
-        index: u32,
-        chunk: &[u8],
-        ttl: Duration,
-    ) -> ScriptInvocation<'_> {
-        let mut s = self.put_chunk.prepare_invoke();
-        s.key(ks.upload(id)).arg(index).arg(ms(ttl)).arg(chunk);
         s
     }
 }

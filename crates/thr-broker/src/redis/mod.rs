@@ -796,20 +796,32 @@ impl Broker for RedisBroker {
         chunk: Bytes,
         ttl: Duration,
     ) -> Result<bool, BrokerError> {
-        let answer = self
-            .invoke_bulk(
-                self.scripts
-                    .put_chunk(&self.keyspace, id, index, &chunk, ttl),
-            )
+        // Stored by its index, so a repeated call stores it once; chunks
+        // come in order, so all before it are there when the hash holds
+        // more than `index` of them. One transaction: a front killed
+        // half-way never leaves a chunk without its expiry.
+        let key = self.keyspace.upload(id);
+        let (held,): (u64,) = self
+            .run_bulk(|mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .hset(&key, index, chunk.as_ref())
+                    .ignore()
+                    .pexpire(&key, ttl.as_millis().min(i64::MAX as u128) as i64)
+                    .ignore()
+                    .hlen(&key)
+                    .query_async(&mut conn)
+                    .await
+            })
             .await?;
-        Ok(s::int(&answer).is_some_and(|n| n > i64::from(index)))
+        Ok(held > u64::from(index))
     }
 
     async fn upload_chunk(&self, id: &str, index: u32) -> Result<Option<Bytes>, BrokerError> {
         let key = self.keyspace.upload(id);
         let chunk: Option<Vec<u8>> = self
             .run_bulk(|mut conn| async move {
-                redis::cmd("LINDEX")
+                redis::cmd("HGET")
                     .arg(&key)
                     .arg(index)
                     .query_async(&mut conn)

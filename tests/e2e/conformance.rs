@@ -243,6 +243,56 @@ async fn an_enqueue_that_queues_nothing_leaves_no_payload() {
     assert!(!stored("w1"), "a settled job's payload is not stored again");
 }
 
+/// A streamed response's pieces are stored under their numbers by plain
+/// commands around the scripts that number them (`Scripts::push_pieces`,
+/// `take_pieces`): a push repeated after the front took its pieces, or
+/// one past the window, leaves no piece behind that nobody will read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_not_kept_by_a_push_are_not_left_in_redis() {
+    use thr_broker::Pushed;
+    use thr_core::envelope::{Piece, WINDOW};
+
+    let redis = RedisServer::start();
+    let b = broker(&redis);
+    let free = Flow::default();
+    b.enqueue(job("s1", &free)).await.unwrap();
+    let ClaimOutcome::Jobs(jobs) = b.claim(QUEUE, options("t1")).await.unwrap() else {
+        panic!("s1 is claimed");
+    };
+    let lease = &jobs[0].lease;
+    b.stream_head(lease, Bytes::from("head")).await.unwrap();
+    let piece = |n: usize| Piece::Data(Bytes::from(format!("piece {n}")));
+    let pieces = |from: usize, count: usize| (from..from + count).map(piece).collect::<Vec<_>>();
+    let key = b.keyspace().pieces("s1");
+    let mut conn = redis.conn();
+    let mut stored = || -> usize { conn.hlen(&key).unwrap() };
+    assert_eq!(
+        b.push_pieces(lease, 0, &pieces(0, 3)).await.unwrap(),
+        Pushed::Taken(3)
+    );
+    let taken = b.take_pieces("s1", 0, 64).await.unwrap().unwrap();
+    assert_eq!(taken, pieces(0, 3));
+    // The front has them all: its next read drops them.
+    assert_eq!(b.take_pieces("s1", 3, 64).await.unwrap(), Some(vec![]));
+    assert_eq!(stored(), 0);
+    assert_eq!(
+        b.push_pieces(lease, 0, &pieces(0, 3)).await.unwrap(),
+        Pushed::Taken(3),
+        "repeated after its answer was lost"
+    );
+    assert_eq!(stored(), 0, "pieces the front took are not stored again");
+    let more = WINDOW + 4;
+    assert_eq!(
+        b.push_pieces(lease, 3, &pieces(3, more)).await.unwrap(),
+        Pushed::Taken(WINDOW)
+    );
+    assert_eq!(stored(), WINDOW, "pieces past the window are not kept");
+    assert_eq!(
+        b.take_pieces("s1", 3, 64).await.unwrap().unwrap(),
+        pieces(3, WINDOW)
+    );
+}
+
 /// A reply whose job Redis lost (restarted empty, flushed) still reaches
 /// its front: nobody else can answer it (ARCHITECTURE.md decision 13). The
 /// generation tells daemons the data was lost.

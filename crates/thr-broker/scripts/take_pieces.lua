@@ -1,20 +1,27 @@
 -- take_pieces: a front reads a streamed response. `from` is the number of
 -- the first piece it has not received yet: the pieces before it are
--- dropped (they reached the front), the next ones are returned but kept,
--- so a read whose answer is lost is simply asked again.
+-- dropped (they reached the front). The next ones are read by the `HMGET`
+-- its caller sends right after this call in the same transaction
+-- (Scripts::take_pieces), so that no piece passes through Lua
+-- (ARCHITECTURE.md decision 31), and kept, so a read whose answer is lost
+-- is simply asked again.
 -- includes: (none)
-local K_list, K_state = KEYS[1], KEYS[2]
-local from, max, stream_ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
--- Returns the pieces (maybe none), or false when the stream is gone
--- (cancelled, expired, or lost with Redis's data).
+local K_pieces, K_state = KEYS[1], KEYS[2]
+local from, stream_ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- Returns 1, or false when the stream is gone (cancelled, expired, or lost
+-- with Redis's data): then what the `HMGET` read means nothing.
 local state = redis.call('HMGET', K_state, 'head', 'cancelled')
 if not state[1] or state[2] then
   return false
 end
 local head = tonumber(state[1])
 if from > head then
-  redis.call('LTRIM', K_list, from - head, -1)
+  local gone = {}
+  for n = head, from - 1 do
+    gone[#gone + 1] = n
+  end
+  redis.call('HDEL', K_pieces, unpack(gone))
   redis.call('HSET', K_state, 'head', from)
 end
 redis.call('PEXPIRE', K_state, stream_ttl)
-return redis.call('LRANGE', K_list, 0, max - 1)
+return 1

@@ -94,14 +94,16 @@ impl Keyspace {
         format!("{}j:{id}:upload", self.root)
     }
 
-    /// List: the pieces of a streamed response not yet taken by its front
-    /// (at most `WINDOW`).
+    /// Hash: the pieces of a streamed response not yet taken by its front
+    /// (at most `WINDOW`, but for an abort), by their numbers. Written and
+    /// read by plain commands around the scripts that number them, so
+    /// that no piece passes through Lua (ARCHITECTURE.md decision 31).
     pub fn pieces(&self, id: &str) -> String {
         format!("{}j:{id}:pieces", self.root)
     }
 
-    /// Hash: a streamed response's state: `head` (number of the list's
-    /// first piece), `next` (number of the next piece to append),
+    /// Hash: a streamed response's state: `head` (number of the first piece
+    /// not yet taken), `next` (number of the next piece to append),
     /// `cancelled` (its client went away).
     pub fn stream(&self, id: &str) -> String {
         format!("{}j:{id}:stream", self.root)

@@ -149,23 +149,26 @@ pub(crate) enum Enqueued {
     },
 }
 
-/// An `enqueue` call: the jobs' payloads, stored by a plain `HSET`, then
-/// the script, sent as one transaction (MULTI/EXEC: a caller killed
-/// half-way leaves no payload behind). The script never sees a payload:
-/// passed as an argument, each was copied and hashed into Lua, about 2 µs
-/// of Redis per job (`thr-bench`, README).
-pub(crate) struct EnqueueCall<'a> {
-    pub payloads: redis::Cmd,
-    pub script: ScriptInvocation<'a>,
+/// A script call sent in one MULTI/EXEC with plain commands before or
+/// after it that store or read payloads, so that no payload passes through
+/// Lua (each crossing costs Redis about 1 µs per KB: ARCHITECTURE.md
+/// decision 31). The transaction keeps a caller killed half-way from
+/// leaving a payload behind. Its answer holds the script's answer and
+/// what the commands not ignored read, in order.
+pub(crate) struct Transaction<'a> {
+    pub pipe: redis::Pipeline,
+    /// The script in it: loaded when Redis answers NOSCRIPT.
+    pub script: &'a Script,
 }
 
 impl Scripts {
+    /// The jobs' payloads stored by a plain `HSET`, then the script.
     pub(crate) fn enqueue(
         &self,
         ks: &Keyspace,
         q: &QueueKeys,
         jobs: &[Enqueue],
-    ) -> EnqueueCall<'_> {
+    ) -> Transaction<'_> {
         let mut payloads = redis::cmd("HSET");
         payloads.arg(&q.jobs);
         for a in jobs {
@@ -204,9 +207,14 @@ impl Scripts {
                 .arg(&a.method)
                 .arg(if a.from_dead { "1" } else { "" });
         }
-        EnqueueCall {
-            payloads,
-            script: s,
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .add_command(payloads)
+            .ignore()
+            .invoke_script(&s);
+        Transaction {
+            pipe,
+            script: &self.enqueue,
         }
     }
 
@@ -790,22 +798,48 @@ impl Scripts {
         s
     }
 
-    pub(crate) fn push_pieces(&self, ks: &Keyspace, a: &PushPieces<'_>) -> ScriptInvocation<'_> {
+    /// Numbered pieces stored by a plain `HSET` under their numbers, then
+    /// the script, which keeps those the window has room for; pieces with
+    /// no number (an abort) go to the script itself.
+    pub(crate) fn push_pieces(&self, ks: &Keyspace, a: &PushPieces<'_>) -> Transaction<'_> {
+        let pieces = ks.pieces(a.id);
         let mut s = self.push_pieces.prepare_invoke();
-        s.key(ks.pieces(a.id))
+        s.key(&pieces)
             .key(ks.stream(a.id))
             .key(ks.replies(a.front))
             .arg(a.first.map_or(-1, |f| f as i64))
+            .arg(a.pieces.len())
             .arg(a.window)
             .arg(ms(a.stream_ttl))
             .arg(a.notice)
             .arg(a.reply_ttl.as_secs());
-        for p in a.pieces {
-            s.arg(p.as_ref());
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match a.first {
+            Some(first) if !a.pieces.is_empty() => {
+                let mut store = redis::cmd("HSET");
+                store.arg(&pieces);
+                for (n, p) in (first..).zip(a.pieces) {
+                    store.arg(n).arg(p.as_ref());
+                }
+                pipe.add_command(store).ignore();
+            }
+            Some(_) => {}
+            None => {
+                for p in a.pieces {
+                    s.arg(p.as_ref());
+                }
+            }
         }
-        s
+        pipe.invoke_script(&s);
+        Transaction {
+            pipe,
+            script: &self.push_pieces,
+        }
     }
 
+    /// The script, which drops the pieces before `from`, then an `HMGET`
+    /// of the `max` pieces numbered from `from` (nil past the last).
     pub(crate) fn take_pieces(
         &self,
         ks: &Keyspace,
@@ -813,13 +847,23 @@ impl Scripts {
         from: u64,
         max: usize,
         stream_ttl: Duration,
-    ) -> ScriptInvocation<'_> {
+    ) -> Transaction<'_> {
+        let pieces = ks.pieces(id);
         let mut s = self.take_pieces.prepare_invoke();
-        s.key(ks.pieces(id))
+        s.key(&pieces)
             .key(ks.stream(id))
             .arg(from)
-            .arg(max)
             .arg(ms(stream_ttl));
-        s
+        let mut read = redis::cmd("HMGET");
+        read.arg(&pieces);
+        for n in from..from + max.max(1) as u64 {
+            read.arg(n);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().invoke_script(&s).add_command(read);
+        Transaction {
+            pipe,
+            script: &self.take_pieces,
+        }
     }
 }

@@ -249,15 +249,6 @@ impl RedisBroker {
         )
     }
 
-    /// Runs a prepared script on the body-traffic connection.
-    async fn invoke_bulk(
-        &self,
-        script: redis::ScriptInvocation<'_>,
-    ) -> Result<redis::Value, BrokerError> {
-        self.run_bulk(|mut conn| async move { script.invoke_async(&mut conn).await })
-            .await
-    }
-
     /// Runs a prepared script on the shared connection.
     pub(crate) async fn invoke(
         &self,
@@ -322,20 +313,21 @@ impl RedisBroker {
     ) -> Result<Pushed, BrokerError> {
         let encoded: Vec<Bytes> = pieces.iter().map(Piece::encode).collect();
         let notice = DataReady { id: id.to_string() }.encode();
-        let answer = self
-            .invoke_bulk(self.scripts.push_pieces(
-                &self.keyspace,
-                &s::PushPieces {
-                    id,
-                    front,
-                    first,
-                    window: WINDOW,
-                    stream_ttl: STREAM_TTL,
-                    notice: &notice,
-                    reply_ttl: REPLY_TTL,
-                    pieces: &encoded,
-                },
-            ))
+        let call = self.scripts.push_pieces(
+            &self.keyspace,
+            &s::PushPieces {
+                id,
+                front,
+                first,
+                window: WINDOW,
+                stream_ttl: STREAM_TTL,
+                notice: &notice,
+                reply_ttl: REPLY_TTL,
+                pieces: &encoded,
+            },
+        );
+        let (answer,): (redis::Value,) = self
+            .run_bulk(|mut conn| async move { transact(&mut conn, &call).await })
             .await?;
         match s::int(&answer) {
             Some(n) if n >= 0 => Ok(Pushed::Taken(n as usize)),
@@ -371,35 +363,28 @@ impl RedisBroker {
             from_dead: true,
         }];
         let call = self.scripts.enqueue(&self.keyspace, &q, &jobs);
-        let answer = self
-            .run(|mut conn| async move { run_enqueue(&mut conn, &call).await })
+        let (answer,) = self
+            .run(|mut conn| async move { transact(&mut conn, &call).await })
             .await?;
         let outcome = s::parse_enqueue(answer)?.pop();
         Ok(!matches!(outcome, Some(s::Enqueued::Gone)))
     }
 }
 
-/// Runs an `enqueue` call: its payloads' `HSET` and its script in one
-/// MULTI/EXEC. A Redis that lost its scripts (restarted, flushed) stores
-/// the payloads and answers NOSCRIPT for the script: it is loaded and the
-/// whole transaction sent again (storing the same payloads again).
-async fn run_enqueue(
+/// Runs a transaction holding a script (`s::Transaction`). A Redis that
+/// lost its scripts (restarted, flushed) runs the plain commands and
+/// answers NOSCRIPT for the script: it is loaded and the whole transaction
+/// sent again (its commands store and read the same things again).
+async fn transact<T: redis::FromRedisValue>(
     conn: &mut ConnectionManager,
-    call: &s::EnqueueCall<'_>,
-) -> redis::RedisResult<redis::Value> {
-    let mut pipe = redis::pipe();
-    pipe.atomic()
-        .add_command(call.payloads.clone())
-        .ignore()
-        .invoke_script(&call.script);
-    match pipe.query_async::<(redis::Value,)>(conn).await {
+    call: &s::Transaction<'_>,
+) -> redis::RedisResult<T> {
+    match call.pipe.query_async(conn).await {
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             call.script.load_async(conn).await?;
-            pipe.query_async::<(redis::Value,)>(conn)
-                .await
-                .map(|(v,)| v)
+            call.pipe.query_async(conn).await
         }
-        answer => answer.map(|(v,)| v),
+        answer => answer,
     }
 }
 
@@ -488,8 +473,9 @@ impl QueueBatchers {
                 async move {
                     let mut conn = calls.conn.clone();
                     let call = calls.scripts.enqueue(&calls.keyspace, &calls.queue, &jobs);
-                    let answer = run_enqueue(&mut conn, &call);
-                    s::parse_enqueue(bounded(calls.timeout, &calls.url, answer).await?)
+                    let answer = transact(&mut conn, &call);
+                    let (answer,) = bounded(calls.timeout, &calls.url, answer).await?;
+                    s::parse_enqueue(answer)
                 }
             }
         });
@@ -740,21 +726,18 @@ impl Broker for RedisBroker {
         from: u64,
         max: usize,
     ) -> Result<Option<Vec<Piece>>, BrokerError> {
-        let answer = self
-            .invoke_bulk(
-                self.scripts
-                    .take_pieces(&self.keyspace, id, from, max.max(1), STREAM_TTL),
-            )
+        let call = self
+            .scripts
+            .take_pieces(&self.keyspace, id, from, max, STREAM_TTL);
+        let (answer, read): (redis::Value, Vec<Option<Vec<u8>>>) = self
+            .run_bulk(|mut conn| async move { transact(&mut conn, &call).await })
             .await?;
         match answer {
             redis::Value::Nil | redis::Value::Boolean(false) => Ok(None),
-            redis::Value::Array(items) => Ok(Some(
-                items
-                    .into_iter()
-                    .map(|v| match v {
-                        redis::Value::BulkString(b) => Piece::decode(Bytes::from(b)),
-                        _ => Piece::Abort("unreadable piece".into()),
-                    })
+            redis::Value::Int(1) => Ok(Some(
+                // The pieces waiting, up to the first number not pushed yet.
+                read.into_iter()
+                    .map_while(|piece| piece.map(|b| Piece::decode(Bytes::from(b))))
                     .collect(),
             )),
             other => Err(BrokerError::Protocol(format!("take_pieces: {other:?}"))),

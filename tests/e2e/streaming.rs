@@ -387,6 +387,66 @@ async fn a_500_mib_upload_arrives_intact() {
     .await;
 }
 
+/// A request body up to `INLINE_BODY` travels in its job's frame; one
+/// byte more and it is stored in chunks (`HSET` on its `upload` key, as
+/// SLOWLOG sees every command), so that no big body passes through the
+/// claim script. Both arrive as sent, and the stored one is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_inline_body_is_stored_in_chunks_and_arrives_intact() {
+    use thr_core::envelope::{CHUNK, INLINE_BODY};
+
+    let backend = SlowBackend::builder().start().await;
+    let stack = Binaries::start(backend, 1, "").await;
+    let mut conn = stack.redis.conn();
+    for (setting, value) in [
+        ("slowlog-log-slower-than", "0"),
+        ("slowlog-max-len", "100000"),
+    ] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(setting)
+            .arg(value)
+            .query(&mut conn)
+            .unwrap();
+    }
+    // Chunks stored since the last call: `HSET`s of an upload key.
+    let mut chunks_stored = || -> usize {
+        // Each entry: id, time, duration, the command's words, client…
+        let log: Vec<Vec<redis::Value>> = redis::cmd("SLOWLOG")
+            .arg("GET")
+            .arg(-1)
+            .query(&mut conn)
+            .unwrap();
+        let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
+        log.into_iter()
+            .filter_map(|entry| redis::from_redis_value::<Vec<Vec<u8>>>(entry.get(3)?.clone()).ok())
+            .filter(|words| {
+                words.len() > 1
+                    && words[0].eq_ignore_ascii_case(b"hset")
+                    && words[1].ends_with(b":upload")
+            })
+            .count()
+    };
+    chunks_stored();
+    for (size, chunks) in [(INLINE_BODY, 0), (INLINE_BODY + 1, 1), (CHUNK + 1, 2)] {
+        let data = Bytes::from(testkit::backend::pattern(size));
+        let response = request(&stack.url(), "POST", "/upload", data.clone()).await;
+        assert_eq!(response.status(), 200, "{size} bytes");
+        let seen = stack.backend.requests();
+        assert!(
+            seen.last().unwrap().body[..] == data[..],
+            "{size} bytes altered"
+        );
+        assert_eq!(chunks_stored(), chunks, "{size} bytes: chunks stored");
+    }
+    until_async(
+        Duration::from_secs(5),
+        "the stored bodies are dropped",
+        || body_keys(&stack.redis).is_empty(),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_timeout_per_rule_max_response_and_a_client_that_never_reads() {
     let backend = SlowBackend::builder().workers(4).start().await;

@@ -1,6 +1,6 @@
 //! Reading a request body (ARCHITECTURE.md decision 12): a body of at most
-//! one chunk travels in its job's frame; a bigger one is stored in Redis
-//! chunk by chunk as it arrives, never whole in the front's memory, and its
+//! `INLINE_BODY` travels in its job's frame; a bigger one is stored in
+//! Redis chunk by chunk as it arrives, never whole in the front's memory, and its
 //! job is queued only once it is complete, so a slow uploader never holds a
 //! backend slot. The worker streams the chunks to the backend.
 
@@ -11,14 +11,14 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use thr_broker::Broker;
 use thr_broker::backoff::backoff;
-use thr_core::envelope::CHUNK;
+use thr_core::envelope::{CHUNK, INLINE_BODY};
 
 use crate::error::FrontError;
 
 /// Where a request body is.
 #[derive(Debug)]
 pub enum Stored {
-    /// In memory (at most one chunk): it goes in the job's frame.
+    /// In memory (at most `INLINE_BODY`): it goes in the job's frame.
     Inline(Bytes),
     /// In Redis, as `chunks` chunks of `len` bytes in all.
     InRedis {
@@ -63,13 +63,13 @@ where
             }
             buf.extend_from_slice(&data);
             // Keep the last chunk's worth in memory: a body that ends
-            // within one chunk travels inline.
+            // within `INLINE_BODY` travels inline.
             while buf.len() > CHUNK {
                 put(broker, id, chunks, buf.split_to(CHUNK).freeze(), ttl).await?;
                 chunks += 1;
             }
         }
-        if chunks == 0 {
+        if chunks == 0 && buf.len() <= INLINE_BODY {
             return Ok(Stored::Inline(buf.split().freeze()));
         }
         if !buf.is_empty() {

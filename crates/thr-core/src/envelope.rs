@@ -32,6 +32,13 @@ const KIND_DATA: u8 = b'D';
 /// 1 MiB each call held Redis ~1 ms). See README "How bodies travel".
 pub const CHUNK: usize = 128 * 1024;
 
+/// Largest request body that travels in its job's frame; a bigger one is
+/// stored in chunks of [`CHUNK`] before its job is queued. A frame is read
+/// by the claim script, and every byte that passes through Lua costs Redis
+/// about 1 µs per KB, against a quarter of that for a chunk stored and
+/// read by plain commands (ARCHITECTURE.md decision 31).
+pub const INLINE_BODY: usize = 16 * 1024;
+
 /// Most pieces of one response waiting in Redis (8 × 128 KiB = 1 MiB): the
 /// flow-control window between a worker and the front that reads them.
 pub const WINDOW: usize = 8;

@@ -203,8 +203,9 @@ async fn a_finished_job_leaves_no_state_behind() {
 
 /// An enqueue's payloads are stored by its caller in the same transaction
 /// as the script (`Scripts::enqueue`): a job the script does not queue
-/// (refused, settled, a dead letter gone) leaves no payload behind, and a
-/// repeat of a waiting job leaves that job's payload in place.
+/// (refused, settled, a dead letter gone) leaves no payload behind, a
+/// repeat of a waiting job leaves that job's payload in place, and a
+/// withdraw takes a payload whose script never ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_enqueue_that_queues_nothing_leaves_no_payload() {
     use thr_broker::Admission;
@@ -241,6 +242,14 @@ async fn an_enqueue_that_queues_nothing_leaves_no_payload() {
         Admission::Settled
     );
     assert!(!stored("w1"), "a settled job's payload is not stored again");
+    // A payload whose script never ran (its transaction failed half-way:
+    // the front was told the outcome is unknown) goes with the withdraw
+    // that front sends when it gives up.
+    let _: () = redis.conn().hset(&q.jobs, "w3", "job w3").unwrap();
+    b.withdraw(QUEUE, "w3", Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(!stored("w3"), "an orphan payload is withdrawn");
 }
 
 /// A streamed response's pieces are stored under their numbers by plain

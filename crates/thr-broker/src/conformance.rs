@@ -2177,7 +2177,8 @@ pub async fn cancelled_stream_stops_its_worker<B: Broker>(b: &B) {
 }
 
 /// A streaming job whose worker is lost never runs again, even a GET: its
-/// client has a head already. The reaper aborts its stream.
+/// client has a head already. The reaper aborts its stream, and a worker
+/// that was only slow is then told to stop.
 pub async fn lost_streaming_worker_aborts_its_stream<B: Broker>(b: &B) {
     beat(b).await;
     let free = no_quota();
@@ -2196,7 +2197,14 @@ pub async fn lost_streaming_worker_aborts_its_stream<B: Broker>(b: &B) {
         }
     );
     assert_eq!(idle(b, "a streaming job is not requeued").await, None);
+    // The worker was only slow: its next pushes, the piece the abort took
+    // the place of and one after it, are refused and replace nothing.
+    assert_eq!(
+        push(b, &l1.lease, 1, &[data("b"), data("c")]).await,
+        Pushed::Cancelled
+    );
     let pieces = take_from(b, "l1", 0).await.expect("still readable");
+    assert_eq!(pieces.len(), 2, "a, then the abort: {pieces:?}");
     assert_eq!(pieces[0], data("a"));
     assert!(
         matches!(pieces.last(), Some(Piece::Abort(_))),
@@ -2204,8 +2212,9 @@ pub async fn lost_streaming_worker_aborts_its_stream<B: Broker>(b: &B) {
     );
 }
 
-/// Request bodies: chunks are stored in order, once each; a gap is
-/// refused; a dropped body is gone.
+/// Request bodies: chunks are stored in order, once each; a chunk after a
+/// gap is reported as not stored (its body is missing a part: the front
+/// gives it up); a dropped body is gone.
 pub async fn upload_chunks_are_stored_once_in_order<B: Broker>(b: &B) {
     let put = |i: u32, text: &'static str| {
         b.put_upload_chunk("u1", i, Bytes::from_static(text.as_bytes()), LONG)

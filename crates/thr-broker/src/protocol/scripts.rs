@@ -798,9 +798,11 @@ impl Scripts {
         s
     }
 
-    /// Numbered pieces stored by a plain `HSET` under their numbers, then
-    /// the script, which keeps those the window has room for; pieces with
-    /// no number (an abort) go to the script itself.
+    /// Numbered pieces stored under their numbers by plain `HSETNX`s (a
+    /// piece already there, such as the reaper's abort, is never replaced)
+    /// with the hash's expiry (kept should the script not run), then the
+    /// script, which keeps those the window has room for; pieces with no
+    /// number (an abort) go to the script itself.
     pub(crate) fn push_pieces(&self, ks: &Keyspace, a: &PushPieces<'_>) -> Transaction<'_> {
         let pieces = ks.pieces(a.id);
         let mut s = self.push_pieces.prepare_invoke();
@@ -817,12 +819,10 @@ impl Scripts {
         pipe.atomic();
         match a.first {
             Some(first) if !a.pieces.is_empty() => {
-                let mut store = redis::cmd("HSET");
-                store.arg(&pieces);
                 for (n, p) in (first..).zip(a.pieces) {
-                    store.arg(n).arg(p.as_ref());
+                    pipe.hset_nx(&pieces, n, p.as_ref()).ignore();
                 }
-                pipe.add_command(store).ignore();
+                pipe.pexpire(&pieces, ms(a.stream_ttl) as i64).ignore();
             }
             Some(_) => {}
             None => {

@@ -230,6 +230,21 @@ impl RedisBroker {
         bounded(self.command_timeout, &self.display_url, f(conn)).await
     }
 
+    /// Runs a transaction holding a script (`transact`) on `conn`, bounded
+    /// by the command timeout.
+    async fn run_transaction<T: redis::FromRedisValue>(
+        &self,
+        mut conn: ConnectionManager,
+        call: &s::Transaction<'_>,
+    ) -> Result<T, BrokerError> {
+        bounded(
+            self.command_timeout,
+            &self.display_url,
+            transact(&mut conn, call),
+        )
+        .await
+    }
+
     /// The batching tasks of `queue`, started on first use.
     fn batchers(&self, queue: &str) -> Arc<QueueBatchers> {
         let mut all = self.batchers.lock().unwrap_or_else(|p| p.into_inner());
@@ -326,9 +341,7 @@ impl RedisBroker {
                 pieces: &encoded,
             },
         );
-        let (answer,): (redis::Value,) = self
-            .run_bulk(|mut conn| async move { transact(&mut conn, &call).await })
-            .await?;
+        let (answer,): (redis::Value,) = self.run_transaction(self.bulk.clone(), &call).await?;
         match s::int(&answer) {
             Some(n) if n >= 0 => Ok(Pushed::Taken(n as usize)),
             Some(_) => Ok(Pushed::Cancelled),
@@ -363,9 +376,7 @@ impl RedisBroker {
             from_dead: true,
         }];
         let call = self.scripts.enqueue(&self.keyspace, &q, &jobs);
-        let (answer,) = self
-            .run(|mut conn| async move { transact(&mut conn, &call).await })
-            .await?;
+        let (answer,) = self.run_transaction(self.manager.clone(), &call).await?;
         let outcome = s::parse_enqueue(answer)?.pop();
         Ok(!matches!(outcome, Some(s::Enqueued::Gone)))
     }
@@ -375,25 +386,51 @@ impl RedisBroker {
 /// lost its scripts (restarted, flushed) runs the plain commands and
 /// answers NOSCRIPT for the script: it is loaded and the whole transaction
 /// sent again (its commands store and read the same things again).
+///
+/// Redis does not roll a transaction back: when a command in it fails
+/// (NOSCRIPT, a script's error), the others ran. So such a failure, or any
+/// failure after a NOSCRIPT, leaves the outcome unknown, never "did
+/// nothing": the caller asks again, and the script, once it runs, deletes
+/// what its plain commands stored for nothing. A transaction refused
+/// before it ran (EXECABORT) did nothing.
 async fn transact<T: redis::FromRedisValue>(
     conn: &mut ConnectionManager,
     call: &s::Transaction<'_>,
-) -> redis::RedisResult<T> {
+) -> Result<T, BrokerError> {
     match call.pipe.query_async(conn).await {
+        Ok(answer) => Ok(answer),
         Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            call.script.load_async(conn).await?;
-            call.pipe.query_async(conn).await
+            let again = async {
+                call.script.load_async(conn).await?;
+                call.pipe.query_async(conn).await
+            };
+            again.await.map_err(ran_in_part)
         }
-        answer => answer,
+        Err(e) if matches!(e.kind(), redis::ErrorKind::Server(k) if k != redis::ServerErrorKind::ExecAbort) => {
+            Err(ran_in_part(e))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A transaction whose plain commands ran while its script did not (or
+/// may not have): its outcome is unknown.
+fn ran_in_part(err: redis::RedisError) -> BrokerError {
+    BrokerError::Timeout {
+        what: format!("a transaction ran only in part: {err}"),
+        source: Some(Box::new(err)),
     }
 }
 
 /// `call`, bounded by `timeout`: past it, the outcome is unknown.
-async fn bounded<T>(
+async fn bounded<T, E>(
     timeout: Duration,
     url: &str,
-    call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, BrokerError> {
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, BrokerError>
+where
+    BrokerError: From<E>,
+{
     match tokio::time::timeout(timeout, call).await {
         Ok(result) => result.map_err(BrokerError::from),
         Err(_) => Err(BrokerError::Timeout {
@@ -729,9 +766,8 @@ impl Broker for RedisBroker {
         let call = self
             .scripts
             .take_pieces(&self.keyspace, id, from, max, STREAM_TTL);
-        let (answer, read): (redis::Value, Vec<Option<Vec<u8>>>) = self
-            .run_bulk(|mut conn| async move { transact(&mut conn, &call).await })
-            .await?;
+        let (answer, read): (redis::Value, Vec<Option<Vec<u8>>>) =
+            self.run_transaction(self.bulk.clone(), &call).await?;
         match answer {
             redis::Value::Nil | redis::Value::Boolean(false) => Ok(None),
             redis::Value::Int(1) => Ok(Some(

@@ -27,18 +27,23 @@ if state[3] or (not state[1] and first >= 0) or first > nxt then
   redis.call('DEL', K_pieces)
   return -1
 end
--- Aborted by the reaper (it took this worker for lost): the abort stays
--- the stream's last piece, and what this call stored past it goes.
-if state[4] and first >= 0 then
+-- Deletes what this call stored that is not in the stream ending before
+-- `last`: pieces the front took already, or past the stream's end.
+local function drop_unkept(last)
   local drop = {}
   for n = first, first + count - 1 do
-    if n < head or n >= nxt then
+    if n < head or n >= last then
       drop[#drop + 1] = n
     end
   end
   if #drop > 0 then
     redis.call('HDEL', K_pieces, unpack(drop))
   end
+end
+-- Aborted by the reaper (it took this worker for lost): the abort stays
+-- the stream's last piece, and what this call stored past it goes.
+if state[4] and first >= 0 then
+  drop_unkept(nxt)
   return -1
 end
 local was_empty = nxt == head
@@ -49,16 +54,7 @@ if first >= 0 then
   local added = math.min(count - again, math.max(0, window - (nxt - head)))
   nxt = nxt + added
   taken = again + added
-  -- Stored pieces not kept: taken by the front already, or past the window.
-  local drop = {}
-  for n = first, first + count - 1 do
-    if n < head or n >= nxt then
-      drop[#drop + 1] = n
-    end
-  end
-  if #drop > 0 then
-    redis.call('HDEL', K_pieces, unpack(drop))
-  end
+  drop_unkept(nxt)
 else
   for i = 7, #ARGV do
     redis.call('HSET', K_pieces, nxt, ARGV[i])

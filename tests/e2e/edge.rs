@@ -301,7 +301,8 @@ async fn idle_floods_past_the_connection_cap_are_refused_and_later_clients_serve
         .count();
     assert!(
         refused >= 100,
-        "{refused} of 200 idle connections refused with 503"
+        "{refused} of 200 idle connections refused with 503 ({} accept-failed lines)",
+        front.lines_with("accept failed")
     );
     // Once the idle ones reach header_read_timeout, a client gets in.
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -397,37 +397,15 @@ async fn a_body_over_inline_body_is_stored_in_chunks_and_arrives_intact() {
 
     let backend = SlowBackend::builder().start().await;
     let stack = Binaries::start(backend, 1, "").await;
-    let mut conn = stack.redis.conn();
-    for (setting, value) in [
-        ("slowlog-log-slower-than", "0"),
-        ("slowlog-max-len", "100000"),
-    ] {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(setting)
-            .arg(value)
-            .query(&mut conn)
-            .unwrap();
-    }
     // Chunks stored since the last call: `HSET`s of an upload key.
-    let mut chunks_stored = || -> usize {
-        // Each entry: id, time, duration, the command's words, client…
-        let log: Vec<Vec<redis::Value>> = redis::cmd("SLOWLOG")
-            .arg("GET")
-            .arg(-1)
-            .query(&mut conn)
-            .unwrap();
-        let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
-        log.into_iter()
-            .filter_map(|entry| redis::from_redis_value::<Vec<Vec<u8>>>(entry.get(3)?.clone()).ok())
-            .filter(|words| {
-                words.len() > 1
-                    && words[0].eq_ignore_ascii_case(b"hset")
-                    && words[1].ends_with(b":upload")
-            })
-            .count()
+    let chunks_stored = || {
+        let n = logged_commands(&stack.redis, |words| {
+            words[0] == "hset" && words.get(1).is_some_and(|key| key.ends_with(":upload"))
+        });
+        log_every_command(&stack.redis);
+        n
     };
-    chunks_stored();
+    log_every_command(&stack.redis);
     for (size, chunks) in [(INLINE_BODY, 0), (INLINE_BODY + 1, 1), (CHUNK + 1, 2)] {
         let data = Bytes::from(testkit::backend::pattern(size));
         let response = request(&stack.url(), "POST", "/upload", data.clone()).await;

@@ -340,6 +340,15 @@ pub fn script_calls(redis: &RedisServer, name: &str) -> usize {
     let text =
         thr_broker::protocol::script_source(name).unwrap_or_else(|| panic!("no script {name}"));
     let sha = redis::Script::new(text).get_hash().to_string();
+    logged_commands(redis, |words| {
+        words[0] == "evalsha" && words.get(1) == Some(&sha)
+    })
+}
+
+/// Commands logged since [`log_every_command`] whose words `matches`
+/// accepts: the command's name, lower-cased, then its arguments as text
+/// (SLOWLOG keeps at most 128 bytes of each).
+pub fn logged_commands(redis: &RedisServer, matches: impl Fn(&[String]) -> bool) -> usize {
     let mut conn = redis.conn();
     let entries: Vec<redis::Value> = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -355,11 +364,18 @@ pub fn script_calls(redis: &RedisServer, name: &str) -> usize {
             let Some(redis::Value::Array(args)) = fields.get(3) else {
                 return false;
             };
-            let arg = |i: usize| match args.get(i) {
-                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).to_lowercase(),
-                _ => String::new(),
-            };
-            arg(0) == "evalsha" && arg(1) == sha
+            let mut words: Vec<String> = args
+                .iter()
+                .map(|a| match a {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    _ => String::new(),
+                })
+                .collect();
+            match words.first_mut() {
+                Some(name) => *name = name.to_lowercase(),
+                None => return false,
+            }
+            matches(&words)
         })
         .count()
 }

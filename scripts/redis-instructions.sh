@@ -32,7 +32,7 @@ while read -r pid; do
   kill -TERM "$pid" 2>/dev/null || true
   while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
 done < "$dir/pids"
-total=$(cat "$dir"/callgrind.*.out | awk '/^summary:/ { n += $2 } END { print n + 0 }')
+total=$(cat "$dir"/callgrind.*.out | awk '/^summary:/ { n += $2 } END { printf "%.0f\n", n }')
 echo "Redis ran $total instructions (callgrind files in $dir)"
 jobs=16
 args=("$@")

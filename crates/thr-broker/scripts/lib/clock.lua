@@ -9,10 +9,15 @@ end
 -- Lua would print large numbers with 14 significant digits; scores must be
 -- exact. A string (an integer already printed, or an argument as it came)
 -- is kept as it is: printing and parsing numbers is a good part of what a
--- script costs Redis, so scripts print each number once.
+-- script costs Redis, so scripts print each number once. A whole number
+-- (every score and time in ms is one, below 2^53) is printed as an integer:
+-- `%d` takes glibc's integer path, about a tenth of the instructions of
+-- `%.0f`'s floating-point one; anything else is rounded as before.
 local function int(x)
   if type(x) == 'string' then
     return x
+  elseif x % 1 == 0 then
+    return string.format('%d', x)
   end
   return string.format('%.0f', x)
 end

@@ -626,8 +626,13 @@ fn print_row(name: &str, f: &Figures, base: &Figures) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    let dir = std::env::temp_dir().join(format!("thr-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("bench dir");
+    // Removed when dropped, also when a scenario panics (a daemon that does
+    // not come up), so that no run leaves its configs and logs behind.
+    let tmp = tempfile::Builder::new()
+        .prefix("thr-bench-")
+        .tempdir()
+        .expect("bench dir");
+    let dir = tmp.path().to_path_buf();
     let scenarios = [
         Scenario {
             name: "overhead",
@@ -816,7 +821,7 @@ async fn main() {
     if cli.scenarios.iter().any(|n| n == "soak") {
         soak(cli.soak_duration, &dir).await;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tmp);
 }
 
 /// Jobs started per second of free jobs, with `blocked` jobs waiting behind

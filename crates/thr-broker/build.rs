@@ -82,13 +82,17 @@ fn split_functions(text: &str) -> Vec<Piece> {
             let mut f = std::mem::take(&mut comments);
             f.push_str(line);
             f.push('\n');
-            for line in lines.by_ref() {
+            // A function on one line ends on it; any other ends at the
+            // first `end` at the start of a line (its own blocks are
+            // indented).
+            let mut ended = line.trim_end().ends_with(" end");
+            while !ended {
+                let Some(line) = lines.next() else { break };
                 f.push_str(line);
                 f.push('\n');
-                if line == "end" {
-                    break;
-                }
+                ended = line == "end";
             }
+            assert!(ended, "helper {name}: no `end` at the start of a line");
             pieces.push(Piece {
                 name: None,
                 text: std::mem::take(&mut other),

@@ -301,6 +301,12 @@ local function set_turn(flow, score)
     redis.call('ZADD', K_flows, int(score), flow)
     return
   end
+  new_turns[flow] = score
+  if #view == 1 and view[1].flow == flow then
+    -- The only flow (a queue without limits): its place cannot change.
+    view[1].score = score
+    return
+  end
   view_remove(flow)
   local k = #view + 1
   for j, e in ipairs(view) do
@@ -310,7 +316,6 @@ local function set_turn(flow, score)
     end
   end
   table.insert(view, k, { flow = flow, score = score })
-  new_turns[flow] = score
 end
 
 -- Per flow, its next waiting jobs read ahead: members `list` from index
@@ -369,7 +374,7 @@ end
 -- 'unheld' (a claim ahead met a job it may not hold).
 local function try_flow(flow)
   local quotas = quotas_of(flow)
-  local tats = {}
+  local tats = #quotas > 0 and {} or nil
   for i, q in ipairs(quotas) do
     if full[q.token] then
       return 'blocked'
@@ -466,6 +471,7 @@ local function try_flows(flows)
 end
 
 -- Starts one job: true, or false and why not.
+local only = nil -- the view's order when it holds one flow, made once
 local function claim_one()
   if total > 0 then
     running = running or running_now()
@@ -478,6 +484,11 @@ local function claim_one()
       return false, 'blocked'
     end
     -- The view's order now (trying a flow may move it or take it out).
+    if #view == 1 then
+      only = only or {}
+      only[1] = view[1].flow
+      return try_flows(only)
+    end
     local flows = {}
     for k, e in ipairs(view) do
       flows[k] = e.flow

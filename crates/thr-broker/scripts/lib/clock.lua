@@ -11,8 +11,9 @@ end
 -- is kept as it is: printing and parsing numbers is a good part of what a
 -- script costs Redis, so scripts print each number once. A whole number
 -- (every score and time in ms is one, below 2^53) is printed as an integer:
--- `%d` takes glibc's integer path, about a tenth of the instructions of
--- `%.0f`'s floating-point one; anything else is rounded as before.
+-- `%d` takes glibc's integer path, 1.7k instructions for a time in ms and
+-- 6.9k for a score near 2^53, against 3.9k and 9.9k for `%.0f`'s
+-- floating-point one (callgrind); anything else is rounded as before.
 local function int(x)
   if type(x) == 'string' then
     return x

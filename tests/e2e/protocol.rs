@@ -393,3 +393,61 @@ fn every_script_and_helper_file_is_served() {
         assert_eq!(served, on_disk, "lib/{helper}.lua");
     }
 }
+
+/// The helpers the files in `scripts/lib` define.
+fn helper_names() -> Vec<String> {
+    lua_stems(&scripts_dir().join("lib"))
+        .iter()
+        .flat_map(|lib| {
+            lua_helper(lib)
+                .unwrap_or_else(|| panic!("lib/{lib}.lua not served"))
+                .lines()
+        })
+        .filter_map(|l| l.strip_prefix("local function "))
+        .map(|rest| rest.split('(').next().unwrap_or(rest).trim().to_string())
+        .collect()
+}
+
+/// True when `text` calls `name` (a whole name followed by `(`) outside a
+/// comment line and a definition.
+fn calls(text: &str, name: &str) -> bool {
+    let call = format!("{name}(");
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with("local function ") && !l.starts_with("--"))
+        .any(|l| {
+            l.match_indices(&call).any(|(at, _)| {
+                !l[..at]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+            })
+        })
+}
+
+/// `build.rs` keeps only the helpers a script reaches: none it calls may be
+/// missing (Lua would fail only when that line runs).
+#[test]
+fn every_helper_a_script_calls_is_in_it() {
+    let names = helper_names();
+    assert!(names.len() > 30, "helpers found: {names:?}");
+    for script in SCRIPTS {
+        let text = script_source(script).expect("a script");
+        for name in &names {
+            if calls(text, name) {
+                assert!(
+                    text.contains(&format!("local function {name}(")),
+                    "{script}.lua calls {name} but does not define it"
+                );
+            }
+        }
+    }
+}
+
+/// ...and leaves out the others: the release defines no rate helper.
+#[test]
+fn helpers_a_script_never_calls_are_left_out() {
+    let release = script_source("release").expect("release");
+    assert!(release.contains("local function sem_drop("));
+    assert!(!release.contains("local function gcra("));
+    assert!(!release.contains("local function sem_sweep("));
+}

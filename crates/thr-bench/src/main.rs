@@ -31,11 +31,12 @@
 //! CPU µs (`INFO cpu`) and µs in scripts (`INFO commandstats`, wall clock:
 //! on a busy machine it includes time Redis waited for a core), the
 //! costliest commands (commandstats counts a command a script or a
-//! transaction runs under its own name too, so these overlap); then how much of that each job script takes
-//! (enqueue, claim, release) and how many requests one call serves. The
-//! split by script comes from a second, one-second run whose every call
-//! SLOWLOG logs: logging every command makes Redis's calls about twice as
-//! slow, so it is kept out of the measured run.
+//! transaction runs under its own name too, so these overlap); then how
+//! much of that each job script takes (enqueue, claim, release) and how
+//! many requests one call serves. The split by script comes from a second,
+//! one-second run whose every call SLOWLOG logs: logging every command
+//! makes Redis's calls about twice as slow, so it is kept out of the
+//! measured run.
 //!
 //! Run: `cargo run --release -p thr-bench -- [--duration 5s] [--concurrency 64]`.
 

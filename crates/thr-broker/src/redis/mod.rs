@@ -234,15 +234,10 @@ impl RedisBroker {
     /// by the command timeout.
     async fn run_transaction<T: redis::FromRedisValue>(
         &self,
-        mut conn: ConnectionManager,
+        conn: ConnectionManager,
         call: &s::Transaction<'_>,
     ) -> Result<T, BrokerError> {
-        bounded(
-            self.command_timeout,
-            &self.display_url,
-            transact(&mut conn, call),
-        )
-        .await
+        transact(conn, call, self.command_timeout, &self.display_url).await
     }
 
     /// The batching tasks of `queue`, started on first use.
@@ -382,7 +377,8 @@ impl RedisBroker {
     }
 }
 
-/// Runs a transaction holding a script (`s::Transaction`). A Redis that
+/// Runs a transaction holding a script (`s::Transaction`) on `conn`,
+/// bounded by `timeout` (past it, the outcome is unknown). A Redis that
 /// lost its scripts (restarted, flushed) runs the plain commands and
 /// answers NOSCRIPT for the script: it is loaded and the whole transaction
 /// sent again (its commands store and read the same things again).
@@ -394,6 +390,16 @@ impl RedisBroker {
 /// what its plain commands stored for nothing. A transaction refused
 /// before it ran (EXECABORT) did nothing.
 async fn transact<T: redis::FromRedisValue>(
+    mut conn: ConnectionManager,
+    call: &s::Transaction<'_>,
+    timeout: Duration,
+    url: &str,
+) -> Result<T, BrokerError> {
+    bounded(timeout, url, send_transaction(&mut conn, call)).await
+}
+
+/// One attempt of `transact`, with its NOSCRIPT retry, unbounded.
+async fn send_transaction<T: redis::FromRedisValue>(
     conn: &mut ConnectionManager,
     call: &s::Transaction<'_>,
 ) -> Result<T, BrokerError> {
@@ -508,10 +514,9 @@ impl QueueBatchers {
             move |jobs: Vec<s::Enqueue>| {
                 let calls = calls.clone();
                 async move {
-                    let mut conn = calls.conn.clone();
                     let call = calls.scripts.enqueue(&calls.keyspace, &calls.queue, &jobs);
-                    let answer = transact(&mut conn, &call);
-                    let (answer,) = bounded(calls.timeout, &calls.url, answer).await?;
+                    let (answer,) =
+                        transact(calls.conn.clone(), &call, calls.timeout, &calls.url).await?;
                     s::parse_enqueue(answer)
                 }
             }

@@ -247,19 +247,27 @@ impl<T: Peek + AsyncWrite + Unpin> Probed<T> {
 /// `bytes` the original head took. None when `bytes` does not start with
 /// a whole head naming one.
 pub fn restore_target(bytes: &[u8]) -> Option<(Vec<u8>, usize)> {
-    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    // Every request written to a backend passes here, and nearly none
+    // names an original target: memchr's searches, and the marker built
+    // once, keep that cheap (a scan of each position against the marker
+    // was 9k instructions per request, by callgrind).
+    static MARKER: std::sync::LazyLock<Vec<u8>> =
+        std::sync::LazyLock::new(|| format!("\r\n{}:", raw_target_field()).into_bytes());
+    let marker = MARKER.as_slice();
+    let end = memchr::memmem::find(bytes, b"\r\n\r\n")? + 4;
     let head = &bytes[..end];
-    let marker = format!("\r\n{}:", raw_target_field());
-    let at = head
-        .windows(marker.len())
-        .position(|w| w.eq_ignore_ascii_case(marker.as_bytes()))?;
+    // The marker starts a line, so only a line's CRLF can start it.
+    let at = memchr::memmem::find_iter(head, b"\r\n").find(|&at| {
+        head.get(at..at + marker.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(marker))
+    })?;
     let value_start = at + marker.len();
-    let value_end = value_start + head[value_start..].windows(2).position(|w| w == b"\r\n")?;
+    let value_end = value_start + memchr::memmem::find(&head[value_start..], b"\r\n")?;
     let raw = head[value_start..value_end].trim_ascii();
-    let line_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let line_end = memchr::memmem::find(head, b"\r\n")?;
     let line = &head[..line_end];
-    let method_end = line.iter().position(|&b| b == b' ')?;
-    let version_start = line.iter().rposition(|&b| b == b' ')?;
+    let method_end = memchr::memchr(b' ', line)?;
+    let version_start = memchr::memrchr(b' ', line)?;
     let mut out = Vec::with_capacity(head.len());
     out.extend_from_slice(&line[..method_end + 1]);
     out.extend_from_slice(raw);
@@ -413,6 +421,13 @@ mod tests {
             "GET /app/s?q=\"a\" HTTP/1.1\r\nhost: x\r\naccept: */*\r\n\r\n"
         );
         assert_eq!(&head[taken..], b"BODY");
+        // Named in any case, and as the last field.
+        let upper = format!(
+            "GET /s?q=%3C HTTP/1.1\r\nhost: x\r\n{}: /s?q=<\r\n\r\n",
+            raw_target_field().as_str().to_ascii_uppercase()
+        );
+        let (out, _) = restore_target(upper.as_bytes()).unwrap();
+        assert_eq!(out, b"GET /s?q=< HTTP/1.1\r\nhost: x\r\n\r\n");
         assert!(restore_target(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").is_none());
         // The base name alone (which a body or a client could write) is
         // not the field.

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Counts the instructions http2redis and redis2http run per request, under
+# valgrind's callgrind (apt-get install valgrind apache2-utils): a figure
+# this machine's noise cannot blur, unlike µs (ARCHITECTURE.md decision 32).
+# Starts Redis, the benchmark backend (slowapp, no delay) and both daemons
+# in front of it, sends N sequential keep-alive GETs with `ab` (default
+# 1000), stops the daemons with SIGTERM (callgrind then writes its files)
+# and does it all again with no request: the difference, divided by N, is
+# what one request costs each daemon, start-up left out.
+#   scripts/daemon-instructions.sh [N]
+# Uses target/release (build it first; THR_BIN for another directory of
+# the same binaries). Callgrind counts each byte of a `rep movsb`/`stosb`
+# (glibc's memcpy and memset of large blocks) as an instruction, so a
+# large copy or zeroing weighs more here than in time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n="${1:-1000}"
+bin="${THR_BIN:-target/release}"
+for tool in valgrind ab redis-server; do
+  command -v "$tool" >/dev/null || { echo "$tool not found: apt-get install valgrind apache2-utils redis-server" >&2; exit 1; }
+done
+dir="$(mktemp -d /tmp/thr-daemon-callgrind-XXXXXX)"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
+trap cleanup EXIT
+
+# A port nothing listens on (a refused connection).
+free_port() {
+  local p
+  while :; do
+    p=$((20000 + RANDOM % 40000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+      echo "$p"
+      return
+    fi
+  done
+}
+
+# One run of $1 requests: sets `front` and `worker` to the instructions
+# each daemon ran.
+run() {
+  local requests=$1 tag=$2 redis_port backend_port front_port
+  redis_port=$(free_port)
+  backend_port=$(free_port)
+  front_port=$(free_port)
+  redis-server --port "$redis_port" --save '' --appendonly no >"$dir/redis.$tag.log" 2>&1 &
+  pids+=($!)
+  "$bin/slowapp" --listen "127.0.0.1:$backend_port" --workers 16 --delay 0ms >/dev/null 2>&1 &
+  pids+=($!)
+  cat >"$dir/thr.$tag.toml" <<EOF
+[redis]
+url = "redis://127.0.0.1:$redis_port"
+[http2redis]
+listen = "127.0.0.1:$front_port"
+reply_timeout = "60s"
+[[queues]]
+name = "default"
+backend = "http://127.0.0.1:$backend_port"
+max_inflight = 64
+EOF
+  local daemons=()
+  for d in http2redis redis2http; do
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.$d.$tag.out" \
+      "$bin/$d" --config "$dir/thr.$tag.toml" >"$dir/$d.$tag.log" 2>&1 &
+    daemons+=($!)
+    pids+=($!)
+  done
+  # Ready when a request comes back through both.
+  local ready=""
+  for _ in $(seq 1 300); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$front_port/")" = 200 ]; then
+      ready=1
+      break
+    fi
+    sleep 0.2
+  done
+  [ -n "$ready" ] || { echo "thr did not answer (logs in $dir)" >&2; exit 1; }
+  if [ "$requests" -gt 0 ]; then
+    ab -k -q -n "$requests" -c 1 "http://127.0.0.1:$front_port/" >"$dir/ab.$tag.txt"
+    grep -q "^Failed requests: *0" "$dir/ab.$tag.txt" || { echo "requests failed (see $dir/ab.$tag.txt)" >&2; exit 1; }
+  fi
+  kill -TERM "${daemons[@]}"
+  wait "${daemons[@]}" || true
+  cleanup
+  pids=()
+  front=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.http2redis.$tag.out")
+  worker=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.redis2http.$tag.out")
+}
+
+run 0 idle
+front0=$front worker0=$worker
+run "$n" load
+front1=$front worker1=$worker
+echo "per request ($n sequential keep-alive GETs; callgrind files in $dir):"
+echo "  http2redis $(((front1 - front0) / n)) instructions"
+echo "  redis2http $(((worker1 - worker0) / n)) instructions"

@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Counts the instructions http2redis and redis2http run per request, under
-# valgrind's callgrind (apt-get install valgrind apache2-utils): a figure
-# this machine's noise cannot blur, unlike µs (ARCHITECTURE.md decision 32).
-# Starts Redis, the benchmark backend (slowapp, no delay) and both daemons
-# in front of it, sends N sequential keep-alive GETs with `ab` (default
-# 1000), stops the daemons with SIGTERM (callgrind then writes its files)
-# and does it all again with no request: the difference, divided by N, is
-# what one request costs each daemon, start-up left out.
+# Counts the instructions http2redis, redis2http and Redis run per request
+# on an idle system (one request at a time: each job is handed to the
+# waiting worker, one per script call), under valgrind's callgrind
+# (apt-get install valgrind apache2-utils): a figure this machine's noise
+# cannot blur, unlike µs (ARCHITECTURE.md decision 32). Starts Redis, the
+# benchmark backend (slowapp, no delay) and both daemons in front of it,
+# all three of thr's processes under callgrind, sends N sequential
+# keep-alive GETs with `ab` (default 1000), stops them with SIGTERM
+# (callgrind then writes its files) and does it all again with no
+# request: the difference, divided by N, is what one request costs each,
+# start-up left out.
 #   scripts/daemon-instructions.sh [N]
 # Uses target/release (build it first; THR_BIN for another directory of
-# the same binaries). Callgrind counts each byte of a `rep movsb`/`stosb`
+# the same binaries) and the redis-server on PATH (REDIS_SERVER for
+# another: one built with symbols lets callgrind_annotate name Redis's
+# functions in the files left in the printed directory). Callgrind counts each byte of a `rep movsb`/`stosb`
 # (glibc's memcpy and memset of large blocks) as an instruction, so a
 # large copy or zeroing weighs more here than in time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-1000}"
 bin="${THR_BIN:-target/release}"
-for tool in valgrind ab redis-server; do
+server="$(command -v "${REDIS_SERVER:-redis-server}" || true)"
+[ -n "$server" ] || { echo "redis-server not found: apt-get install redis-server" >&2; exit 1; }
+for tool in valgrind ab; do
   command -v "$tool" >/dev/null || { echo "$tool not found: apt-get install valgrind apache2-utils redis-server" >&2; exit 1; }
 done
 dir="$(mktemp -d /tmp/thr-daemon-callgrind-XXXXXX)"
@@ -41,15 +48,17 @@ free_port() {
   done
 }
 
-# One run of $1 requests: sets `front` and `worker` to the instructions
-# each daemon ran.
+# One run of $1 requests: sets `front`, `worker` and `redis` to the
+# instructions each ran.
 run() {
   local requests=$1 tag=$2 redis_port backend_port front_port
   redis_port=$(free_port)
   backend_port=$(free_port)
   front_port=$(free_port)
-  redis-server --port "$redis_port" --save '' --appendonly no >"$dir/redis.$tag.log" 2>&1 &
-  pids+=($!)
+  valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.redis.$tag.out" \
+    "$server" --port "$redis_port" --save '' --appendonly no >"$dir/redis.$tag.log" 2>&1 &
+  local redis_pid=$!
+  pids+=("$redis_pid")
   "$bin/slowapp" --listen "127.0.0.1:$backend_port" --workers 16 --delay 0ms >/dev/null 2>&1 &
   pids+=($!)
   cat >"$dir/thr.$tag.toml" <<EOF
@@ -86,16 +95,20 @@ EOF
   fi
   kill -TERM "${daemons[@]}"
   wait "${daemons[@]}" || true
+  kill -TERM "$redis_pid"
+  wait "$redis_pid" || true
   cleanup
   pids=()
   front=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.http2redis.$tag.out")
   worker=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.redis2http.$tag.out")
+  redis=$(awk '/^summary:/ { print $2 }' "$dir/callgrind.redis.$tag.out")
 }
 
 run 0 idle
-front0=$front worker0=$worker
+front0=$front worker0=$worker redis0=$redis
 run "$n" load
-front1=$front worker1=$worker
+front1=$front worker1=$worker redis1=$redis
 echo "per request ($n sequential keep-alive GETs; callgrind files in $dir):"
 echo "  http2redis $(((front1 - front0) / n)) instructions"
 echo "  redis2http $(((worker1 - worker0) / n)) instructions"
+echo "  Redis      $(((redis1 - redis0) / n)) instructions"

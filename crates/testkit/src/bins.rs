@@ -18,14 +18,29 @@ fn bin_dir() -> PathBuf {
     }
 }
 
+/// The workspace these binaries are built from, when its sources are still
+/// there: cargo builds in it whatever the working directory (thr-bench run
+/// from `/tmp` used to fail with "could not find Cargo.toml").
+fn workspace() -> Option<PathBuf> {
+    // testkit is crates/testkit.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.join("Cargo.toml").is_file().then_some(root)
+}
+
 /// Path to binary `name`, building the daemons first (once per process).
+/// Without the workspace's sources (binaries copied elsewhere), the ones
+/// beside the running executable are used as they are.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
+        let Some(root) = workspace() else {
+            return;
+        };
         let dir = bin_dir();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        cmd.current_dir(root);
         if release {
             // The benchmark: just the daemons, optimized.
             cmd.args([

@@ -186,6 +186,46 @@ async fn repeated_response_headers_keep_their_order_and_count() {
     stack.thr.stop().await;
 }
 
+/// The status line an HTTP/1.1 GET of `target` on `addr` is answered with.
+async fn status_line(addr: std::net::SocketAddr, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(
+        format!("GET {target} HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), conn.read_to_end(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    answer.lines().next().unwrap_or_default().to_string()
+}
+
+/// A backend's own reason phrase ("418 I'M A TEAPOT", as Flask and Django
+/// send, or a custom one) reaches HTTP/1 clients as sent, whole, chunked
+/// or streamed; an ordinary one stays ordinary.
+#[tokio::test]
+async fn a_backends_reason_phrase_reaches_the_client() {
+    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    for target in [
+        "/r?status=418&reason=1",
+        "/r?status=200&reason=1&chunked=3&bytes=10",
+        "/r?status=200&reason=1&stream=300000",
+        "/r?status=404",
+    ] {
+        let direct = status_line(stack.backend.addr(), target).await;
+        let through = status_line(stack.thr.addr(), target).await;
+        assert_eq!(through, direct, "{target}");
+        if target.contains("reason=1") {
+            assert!(direct.ends_with(" Custom Reason"), "{target}: {direct}");
+        }
+    }
+    stack.thr.stop().await;
+}
+
 #[tokio::test]
 async fn request_id_is_propagated_or_created() {
     let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;

@@ -567,6 +567,7 @@ impl<B: Broker> Front<B> {
                         backend_ms: 0,
                         chunked: false,
                         stream: false,
+                        reason: None,
                     },
                     body: failure.body(),
                 };
@@ -582,6 +583,7 @@ impl<B: Broker> Front<B> {
                 backend_ms: 0,
                 chunked: head.chunked,
                 stream: head.length != Some(0),
+                reason: head.reason,
             },
             body: Bytes::new(),
         };
@@ -689,6 +691,15 @@ fn to_response(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     *response.headers_mut() = headers;
+    // hyper writes it on HTTP/1 (HTTP/2 has no reason phrases); one that
+    // is not a valid phrase is left out, and the client gets the usual one.
+    if let Some(reason) = reply
+        .meta
+        .reason
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.into_bytes()).ok())
+    {
+        response.extensions_mut().insert(reason);
+    }
     Ok(response)
 }
 

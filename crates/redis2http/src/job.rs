@@ -292,6 +292,7 @@ fn reply_meta<B: Broker>(
         backend_ms,
         chunked: head.chunked,
         stream,
+        reason: head.reason.clone(),
     }
 }
 
@@ -336,6 +337,7 @@ async fn answer_failure<B: Broker>(
         backend_ms,
         chunked: false,
         stream: false,
+        reason: None,
     };
     let frame = Reply::encode(&meta, &failure.body());
     finish(runner, job, lease, frame, backend_ms, clock).await;

@@ -7,6 +7,7 @@
 //! | query        | effect                                                       |
 //! |--------------|--------------------------------------------------------------|
 //! | `status=N`   | answer with status N                                         |
+//! | `reason=1`   | with the reason phrase `Custom Reason`, not the usual one    |
 //! | `delay=MS`   | take MS milliseconds instead of the configured delay         |
 //! | `cookies=N`  | add N `Set-Cookie` fields                                    |
 //! | `bytes=N`    | body of N deterministic binary bytes (else: echo the body)   |
@@ -335,6 +336,9 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Ou
         .header("content-type", "application/octet-stream");
     for i in 0..query_param(&target, "cookies").unwrap_or(0) {
         builder = builder.header("set-cookie", format!("c{i}=v{i}; Path=/"));
+    }
+    if query_param(&target, "reason") == Some(1) {
+        builder = builder.extension(hyper::ext::ReasonPhrase::from_static(b"Custom Reason"));
     }
     if let Some(total) = query_param(&target, "stream") {
         let cut = query_param(&target, "cut");

@@ -96,6 +96,9 @@ pub struct Head {
     pub length: Option<u64>,
     /// The backend sent its body without a length (chunked).
     pub chunked: bool,
+    /// Its reason phrase, when not the status code's usual one (hyper
+    /// reports only those).
+    pub reason: Option<String>,
 }
 
 enum Pool {
@@ -195,7 +198,8 @@ impl Forwarder {
                 reason: "backend switched protocols without being asked to",
             });
         }
-        Ok((head_of(parts.status, parts.headers), body))
+        let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+        Ok((head_of(parts.status, parts.headers, reason), body))
     }
 
     /// The call, made a second time on a fresh connection when the first
@@ -295,8 +299,14 @@ fn failed(err: hyper_util::client::legacy::Error) -> Failure {
     }
 }
 
-/// The head a client is given for a backend's `status` and `headers`.
-pub fn head_of(status: StatusCode, mut headers: HeaderMap) -> Head {
+/// The head a client is given for a backend's `status`, `headers` and
+/// unusual reason phrase, if any. A phrase that is not UTF-8 (obs-text) is
+/// left out: the client gets the usual one.
+pub fn head_of(
+    status: StatusCode,
+    mut headers: HeaderMap,
+    reason: Option<&hyper::ext::ReasonPhrase>,
+) -> Head {
     let length = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -308,5 +318,6 @@ pub fn head_of(status: StatusCode, mut headers: HeaderMap) -> Head {
         headers: HeaderList::from_map(&headers),
         length,
         chunked,
+        reason: reason.and_then(|r| std::str::from_utf8(r.as_bytes()).ok().map(str::to_owned)),
     }
 }

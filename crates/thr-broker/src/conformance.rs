@@ -2028,6 +2028,7 @@ fn stream_head_frame(id: &str) -> Bytes {
             backend_ms: 1,
             chunked: true,
             stream: true,
+            reason: None,
         },
         b"",
     )

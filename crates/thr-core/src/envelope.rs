@@ -150,6 +150,11 @@ pub struct ReplyMeta {
     /// The head of a streamed response: the body follows as [`Piece`]s.
     #[serde(default)]
     pub stream: bool,
+    /// The backend's reason phrase when it is not the status code's usual
+    /// one ("HTTP/1.1 418 I'M A TEAPOT"): HTTP/1 clients get it as sent.
+    /// Absent from the frame otherwise, so older fronts read it unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A reply on its way back to a front.
@@ -322,6 +327,7 @@ impl Reply {
                 backend_ms: 0,
                 chunked: false,
                 stream: false,
+                reason: None,
             },
             text.as_bytes(),
         )

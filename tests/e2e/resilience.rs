@@ -548,6 +548,88 @@ async fn a_held_job_whose_put_back_meets_a_paused_redis_still_runs_once() {
     stack.thr.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_keeps_a_held_job_waiting_only_until_it_is_cut() {
+    // a takes the one slot; a download for a client that reads nothing and
+    // the GET c wait behind it. When a ends, the download starts and c is
+    // claimed ahead and held; the download never frees the slot, so c goes
+    // back (the hold limit, a second). Once the client is cut
+    // (client_write_timeout), c runs, once, and nothing is left leased or
+    // waiting.
+    use tokio::io::AsyncWriteExt;
+    let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |text| {
+        text.replacen(
+            "[http2redis]\n",
+            "[http2redis]\nclient_write_timeout = \"3s\"\n",
+            1,
+        )
+        .replace("max_inflight = 64", "max_inflight = 1")
+    })
+    .await;
+    for i in 0..4 {
+        assert_eq!(get(&stack.url(), &format!("/warm/{i}")).await.status, 200);
+    }
+    log_every_command(&stack.redis);
+    let client = client();
+    let mut conn = stack.redis.conn();
+    let a = spawn_send(&client, &stack.url(), Req::new("GET", "/a?delay=400"));
+    until_running(&stack.backend, 1).await;
+    let mut stuck = tokio::net::TcpStream::connect(stack.thr.addr())
+        .await
+        .unwrap();
+    let download = format!(
+        "GET /stuck?stream={} HTTP/1.1\r\nhost: x\r\n\r\n",
+        512 << 20
+    );
+    stuck.write_all(download.as_bytes()).await.unwrap();
+    until(Duration::from_secs(5), "the download waiting", || {
+        leased_and_waiting(&mut conn).1 == 1
+    })
+    .await;
+    let c = spawn_send(&client, &stack.url(), Req::new("GET", "/c"));
+    until(Duration::from_secs(5), "c waiting", || {
+        leased_and_waiting(&mut conn).1 == 2
+    })
+    .await;
+    until(
+        Duration::from_secs(10),
+        "c held while the download streams",
+        || leased_and_waiting(&mut conn) == (2, 0) && stack.backend.open_streams() == 1,
+    )
+    .await;
+    until(Duration::from_secs(5), "c put back", || {
+        script_calls(&stack.redis, "put_back") >= 1
+    })
+    .await;
+    assert_eq!(a.await.unwrap().status, 200);
+    let seen = tokio::time::timeout(Duration::from_secs(60), c)
+        .await
+        .expect("c answered once the client that reads nothing is cut")
+        .unwrap();
+    assert_eq!(seen.status, 200);
+    let targets: Vec<String> = stack
+        .backend
+        .requests()
+        .iter()
+        .map(|r| r.target.clone())
+        .filter(|t| !t.starts_with("/warm"))
+        .collect();
+    assert!(
+        targets.len() == 3
+            && targets[0] == "/a?delay=400"
+            && targets[1].starts_with("/stuck")
+            && targets[2] == "/c",
+        "each once, in order: {targets:?}"
+    );
+    assert_eq!(stack.backend.peak_concurrency(), 1, "one slot");
+    until(Duration::from_secs(10), "nothing left", || {
+        leased_and_waiting(&mut conn) == (0, 0) && stack.backend.open_streams() == 0
+    })
+    .await;
+    drop(stuck);
+    stack.thr.stop().await;
+}
+
 /// A front in this process and one worker as a process of its own (to be
 /// killed or stopped), with one slot, warmed with short jobs so that the
 /// worker knows its slot frees often (and claims ahead). `extra` goes in

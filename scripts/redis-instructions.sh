@@ -6,10 +6,12 @@
 # `scripts` scenario (or a short `--duration`), e.g.
 #   scripts/redis-instructions.sh --scenarios scripts --script-jobs 1
 # Prints the total, and per job for `scripts` (its warm-up and measured
-# rounds: 1,000 rounds of --script-jobs jobs). Options go to thr-bench
-# (default target/release/thr-bench; THR_BENCH to use another); REDIS_SERVER
-# chooses the redis-server (one built with symbols lets callgrind_annotate
-# name functions in the files left in the printed directory).
+# rounds: 1,000 rounds of --script-jobs jobs), for thr's scripts and for
+# the bare lifecycle it runs as a baseline (crates/thr-bench/bare).
+# Options go to thr-bench (default target/release/thr-bench; THR_BENCH to
+# use another); REDIS_SERVER chooses the redis-server (one built with
+# symbols lets callgrind_annotate name functions in the files left in the
+# printed directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench="${THR_BENCH:-target/release/thr-bench}"
@@ -43,5 +45,12 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 if [[ " $* " == *" scripts"* || " $* " == *"=scripts"* ]]; then
-  echo "per job: $((total / (1000 * jobs))) instructions (1,000 rounds of $jobs jobs)"
+  # `scripts` runs last, on two Redis of its own: thr's scripts, then the
+  # bare lifecycle (its baseline).
+  count() { awk '/^summary:/ { n += $2 } END { printf "%.0f\n", n }' "$dir/callgrind.$1.out"; }
+  mapfile -t pids < "$dir/pids"
+  n=${#pids[@]}
+  thr=$(count "${pids[$((n - 2))]}")
+  bare=$(count "${pids[$((n - 1))]}")
+  echo "per job (1,000 rounds of $jobs jobs): thr's scripts $((thr / (1000 * jobs))), the bare lifecycle $((bare / (1000 * jobs))) instructions (x$(awk -v a="$thr" -v b="$bare" 'BEGIN { printf "%.1f", a / b }'))"
 fi

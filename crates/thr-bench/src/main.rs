@@ -21,7 +21,9 @@
 //!   (ARCHITECTURE.md decision 5);
 //! - `scripts` (only when asked): the three job scripts alone, through the
 //!   broker without HTTP, Redis's µs per job and per call of each, from
-//!   SLOWLOG: the figures to compare two versions of a script with;
+//!   SLOWLOG: the figures to compare two versions of a script with; then
+//!   a bare lifecycle (`bare`) as the baseline, and thr's cost per job as
+//!   a multiple of it;
 //! - `soak` (only when asked): `--soak-duration` (10 min) of mixed load while
 //!   a worker is killed with SIGKILL every minute and Redis is restarted
 //!   once; prints requests sent, answered, 5xx, lost and the daemons' memory.
@@ -53,6 +55,7 @@ use testkit::RedisServer;
 use testkit::bins::{Process, binary};
 use testkit::redis::free_port;
 
+mod bare;
 mod scripts;
 
 /// Benchmark thr against the backend alone and HAProxy.
@@ -255,6 +258,23 @@ fn slowlog_scripts(redis: &RedisServer) -> Vec<(&'static str, f64, f64)> {
 /// calls and their µs, and per job script that ran, its calls and µs.
 /// Logging stops here.
 pub(crate) fn slowlog_sums(redis: &RedisServer) -> (usize, i64, Vec<(&'static str, usize, i64)>) {
+    let scripts: Vec<(&'static str, &str)> = JOB_SCRIPTS
+        .iter()
+        .map(|&name| {
+            (
+                name,
+                thr_broker::protocol::script_source(name).expect("a job script"),
+            )
+        })
+        .collect();
+    slowlog_sums_of(redis, &scripts)
+}
+
+/// [`slowlog_sums`] for `scripts` (name, Lua source).
+pub(crate) fn slowlog_sums_of(
+    redis: &RedisServer,
+    scripts: &[(&'static str, &str)],
+) -> (usize, i64, Vec<(&'static str, usize, i64)>) {
     let mut conn = redis.conn();
     let entries: redis::Value = redis::cmd("SLOWLOG")
         .arg("GET")
@@ -266,12 +286,9 @@ pub(crate) fn slowlog_sums(redis: &RedisServer) -> (usize, i64, Vec<(&'static st
         .arg("slowlog-log-slower-than")
         .arg(10_000)
         .query(&mut conn);
-    let hashes: Vec<(&str, String)> = JOB_SCRIPTS
+    let hashes: Vec<(&str, String)> = scripts
         .iter()
-        .map(|&name| {
-            let source = thr_broker::protocol::script_source(name).expect("a job script");
-            (name, redis::Script::new(source).get_hash().to_string())
-        })
+        .map(|&(name, source)| (name, redis::Script::new(source).get_hash().to_string()))
         .collect();
     let text = |v: &redis::Value| match v {
         redis::Value::BulkString(b) => String::from_utf8_lossy(b).to_lowercase(),
@@ -279,7 +296,7 @@ pub(crate) fn slowlog_sums(redis: &RedisServer) -> (usize, i64, Vec<(&'static st
         _ => String::new(),
     };
     let (mut evalsha, mut evalsha_us) = (0usize, 0i64);
-    let mut sums = vec![(0usize, 0i64); JOB_SCRIPTS.len()];
+    let mut sums = vec![(0usize, 0i64); scripts.len()];
     let redis::Value::Array(entries) = entries else {
         return (0, 0, Vec::new());
     };
@@ -304,11 +321,11 @@ pub(crate) fn slowlog_sums(redis: &RedisServer) -> (usize, i64, Vec<(&'static st
             sums[i].1 += us;
         }
     }
-    let sums = JOB_SCRIPTS
+    let sums = scripts
         .iter()
         .zip(sums)
         .filter(|(_, (calls, _))| *calls > 0)
-        .map(|(&name, (calls, us))| (name, calls, us))
+        .map(|(&(name, _), (calls, us))| (name, calls, us))
         .collect();
     (evalsha, evalsha_us, sums)
 }

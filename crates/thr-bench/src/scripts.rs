@@ -15,13 +15,13 @@ use thr_broker::{Broker, ClaimOptions, ClaimOutcome, NewJob, RedisBroker};
 use thr_core::envelope::{HeaderList, Job, JobMeta, Reply};
 use thr_core::quota::Flow;
 
-use crate::{slowlog_start, slowlog_sums};
+use crate::{bare, slowlog_start, slowlog_sums, slowlog_sums_of};
 
 /// Rounds measured (after as many again to warm Redis up).
 const ROUNDS: usize = 500;
 
 /// A request as a browser sends it, in a job frame.
-fn job_frame(id: &str) -> bytes::Bytes {
+pub(crate) fn job_frame(id: &str) -> bytes::Bytes {
     let headers = [
         ("host", "app.example.com"),
         (
@@ -119,7 +119,9 @@ async fn run_rounds(broker: &RedisBroker, jobs: usize, rounds: usize, first: usi
 }
 
 /// Runs the scenario and prints, per script, Redis's µs per job and per
-/// call and the jobs per call, for rounds of `jobs_per_round` jobs.
+/// call and the jobs per call, for rounds of `jobs_per_round` jobs; then
+/// the same for the bare lifecycle ([`bare`]), the baseline measured in
+/// the same run, and thr's cost as a multiple of it.
 pub async fn scenario(jobs_per_round: usize) {
     println!(
         "\nscenario `scripts`: {ROUNDS} rounds of {jobs_per_round} jobs enqueued, claimed and answered, no HTTP, Redis idle otherwise"
@@ -130,8 +132,32 @@ pub async fn scenario(jobs_per_round: usize) {
     slowlog_start(&redis);
     let jobs = run_rounds(&broker, jobs_per_round, ROUNDS, ROUNDS).await as f64;
     let (_, _, sums) = slowlog_sums(&redis);
+    let thr = print_sums(&sums, jobs);
+    drop(redis);
+
+    // The baseline, on a Redis of its own (so that a count of Redis's
+    // instructions tells the two apart: scripts/redis-instructions.sh).
+    let redis = RedisServer::start();
+    let mut conn = bare::connect(&redis).await;
+    bare::run_rounds(&mut conn, jobs_per_round, ROUNDS, 0).await;
+    slowlog_start(&redis);
+    let jobs = bare::run_rounds(&mut conn, jobs_per_round, ROUNDS, ROUNDS).await as f64;
+    let (_, _, sums) = slowlog_sums_of(&redis, &bare::SCRIPTS);
+    println!(
+        "  the bare lifecycle (crates/thr-bench/bare: no flows, quotas, idempotency, hand-off or statistics), on a Redis of its own:"
+    );
+    let base = print_sums(&sums, jobs);
+    println!(
+        "  (SLOWLOG logging every call makes calls slower: compare runs, not with the load scenarios)\n  thr / bare: x{:.1} per job",
+        thr / base.max(1e-9)
+    );
+}
+
+/// Prints each script's figures and their total; returns the total µs per
+/// job.
+fn print_sums(sums: &[(&str, usize, i64)], jobs: f64) -> f64 {
     let mut total = 0.0;
-    for (name, calls, us) in sums {
+    for &(name, calls, us) in sums {
         total += us as f64;
         println!(
             "  {name:<8} {:>6.1} µs per job   {:>6.1} µs per call   {:>5.1} jobs per call",
@@ -140,8 +166,7 @@ pub async fn scenario(jobs_per_round: usize) {
             jobs / calls.max(1) as f64
         );
     }
-    println!(
-        "  all      {:>6.1} µs per job (SLOWLOG logging every call makes calls slower: compare runs, not with the load scenarios)",
-        total / jobs
-    );
+    let per_job = total / jobs.max(1.0);
+    println!("  all      {per_job:>6.1} µs per job");
+    per_job
 }

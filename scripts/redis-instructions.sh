@@ -29,13 +29,13 @@ echo \$! >> "$dir/pids"
 wait
 EOF
 chmod +x "$dir/redis-server"
-THR_REDIS_SERVER="$dir/redis-server" "$bench" "$@"
+THR_REDIS_SERVER="$dir/redis-server" "$bench" "$@" | tee "$dir/bench.out"
 while read -r pid; do
   kill -TERM "$pid" 2>/dev/null || true
   while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
 done < "$dir/pids"
 total=$(cat "$dir"/callgrind.*.out | awk '/^summary:/ { n += $2 } END { printf "%.0f\n", n }')
-echo "Redis ran $total instructions (callgrind files in $dir)"
+echo "Redis ran $total instructions in all, every Redis the run started (callgrind files in $dir)"
 jobs=16
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
@@ -44,13 +44,19 @@ for ((i = 0; i < ${#args[@]}; i++)); do
     --script-jobs=*) jobs="${args[$i]#*=}" ;;
   esac
 done
-if [[ " $* " == *" scripts"* || " $* " == *"=scripts"* ]]; then
-  # `scripts` runs last, on two Redis of its own: thr's scripts, then the
-  # bare lifecycle (its baseline).
-  count() { awk '/^summary:/ { n += $2 } END { printf "%.0f\n", n }' "$dir/callgrind.$1.out"; }
-  mapfile -t pids < "$dir/pids"
-  n=${#pids[@]}
-  thr=$(count "${pids[$((n - 2))]}")
-  bare=$(count "${pids[$((n - 1))]}")
+# `scripts` runs on two Redis of its own, thr's scripts on one and the bare
+# lifecycle (its baseline) on the other, and prints their ports: each
+# count is that of the callgrind file whose command line has its port.
+ports=$(sed -n "s/^  Redis ports: thr's scripts \([0-9]*\), the bare lifecycle \([0-9]*\)$/\1 \2/p" "$dir/bench.out")
+if [[ -n "$ports" ]]; then
+  count() {
+    local file
+    file=$(grep -l -- "^cmd: .* --port $1 " "$dir"/callgrind.*.out | head -n 1 || true)
+    [[ -n "$file" ]] || { echo "no callgrind file for the Redis at port $1" >&2; exit 1; }
+    awk '/^summary:/ { n += $2 } END { printf "%.0f\n", n }' "$file"
+  }
+  read -r thr_port bare_port <<< "$ports"
+  thr=$(count "$thr_port")
+  bare=$(count "$bare_port")
   echo "per job (1,000 rounds of $jobs jobs): thr's scripts $((thr / (1000 * jobs))), the bare lifecycle $((bare / (1000 * jobs))) instructions (x$(awk -v a="$thr" -v b="$bare" 'BEGIN { printf "%.1f", a / b }'))"
 fi

@@ -204,16 +204,23 @@ async fn status_line(addr: std::net::SocketAddr, target: &str) -> String {
     answer.lines().next().unwrap_or_default().to_string()
 }
 
-/// A backend's own reason phrase ("418 I'M A TEAPOT", as Flask and Django
-/// send, or a custom one) reaches HTTP/1 clients as sent, whole, chunked
-/// or streamed; an ordinary one stays ordinary.
+/// A backend's own reason phrase (Flask's "418 I'M A TEAPOT", Django's
+/// "418 I'm a Teapot", or a custom one) reaches HTTP/1 clients as sent:
+/// whole, chunked, streamed or bypassed; an ordinary one stays ordinary,
+/// and an answer thr makes itself has the usual phrase.
 #[tokio::test]
 async fn a_backends_reason_phrase_reaches_the_client() {
-    let stack = Stack::start(SlowBackend::builder().start().await, 1, "").await;
+    let stack = Stack::start(
+        SlowBackend::builder().start().await,
+        1,
+        "max_response = \"1MiB\"\n[[rules]]\nwhen = { path = { prefix = \"/direct/\" } }\nthen = { bypass = true }\n",
+    )
+    .await;
     for target in [
         "/r?status=418&reason=1",
         "/r?status=200&reason=1&chunked=3&bytes=10",
         "/r?status=200&reason=1&stream=300000",
+        "/direct/r?status=418&reason=1",
         "/r?status=404",
     ] {
         let direct = status_line(stack.backend.addr(), target).await;
@@ -223,6 +230,9 @@ async fn a_backends_reason_phrase_reaches_the_client() {
             assert!(direct.ends_with(" Custom Reason"), "{target}: {direct}");
         }
     }
+    // Past max_response, the worker answers 502 itself: the usual phrase.
+    let refused = status_line(stack.thr.addr(), "/r?reason=1&stream=2097152&length=1").await;
+    assert_eq!(refused, "HTTP/1.1 502 Bad Gateway");
     stack.thr.stop().await;
 }
 

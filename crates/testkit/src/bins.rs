@@ -18,25 +18,34 @@ fn bin_dir() -> PathBuf {
     }
 }
 
-/// The workspace these binaries are built from, when its sources are still
-/// there: cargo builds in it whatever the working directory (thr-bench run
-/// from `/tmp` used to fail with "could not find Cargo.toml").
-fn workspace() -> Option<PathBuf> {
+/// The workspace the running executable was built in, when its sources
+/// are still there and the executable is in its target directory: cargo
+/// builds there whatever the working directory (thr-bench run from `/tmp`
+/// used to fail with "could not find Cargo.toml"). None for an executable
+/// copied or installed elsewhere.
+fn workspace(bin_dir: &std::path::Path) -> Option<PathBuf> {
     // testkit is crates/testkit.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("Cargo.toml").is_file().then_some(root)
+    if !root.join("Cargo.toml").is_file() {
+        return None;
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let (target, dir) = (target.canonicalize().ok()?, bin_dir.canonicalize().ok()?);
+    dir.starts_with(target).then_some(root)
 }
 
 /// Path to binary `name`, building the daemons first (once per process).
-/// Without the workspace's sources (binaries copied elsewhere), the ones
-/// beside the running executable are used as they are.
+/// An executable outside its workspace's target directory (binaries copied
+/// elsewhere) uses the ones beside it as they are.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let Some(root) = workspace() else {
+        let dir = bin_dir();
+        let Some(root) = workspace(&dir) else {
             return;
         };
-        let dir = bin_dir();
         let release = dir.file_name().is_some_and(|n| n == "release");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);

@@ -300,8 +300,9 @@ fn failed(err: hyper_util::client::legacy::Error) -> Failure {
 }
 
 /// The head a client is given for a backend's `status`, `headers` and
-/// unusual reason phrase, if any. A phrase that is not UTF-8 (obs-text) is
-/// left out: the client gets the usual one.
+/// unusual reason phrase, if any (hyper reports a phrase holding obs-text
+/// bytes as an empty one, which is passed on as such; one that is not
+/// UTF-8 would be left out, the client getting the usual one).
 pub fn head_of(
     status: StatusCode,
     mut headers: HeaderMap,

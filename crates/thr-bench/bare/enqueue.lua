@@ -1,6 +1,7 @@
 -- The bare lifecycle's enqueue (the `scripts` scenario's baseline): jobs
 -- ordered by priority then arrival, a small record each, one doorbell ring.
 -- Payloads are stored by the caller in the same transaction, as thr's are.
+-- Standalone on purpose (none of thr's helpers): a baseline, not thr's code.
 -- KEYS: pending, info, wake, seq. ARGV, per job: id, priority.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

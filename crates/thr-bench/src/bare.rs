@@ -8,11 +8,9 @@
 //! payloads and replies as thr's scripts, on a Redis of its own, it tells
 //! what thr's features cost Redis beyond a job's bare round.
 
+use crate::scripts::{PRIORITY, job_frame, reply_frame, round_ids};
 use redis::aio::MultiplexedConnection;
 use testkit::RedisServer;
-use thr_core::envelope::Reply;
-
-use crate::scripts::job_frame;
 
 /// The three scripts, named as [`crate::slowlog_sums_of`] reports them.
 pub const SCRIPTS: [(&str, &str); 3] = [
@@ -65,15 +63,13 @@ pub async fn run_rounds(
 ) -> usize {
     let mut answered = 0;
     for round in 0..rounds {
-        let ids: Vec<String> = (0..jobs)
-            .map(|i| format!("{:032x}", (first + round) * jobs + i))
-            .collect();
+        let ids = round_ids(first + round, jobs);
         let mut store = redis::cmd("HSET");
         store.arg(key("jobs"));
         let mut enqueue = evalsha(0, &["pending", "info", "wake", "seq"]);
         for id in &ids {
             store.arg(id).arg(job_frame(id).as_ref());
-            enqueue.arg(id).arg(50);
+            enqueue.arg(id).arg(PRIORITY);
         }
         let _: () = redis::pipe()
             .atomic()
@@ -91,8 +87,7 @@ pub async fn run_rounds(
         release.arg("token");
         for id in claimed.iter().step_by(2) {
             let id = String::from_utf8_lossy(id);
-            let reply = Reply::plain(&id, 200, "a report of a few lines\n", "bench", &[]);
-            release.arg(id.as_ref()).arg(reply.as_ref());
+            release.arg(id.as_ref()).arg(reply_frame(&id).as_ref());
         }
         let pushed: usize = release.query_async(conn).await.expect("bare release");
         answered += pushed;

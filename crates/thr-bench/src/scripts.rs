@@ -20,6 +20,21 @@ use crate::{bare, slowlog_start, slowlog_sums, slowlog_sums_of};
 /// Rounds measured (after as many again to warm Redis up).
 const ROUNDS: usize = 500;
 
+/// Every job's priority.
+pub(crate) const PRIORITY: u8 = 50;
+
+/// The ids of round `round`'s `jobs` jobs.
+pub(crate) fn round_ids(round: usize, jobs: usize) -> Vec<String> {
+    (0..jobs)
+        .map(|i| format!("{:032x}", round * jobs + i))
+        .collect()
+}
+
+/// The reply to job `id`: a short page.
+pub(crate) fn reply_frame(id: &str) -> bytes::Bytes {
+    Reply::plain(id, 200, "a report of a few lines\n", "bench", &[])
+}
+
 /// A request as a browser sends it, in a job frame.
 pub(crate) fn job_frame(id: &str) -> bytes::Bytes {
     let headers = [
@@ -44,7 +59,7 @@ pub(crate) fn job_frame(id: &str) -> bytes::Bytes {
         id: id.to_string(),
         request_id: id.to_string(),
         queue: "bench".into(),
-        priority: 50,
+        priority: PRIORITY,
         front: String::new(),
         method: "GET".into(),
         target: "/reports/daily?page=2".into(),
@@ -69,14 +84,12 @@ async fn run_rounds(broker: &RedisBroker, jobs: usize, rounds: usize, first: usi
     let flow = Flow::default();
     let mut answered = 0;
     for round in 0..rounds {
-        let ids: Vec<String> = (0..jobs)
-            .map(|i| format!("{:032x}", (first + round) * jobs + i))
-            .collect();
+        let ids = round_ids(first + round, jobs);
         join_all(ids.iter().map(|id| {
             broker.enqueue(NewJob {
                 queue: "bench",
                 id,
-                priority: 50,
+                priority: PRIORITY,
                 frame: job_frame(id),
                 timeout: Duration::from_secs(60),
                 flow: &flow,
@@ -105,10 +118,9 @@ async fn run_rounds(broker: &RedisBroker, jobs: usize, rounds: usize, first: usi
         let Ok(ClaimOutcome::Jobs(claimed)) = broker.claim("bench", options).await else {
             panic!("a round's jobs are claimed");
         };
-        let replies = claimed.iter().map(|c| {
-            let frame = Reply::plain(c.id(), 200, "a report of a few lines\n", "bench", &[]);
-            broker.reply(&c.lease, frame, 3)
-        });
+        let replies = claimed
+            .iter()
+            .map(|c| broker.reply(&c.lease, reply_frame(c.id()), 3));
         answered += join_all(replies)
             .await
             .into_iter()
@@ -133,6 +145,7 @@ pub async fn scenario(jobs_per_round: usize) {
     let jobs = run_rounds(&broker, jobs_per_round, ROUNDS, ROUNDS).await as f64;
     let (_, _, sums) = slowlog_sums(&redis);
     let thr = print_sums(&sums, jobs);
+    let thr_port = redis.port();
     drop(redis);
 
     // The baseline, on a Redis of its own (so that a count of Redis's
@@ -150,6 +163,11 @@ pub async fn scenario(jobs_per_round: usize) {
     println!(
         "  (SLOWLOG logging every call makes calls slower: compare runs, not with the load scenarios)\n  thr / bare: x{:.1} per job",
         thr / base.max(1e-9)
+    );
+    // What scripts/redis-instructions.sh reads to tell the two apart.
+    println!(
+        "  Redis ports: thr's scripts {thr_port}, the bare lifecycle {}",
+        redis.port()
     );
 }
 

@@ -466,6 +466,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reply_carries_a_reason_phrase_only_when_it_has_one() {
+        let mut meta = ReplyMeta {
+            id: "j1".into(),
+            status: 418,
+            headers: HeaderList::default(),
+            worker: "w1".into(),
+            backend_ms: 3,
+            chunked: false,
+            stream: false,
+            reason: None,
+        };
+        // Without one, the frame is what a worker before the field wrote,
+        // and it reads back without one.
+        let plain = Reply::encode(&meta, b"body");
+        assert!(!plain.windows(6).any(|w| w == b"reason"));
+        assert_eq!(Reply::decode(plain).unwrap().meta, meta);
+        meta.reason = Some("I'M A TEAPOT".into());
+        let with = Reply::decode(Reply::encode(&meta, b"body")).unwrap();
+        assert_eq!(with.meta, meta);
+        assert_eq!(&with.body[..], b"body");
+    }
+
+    #[test]
     fn refuses_other_versions_and_kinds() {
         let frame = Job::encode(&meta(vec![]), b"x");
         let mut v2 = frame.to_vec();

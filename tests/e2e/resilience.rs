@@ -417,8 +417,14 @@ async fn a_worker_with_one_slot_makes_no_empty_claim_between_handed_jobs() {
 /// A worker with one slot, warmed with short jobs (so that it claims ahead
 /// when its slot is busy and a backlog waits: ARCHITECTURE.md decision 30).
 async fn one_slot_warm_stack() -> Stack {
+    one_slot_warm_stack_with("").await
+}
+
+/// [`one_slot_warm_stack`] with `front` settings first in `[http2redis]`.
+async fn one_slot_warm_stack_with(front: &str) -> Stack {
     let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |text| {
-        text.replace("max_inflight = 64", "max_inflight = 1")
+        text.replacen("[http2redis]\n", &format!("[http2redis]\n{front}\n"), 1)
+            .replace("max_inflight = 64", "max_inflight = 1")
     })
     .await;
     for i in 0..4 {
@@ -476,6 +482,12 @@ async fn hold_c_behind(stack: &Stack, b_delay_ms: u64) -> Vec<tokio::task::JoinH
 
 /// The backend saw a, b and c once each, in that order, one at a time.
 fn each_once_in_order(stack: &Stack) {
+    each_once_in_order_as(stack, "/b");
+}
+
+/// The backend saw a, then the request whose target starts with `second`,
+/// then c, once each, one at a time.
+fn each_once_in_order_as(stack: &Stack, second: &str) {
     let seen: Vec<String> = stack
         .backend
         .requests()
@@ -486,7 +498,7 @@ fn each_once_in_order(stack: &Stack) {
     assert!(
         seen.len() == 3
             && seen[0] == "/a?delay=400"
-            && seen[1].starts_with("/b")
+            && seen[1].starts_with(second)
             && seen[2] == "/c",
         "each once, in order: {seen:?}"
     );
@@ -557,19 +569,7 @@ async fn a_client_that_never_reads_keeps_a_held_job_waiting_only_until_it_is_cut
     // (client_write_timeout), c runs, once, and nothing is left leased or
     // waiting.
     use tokio::io::AsyncWriteExt;
-    let stack = Stack::start_with(SlowBackend::builder().start().await, 1, |text| {
-        text.replacen(
-            "[http2redis]\n",
-            "[http2redis]\nclient_write_timeout = \"3s\"\n",
-            1,
-        )
-        .replace("max_inflight = 64", "max_inflight = 1")
-    })
-    .await;
-    for i in 0..4 {
-        assert_eq!(get(&stack.url(), &format!("/warm/{i}")).await.status, 200);
-    }
-    log_every_command(&stack.redis);
+    let stack = one_slot_warm_stack_with("client_write_timeout = \"3s\"").await;
     let client = client();
     let mut conn = stack.redis.conn();
     let a = spawn_send(&client, &stack.url(), Req::new("GET", "/a?delay=400"));
@@ -607,21 +607,7 @@ async fn a_client_that_never_reads_keeps_a_held_job_waiting_only_until_it_is_cut
         .expect("c answered once the client that reads nothing is cut")
         .unwrap();
     assert_eq!(seen.status, 200);
-    let targets: Vec<String> = stack
-        .backend
-        .requests()
-        .iter()
-        .map(|r| r.target.clone())
-        .filter(|t| !t.starts_with("/warm"))
-        .collect();
-    assert!(
-        targets.len() == 3
-            && targets[0] == "/a?delay=400"
-            && targets[1].starts_with("/stuck")
-            && targets[2] == "/c",
-        "each once, in order: {targets:?}"
-    );
-    assert_eq!(stack.backend.peak_concurrency(), 1, "one slot");
+    each_once_in_order_as(&stack, "/stuck");
     until(Duration::from_secs(10), "nothing left", || {
         leased_and_waiting(&mut conn) == (0, 0) && stack.backend.open_streams() == 0
     })

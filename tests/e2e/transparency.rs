@@ -278,6 +278,64 @@ async fn h2c_clients_are_served() {
     stack.thr.stop().await;
 }
 
+/// Browsers send each cookie as an h2 field of its own; an HTTP/1.1 backend
+/// must get them as one field joined by "; " (RFC 9113 §8.2.3). Sent as two
+/// lines, gunicorn hands Django `a=1,b=2` and a logged-in session is lost
+/// (seen with Chromium over TLS in front of Django's admin).
+#[tokio::test]
+async fn h2_cookie_fields_reach_the_backend_as_one() {
+    let stack = Stack::start(
+        SlowBackend::builder().start().await,
+        1,
+        "[[rules]]\nwhen = { path = { prefix = \"/direct/\" } }\nthen = { bypass = true }\n",
+    )
+    .await;
+    let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for target in ["/queued", "/direct/x"] {
+        let req = http::Request::builder()
+            .uri(format!("{}{target}", stack.url()))
+            .header("cookie", "csrftoken=abc")
+            .header("x-between", "1")
+            .header("cookie", "sessionid=xyz")
+            .header("cookie", "theme=dark")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = h2.request(req).await.expect("h2c request");
+        assert_eq!(response.status(), 200, "{target}");
+    }
+    let got = stack.backend.requests();
+    assert_eq!(got.len(), 2);
+    for seen in got {
+        let cookies: Vec<_> = seen
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect();
+        assert_eq!(
+            cookies,
+            ["csrftoken=abc; sessionid=xyz; theme=dark"],
+            "{}",
+            seen.target
+        );
+    }
+    // One cookie field, or an HTTP/1.1 client's fields, go as they came.
+    let one = send(
+        &client(),
+        &stack.url(),
+        &Req::new("GET", "/h1").header("cookie", "a=1"),
+    )
+    .await;
+    assert_eq!(one.status, 200);
+    assert_eq!(
+        stack.backend.requests()[2].header("cookie").as_deref(),
+        Some("a=1")
+    );
+    stack.thr.stop().await;
+}
+
 #[tokio::test]
 async fn unix_sockets_for_listener_backend_and_redis() {
     testkit::init_logs();

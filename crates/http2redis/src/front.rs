@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Limited};
 use thr_backend::{Failure, Forwarder};
@@ -371,6 +371,9 @@ impl<B: Broker> Front<B> {
             .and_then(|p| p.0)
             .map(|a| a.ip());
         let mut headers = parts.headers;
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut headers);
+        }
         let real_ip = forwarded::real_ip(&headers, peer, &config.front.trusted_proxies);
         let authority = parts.uri.authority().map(|a| a.as_str().to_string());
         let arrival = forwarded::Arrival {
@@ -643,6 +646,30 @@ fn check_host(parts: &http::request::Parts) -> Result<(), FrontError> {
         return Err(FrontError::BadHost);
     }
     Ok(())
+}
+
+/// An h2 client may send each cookie as a field of its own (browsers do, so
+/// that HPACK can index them one by one); RFC 9113 §8.2.3 has them joined
+/// with "; " before they go on as HTTP/1.1. Sent as separate lines, they
+/// reach a WSGI app joined with ", ", and it reads the first cookie with
+/// the others in its value (a Django session is lost). Joined here, before
+/// the rules, auth, bypass and the queue see the request.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.next().is_none() || values.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Fields that were valid are valid joined by "; ".
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
 }
 
 fn direct_answer(answer: &Answer) -> Response<ReplyBody> {

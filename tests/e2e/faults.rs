@@ -314,3 +314,102 @@ async fn a_stalled_front_answers_the_jobs_it_lost_meanwhile() {
     assert!(resumed.elapsed() < Duration::from_secs(5));
     stack.stop();
 }
+
+/// Redis out of memory for a while (`maxmemory` below what it holds, so it
+/// refuses every write): clients get a fast 503 meanwhile, and once it
+/// has room again, every daemon goes on by itself. The idle worker's offer
+/// made before (decision 27) must not outlive the failure: its claim failed,
+/// and a worker that let go of that token left an offer nobody takes from;
+/// the next GET an enqueue handed to it waited for its lease (504 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
+    let backend = SlowBackend::builder().record(true).start().await;
+    let stack = Binaries::start_with(RedisServer::start(), backend, 1, |text| text).await;
+    let client = client();
+    assert_eq!(get(&stack.url(), "/before").await.status, 200);
+    let offers = keys("default").offers;
+    let mut redis = stack.redis.conn();
+    let tokens = |redis: &mut redis::Connection| -> Vec<String> {
+        redis::cmd("HKEYS").arg(&offers).query(redis).unwrap()
+    };
+    until(Duration::from_secs(5), "the idle worker offers", || {
+        !tokens(&mut redis).is_empty()
+    })
+    .await;
+    let before = tokens(&mut redis);
+    // A POST whose backend answers while Redis refuses writes: its reply
+    // waits for room and is delivered once, and the POST runs once.
+    let running = spawn_send(
+        &client,
+        &stack.url(),
+        Req::new("POST", "/running?delay=800").body("x"),
+    );
+    until_running(&stack.backend, 1).await;
+    let before: Vec<_> = tokens(&mut redis).into_iter().chain(before).collect();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query(&mut redis)
+        .unwrap();
+    let refused = Instant::now();
+    let seen = send(
+        &client,
+        &stack.url(),
+        &Req::new("POST", "/refused").body("x"),
+    )
+    .await;
+    assert_eq!(seen.status, 503, "Redis refuses the job: try again");
+    assert!(seen.header("retry-after").is_some());
+    assert!(refused.elapsed() < Duration::from_secs(2), "a fast 503");
+    // The worker's pop returns within its one-second poll and its claim is
+    // refused, more than once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query(&mut redis)
+        .unwrap();
+    // Its next offer comes after the claim that withdraws the old one.
+    until(Duration::from_secs(10), "the worker offers again", || {
+        tokens(&mut redis).iter().any(|t| !before.contains(t))
+    })
+    .await;
+    let left: Vec<_> = tokens(&mut redis)
+        .into_iter()
+        .filter(|t| before.contains(t))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "an offer outlived its failed claim: {left:?}"
+    );
+    assert_eq!(running.await.unwrap().status, 200, "the POST's real answer");
+    for i in 0..4 {
+        let seen = send(
+            &client,
+            &stack.url(),
+            &Req::new("GET", format!("/after/{i}")),
+        )
+        .await;
+        assert_eq!(seen.status, 200, "/after/{i}");
+    }
+    let targets: Vec<_> = stack
+        .backend
+        .requests()
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "/before",
+            "/running?delay=800",
+            "/after/0",
+            "/after/1",
+            "/after/2",
+            "/after/3"
+        ]
+    );
+    stack.stop();
+}

@@ -10,6 +10,8 @@
 //! Redis. So the loop asks again with the same claim token and the same
 //! free slots until it gets an answer: Redis then returns what the first
 //! call leased, and no lease is stranded on a worker that never saw its job.
+//! A claim that failed outright is asked again the same way, since the
+//! offer made before it may stand.
 //! A loop that stops while it waits on the doorbell settles the token the
 //! same way (a claim for no job): it withdraws its offer, and a job handed
 //! to it meanwhile runs here.
@@ -214,12 +216,18 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
                 if err.outcome_unknown() {
                     tracing::warn!(queue = %name, %err, "claim unanswered; asking again with the same token");
-                    retry = Some((token, permits));
                 } else {
-                    tracing::warn!(queue = %name, %err, "claim failed");
-                    drop(permits);
-                    ahead = false;
+                    tracing::warn!(queue = %name, %err, "claim failed; asking again with the same token");
                 }
+                // Even a claim that surely did not run goes again under its
+                // token: the offer made before it (`wait_and_claim`: offer,
+                // pop, then claim) may stand, and only a claim under that
+                // token withdraws it. Left there, it is the offer of a live
+                // worker that no pop takes from: an enqueue would lease it
+                // a job that runs only once its lease ran out (seen after
+                // Redis refused writes for a second, out of memory: the
+                // next GET got 504 at reply_timeout).
+                retry = Some((token, permits));
                 if sleep_or_stop(backoff(failures), &mut stop).await {
                     if let Some((token, permits)) = retry.take() {
                         // Stopping: one last try, so that leased jobs run here.

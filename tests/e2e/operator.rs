@@ -364,3 +364,58 @@ async fn quota_gauges_fall_back_to_zero_once_nobody_waits() {
         seen = gauges().await;
     }
 }
+
+/// A Redis that evicts keys when full would lose jobs, leases and the
+/// markers that keep a POST from running twice: both daemons say so in
+/// their log, naming the policy and the fix; with `noeviction` they do not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemons_warn_of_a_redis_that_evicts_keys() {
+    let redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let (text, port) = stack_config(&redis, &backend, "");
+    let (dir, path) = config_file(&text);
+    let warned = |log: &std::path::Path| {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains("maxmemory-policy"))
+    };
+    // The default (noeviction): a request goes through, and no warning.
+    let quiet: Vec<_> = ["redis2http", "http2redis"]
+        .iter()
+        .map(|daemon| {
+            let log = dir.path().join(format!("{daemon}-quiet.log"));
+            (spawn_logged(daemon, &path, &[], &[], &log), log)
+        })
+        .collect();
+    until_listening(port).await;
+    assert_eq!(
+        get(&format!("http://127.0.0.1:{port}"), "/").await.status,
+        200
+    );
+    // A few beats each: the settings are read at the first.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for (mut process, log) in quiet {
+        process.signal("TERM");
+        assert_eq!(process.wait(), Some(0));
+        assert!(!warned(&log), "{}", std::fs::read_to_string(&log).unwrap());
+    }
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query(&mut redis.conn())
+        .unwrap();
+    for daemon in ["redis2http", "http2redis"] {
+        let log = dir.path().join(format!("{daemon}.log"));
+        let mut process = spawn_logged(daemon, &path, &[], &[], &log);
+        until(Duration::from_secs(10), "the warning", || warned(&log)).await;
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("maxmemory-policy allkeys-lru") && text.contains("noeviction"),
+            "{text}"
+        );
+        process.signal("TERM");
+        assert_eq!(process.wait(), Some(0), "{daemon} exit code");
+    }
+}

@@ -492,6 +492,13 @@ pub trait Broker: Send + Sync + 'static {
         id: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// What in the broker's own settings breaks thr's guarantees, each as
+    /// a sentence for the daemons' log (empty when nothing does, or when
+    /// the broker does not let thr look).
+    fn setup_warnings(&self) -> impl Future<Output = Result<Vec<String>, BrokerError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
     /// The waiting count and quota waits of `queue`.
     fn gauges(&self, queue: &str) -> impl Future<Output = Result<Gauges, BrokerError>> + Send;
 

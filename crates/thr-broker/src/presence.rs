@@ -24,6 +24,9 @@ pub async fn keep_alive<B: Broker>(
     let mut ticks = tokio::time::interval(kind.period());
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = false;
+    // The generation whose Redis settings were last checked: checked at
+    // the first beat, and again when Redis was replaced or restarted empty.
+    let mut checked: Option<String> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
@@ -35,6 +38,17 @@ pub async fn keep_alive<B: Broker>(
         match broker.heartbeat(kind, id, &info()).await {
             Ok(beat) => {
                 warned = false;
+                if checked.as_ref() != Some(&beat.generation) {
+                    match broker.setup_warnings().await {
+                        Ok(warnings) => {
+                            checked = Some(beat.generation.clone());
+                            for warning in warnings {
+                                tracing::warn!("{warning}");
+                            }
+                        }
+                        Err(err) => tracing::debug!(%err, "could not read Redis's settings"),
+                    }
+                }
                 on_beat(beat);
             }
             Err(err) if !warned => {

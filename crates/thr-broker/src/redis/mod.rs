@@ -981,6 +981,22 @@ impl Broker for RedisBroker {
         })
     }
 
+    async fn setup_warnings(&self) -> Result<Vec<String>, BrokerError> {
+        // INFO, not CONFIG GET: managed Redis services often refuse CONFIG.
+        let info: redis::RedisResult<String> = self
+            .run(|mut conn| async move {
+                Ok(redis::cmd("INFO")
+                    .arg("memory")
+                    .query_async(&mut conn)
+                    .await)
+            })
+            .await?;
+        let Ok(info) = info else {
+            return Ok(Vec::new()); // not allowed to this user (ACL)
+        };
+        Ok(eviction_warning(&info).into_iter().collect())
+    }
+
     async fn retire(&self, kind: Daemon, id: &str) -> Result<(), BrokerError> {
         let set = self.keyspace.beats(kind).to_string();
         let info_key = self.keyspace.daemon_info(kind, id);
@@ -1048,6 +1064,22 @@ impl Broker for RedisBroker {
 }
 
 /// The claim script's arguments for `options`.
+/// The warning for a Redis that evicts keys when full, from its `INFO
+/// memory`; None under `noeviction` (or when INFO does not say).
+fn eviction_warning(info: &str) -> Option<String> {
+    let policy = info
+        .lines()
+        .find_map(|line| line.strip_prefix("maxmemory_policy:"))?
+        .trim();
+    (policy != "noeviction").then(|| {
+        format!(
+            "Redis evicts keys when it is full (maxmemory-policy {policy}): thr's jobs, leases and \
+             the markers that keep a POST from running twice may vanish. Set maxmemory-policy \
+             noeviction: a full Redis then refuses new requests (503) and loses nothing"
+        )
+    })
+}
+
 fn claim_args<'a>(options: &ClaimOptions<'a>) -> s::Claim<'a> {
     s::Claim {
         token: options.token,
@@ -1095,6 +1127,21 @@ fn reap_decision(job: &s::LostJob, policy: &RetryPolicy) -> (&'static str, Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warns_of_every_eviction_policy_but_noeviction() {
+        let info = |policy: &str| {
+            format!("# Memory\r\nused_memory:1024\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(eviction_warning(&info("noeviction")), None);
+        let warning = eviction_warning(&info("allkeys-lru")).expect("a warning");
+        assert!(
+            warning.contains("maxmemory-policy allkeys-lru"),
+            "{warning}"
+        );
+        assert!(eviction_warning(&info("volatile-ttl")).is_some());
+        assert_eq!(eviction_warning("# Memory\r\nused_memory:1024\r\n"), None);
+    }
 
     #[test]
     fn passwords_never_reach_logs() {

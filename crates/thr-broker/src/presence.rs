@@ -6,9 +6,12 @@
 //! which is how a front learns that Redis lost its data or that it was
 //! silent long enough to be taken for dead.
 
+use std::future::Future;
+use std::pin::Pin;
+
 use tokio::sync::watch;
 
-use crate::{Beat, Broker, Daemon};
+use crate::{Beat, Broker, BrokerError, Daemon};
 
 /// Beats every [`Daemon::period`] until `stop` turns true, then says
 /// goodbye (`retire`). `info` describes the daemon at each beat; `on_beat`
@@ -27,10 +30,28 @@ pub async fn keep_alive<B: Broker>(
     // The generation whose Redis settings were last checked: checked at
     // the first beat, and again when Redis was replaced or restarted empty.
     let mut checked: Option<String> = None;
+    // The check under way, for that generation. It runs beside the beats,
+    // never between two: a slow answer must not make this daemon look
+    // silent (a front silent for 750 ms is taken for dead).
+    type Check<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, BrokerError>> + Send + 'a>>;
+    let mut checking: Option<(String, Check<'_>)> = None;
     loop {
         tokio::select! {
             _ = ticks.tick() => {}
             _ = stop.changed() => break,
+            result = async { (&mut checking.as_mut().expect("guarded").1).await }, if checking.is_some() => {
+                let (generation, _) = checking.take().expect("guarded");
+                match result {
+                    Ok(warnings) => {
+                        checked = Some(generation);
+                        for warning in warnings {
+                            tracing::warn!("{warning}");
+                        }
+                    }
+                    Err(err) => tracing::debug!(%err, "could not read Redis's settings"),
+                }
+                continue;
+            }
         }
         if *stop.borrow() {
             break;
@@ -38,16 +59,8 @@ pub async fn keep_alive<B: Broker>(
         match broker.heartbeat(kind, id, &info()).await {
             Ok(beat) => {
                 warned = false;
-                if checked.as_ref() != Some(&beat.generation) {
-                    match broker.setup_warnings().await {
-                        Ok(warnings) => {
-                            checked = Some(beat.generation.clone());
-                            for warning in warnings {
-                                tracing::warn!("{warning}");
-                            }
-                        }
-                        Err(err) => tracing::debug!(%err, "could not read Redis's settings"),
-                    }
+                if checked.as_ref() != Some(&beat.generation) && checking.is_none() {
+                    checking = Some((beat.generation.clone(), Box::pin(broker.setup_warnings())));
                 }
                 on_beat(beat);
             }

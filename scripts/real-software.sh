@@ -6,9 +6,10 @@
 # Runs the browser against the app directly, then through thr over
 # HTTP/1.1, then through thr over TLS (h2 by ALPN), and prints what
 # differs from the direct run, with the timings. Exits 1 on a difference.
-# Installs what is missing (pip: django, gunicorn; apt: chromium, nodejs,
-# npm, redis; npm: playwright-core, ws in a temporary directory). A manual
-# check, not part of the test suite: it needs a browser and takes a minute.
+# Installs what is missing (apt: chromium, nodejs, npm, python3-venv,
+# redis), and Django, gunicorn, playwright-core and ws in a temporary
+# directory (a venv and node_modules). A manual check, not part of the
+# test suite: it needs a browser and takes a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -19,20 +20,26 @@ need=()
 command -v chromium >/dev/null || need+=(chromium)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if ((${#need[@]})); then
+  $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -c 'import django, gunicorn' 2>/dev/null || python3 -m pip install -q django gunicorn
+export CHROMIUM="${CHROMIUM:-$(command -v chromium)}"
 cargo build --release -q -p http2redis -p redis2http
 
 dir=$(mktemp -d /tmp/thr-real-XXXXXX)
 pids=()
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
+# Pip installs into a venv (Debian's own Python refuses system installs).
+python3 -m venv "$dir/venv"
+"$dir/venv/bin/pip" install -q django gunicorn
 (cd "$dir" && npm init -y >/dev/null && npm install -s playwright-core ws >/dev/null)
 export NODE_PATH="$dir/node_modules"
 read -r redis_port app_port ws_port front_port tls_port < <(python3 -c '
@@ -67,30 +74,44 @@ config "$tls_port" "tls = { cert = \"$dir/cert.pem\", key = \"$dir/key.pem\" }" 
 app="$repo/contrib/real-software"
 redis-server --port "$redis_port" --save '' --appendonly no > "$dir/redis.log" 2>&1 &
 pids+=($!)
-THR_APP_DATA="$dir" python3 "$app/app.py"
-THR_APP_DATA="$dir" gunicorn --chdir "$app" -w 4 -b "127.0.0.1:$app_port" app:application > "$dir/app.log" 2>&1 &
+THR_APP_DATA="$dir" "$dir/venv/bin/python" "$app/app.py"
+THR_APP_DATA="$dir" "$dir/venv/bin/python" -m gunicorn --chdir "$app" -w 4 -b "127.0.0.1:$app_port" \
+  app:application > "$dir/app.log" 2>&1 &
 pids+=($!)
 node "$app/ws.js" "$ws_port" > "$dir/ws.log" 2>&1 &
 pids+=($!)
-for port in "$redis_port" "$app_port" "$ws_port"; do
-  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.1; done
-done
+# Each server listening within 20 s, or its log and an exit.
+listening() { # PORT LOG
+  for _ in $(seq 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1; $2 says:" >&2
+  tail -n 20 "$2" >&2
+  exit 1
+}
+listening "$redis_port" "$dir/redis.log"
+listening "$app_port" "$dir/app.log"
+listening "$ws_port" "$dir/ws.log"
 target/release/redis2http --config "$dir/thr.toml" > "$dir/worker.log" 2>&1 &
 pids+=($!)
 target/release/http2redis --config "$dir/thr.toml" > "$dir/front.log" 2>&1 &
 pids+=($!)
 target/release/http2redis --config "$dir/tls.toml" > "$dir/front-tls.log" 2>&1 &
 pids+=($!)
-for port in "$front_port" "$tls_port"; do
-  until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.1; done
-done
+listening "$front_port" "$dir/front.log"
+listening "$tls_port" "$dir/front-tls.log"
 
 # Each run starts with the admin's files just modified: a cache judges them
 # fresh for a tenth of their age, so this gives each run as many
 # revalidations (304) to make.
 browse() { # NAME URL [WS_URL]
   find "$dir/static" -type f -exec touch {} +
-  node "$app/browser.js" "${@:2}" > "$dir/$1.json"
+  # In the background, so that a signal ends the run at once (the EXIT
+  # trap then stops the browser too).
+  node "$app/browser.js" "${@:2}" > "$dir/$1.json" &
+  pids+=($!)
+  wait $!
 }
 browse direct "http://127.0.0.1:$app_port" "ws://127.0.0.1:$ws_port"
 browse thr "http://127.0.0.1:$front_port"
@@ -100,6 +121,13 @@ import json, sys
 d = sys.argv[1]
 runs = {name: json.load(open(f"{d}/{name}.json")) for name in ["direct", "thr", "thr-tls"]}
 differ = False
+direct = runs["direct"]["checks"]
+if "error" in direct or direct.get("failed"):
+    print(f"the direct run itself failed: {direct.get('error')} {direct.get('failed')}")
+    differ = True
+if runs["thr-tls"]["timings"]["protocol"] != "h2":
+    print(f"the TLS run did not use h2: {runs['thr-tls']['timings']['protocol']}")
+    differ = True
 for name, run in runs.items():
     t = run["timings"]
     print(f"{name:8} {t['protocol']:9} page {t['page_ms']:4} ms  download 20 MB {t['download_ms']:4} ms  SSE at {t['sse_ms']} ms  answers {t['statuses']}")

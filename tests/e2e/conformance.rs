@@ -61,6 +61,7 @@ scenarios![
     wait_and_claim_takes_a_job_announced_meanwhile,
     a_settled_wait_and_claim_leases_nothing,
     an_idle_workers_wait_is_handed_a_lone_job,
+    a_retired_workers_offer_takes_nothing,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,

@@ -345,6 +345,14 @@ async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
         Req::new("POST", "/running?delay=800").body("x"),
     );
     until_running(&stack.backend, 1).await;
+    // The worker claimed the POST under its offer's token and waits again
+    // with a new offer beside it: that one stands when Redis refuses.
+    until(
+        Duration::from_secs(5),
+        "a new offer beside the POST",
+        || tokens(&mut redis).iter().any(|t| !before.contains(t)),
+    )
+    .await;
     let before: Vec<_> = tokens(&mut redis).into_iter().chain(before).collect();
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
@@ -411,5 +419,68 @@ async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
             "/after/3"
         ]
     );
+    stack.stop();
+}
+
+/// A worker stopped while Redis refuses writes (out of memory) cannot
+/// withdraw the offer it waits with, but says goodbye (its beat goes, which
+/// Redis allows). Once Redis has room, that offer takes no job: the next
+/// GET waits for a claim and a new worker runs it, instead of being leased
+/// to the stopped worker until its lease runs out (504 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_redis_refuses_writes_leaves_no_live_offer() {
+    let backend = SlowBackend::builder().record(true).start().await;
+    let mut stack = Binaries::start_with(RedisServer::start(), backend, 1, |text| text).await;
+    assert_eq!(get(&stack.url(), "/before").await.status, 200);
+    let offers = keys("default").offers;
+    let mut redis = stack.redis.conn();
+    let count = |redis: &mut redis::Connection| -> usize {
+        redis::cmd("HLEN").arg(&offers).query(redis).unwrap()
+    };
+    until(Duration::from_secs(5), "the idle worker offers", || {
+        count(&mut redis) > 0
+    })
+    .await;
+    let maxmemory = |redis: &mut redis::Connection, value: &str| {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(value)
+            .query(redis)
+            .unwrap();
+    };
+    maxmemory(&mut redis, "1");
+    let mut worker = stack.workers.pop().unwrap();
+    worker.signal("TERM");
+    assert_eq!(worker.wait(), Some(0), "redis2http exit code");
+    maxmemory(&mut redis, "0");
+    assert!(count(&mut redis) > 0, "the stopped worker's offer stood");
+    // The front beats again first: a job of a front that has not beaten
+    // since Redis refused its beats may be dropped as a dead front's (503).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let waiting = spawn_send(&client(), &stack.url(), Req::new("GET", "/after"));
+    // Its enqueue (the second of this queue) leased it to nobody.
+    until_enqueued(&stack.redis, "default", 2).await;
+    let leased: usize = redis::cmd("ZCARD")
+        .arg(keys("default").leases)
+        .query(&mut redis)
+        .unwrap();
+    assert_eq!(
+        leased, 0,
+        "the GET was handed to the stopped worker's offer"
+    );
+    stack.workers.push(testkit::bins::Process::spawn(
+        "redis2http",
+        &["--config", stack.config()],
+    ));
+    let seen = waiting.await.unwrap();
+    assert_eq!(seen.status, 200, "run by the new worker, not left leased");
+    let targets: Vec<_> = stack
+        .backend
+        .requests()
+        .into_iter()
+        .map(|r| r.target)
+        .collect();
+    assert_eq!(targets, ["/before", "/after"]);
     stack.stop();
 }

@@ -243,6 +243,7 @@ pub struct Binaries {
     pub front: testkit::bins::Process,
     pub workers: Vec<testkit::bins::Process>,
     port: u16,
+    config: String,
     /// The config file's directory: declared after the daemons, so dropped
     /// (and removed) after them.
     _dir: tempfile::TempDir,
@@ -278,6 +279,7 @@ impl Binaries {
             front,
             workers,
             port,
+            config: path,
             _dir: dir,
         }
     }
@@ -288,6 +290,11 @@ impl Binaries {
 
     pub fn addr(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.port).into()
+    }
+
+    /// The daemons' configuration file, for one more of them.
+    pub fn config(&self) -> &str {
+        &self.config
     }
 
     /// SIGTERM to every daemon; each must exit 0. Gives back Redis and the

@@ -287,7 +287,9 @@ async fn h2_cookie_fields_reach_the_backend_as_one() {
     let stack = Stack::start(
         SlowBackend::builder().start().await,
         1,
-        "[[rules]]\nwhen = { path = { prefix = \"/direct/\" } }\nthen = { bypass = true }\n",
+        "[[rules]]\nwhen = { header = { Cookie = \"csrftoken=abc; sessionid=xyz; theme=dark\" } }\n\
+         then = { set_headers = { X-Rule-Saw = \"joined\" } }\n\
+         [[rules]]\nwhen = { path = { prefix = \"/direct/\" } }\nthen = { bypass = true }\n",
     )
     .await;
     let h2: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
@@ -320,19 +322,27 @@ async fn h2_cookie_fields_reach_the_backend_as_one() {
             "{}",
             seen.target
         );
+        // The rules see the joined field too.
+        assert_eq!(seen.header("x-rule-saw").as_deref(), Some("joined"));
     }
-    // One cookie field, or an HTTP/1.1 client's fields, go as they came.
-    let one = send(
+    // An HTTP/1.1 client's fields go as they came.
+    let h1 = send(
         &client(),
         &stack.url(),
-        &Req::new("GET", "/h1").header("cookie", "a=1"),
+        &Req::new("GET", "/h1")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2"),
     )
     .await;
-    assert_eq!(one.status, 200);
-    assert_eq!(
-        stack.backend.requests()[2].header("cookie").as_deref(),
-        Some("a=1")
-    );
+    assert_eq!(h1.status, 200);
+    let seen = &stack.backend.requests()[2];
+    let cookies: Vec<_> = seen
+        .headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+        .map(|(_, v)| v.as_slice())
+        .collect();
+    assert_eq!(cookies, [b"a=1".as_slice(), b"b=2"]);
     stack.thr.stop().await;
 }
 

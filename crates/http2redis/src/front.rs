@@ -651,7 +651,7 @@ fn check_host(parts: &http::request::Parts) -> Result<(), FrontError> {
 /// An h2 client may send each cookie as a field of its own (browsers do, so
 /// that HPACK can index them one by one); RFC 9113 §8.2.3 has them joined
 /// with "; " before they go on as HTTP/1.1. Sent as separate lines, they
-/// reach a WSGI app joined with ", ", and it reads the first cookie with
+/// reach a WSGI app joined with "," (gunicorn), and it reads the first cookie with
 /// the others in its value (a Django session is lost). Joined here, before
 /// the rules, auth, bypass and the queue see the request.
 fn join_cookies(headers: &mut HeaderMap) {

@@ -10,8 +10,8 @@
 //! Redis. So the loop asks again with the same claim token and the same
 //! free slots until it gets an answer: Redis then returns what the first
 //! call leased, and no lease is stranded on a worker that never saw its job.
-//! A claim that failed outright is asked again the same way, since the
-//! offer made before it may stand.
+//! A claim that failed outright after an offer is asked again the same
+//! way, since the offer may stand.
 //! A loop that stops while it waits on the doorbell settles the token the
 //! same way (a claim for no job): it withdraws its offer, and a job handed
 //! to it meanwhile runs here.
@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thr_broker::backoff::backoff;
-use thr_broker::{Broker, ClaimOptions, ClaimOutcome, Claimed};
+use thr_broker::{Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed};
 use thr_core::config::QueueConfig;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
@@ -57,9 +57,10 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
         let q = runner.queue.load();
         tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
     }
-    // A claim to ask again (its answer was lost), with the slots it was
-    // for (none: a claim ahead).
-    let mut retry: Option<(String, Vec<OwnedSemaphorePermit>)> = None;
+    // A claim to ask again (its answer was lost, or an offer made under
+    // its token may stand), with the slots it was for (none: a claim
+    // ahead), and whether an offer was made under its token.
+    let mut retry: Option<(String, Vec<OwnedSemaphorePermit>, bool)> = None;
     // Set when nothing could start: wait this long on the doorbell first.
     let mut wait: Option<Duration> = None;
     // Set when the last claim filled every slot with short jobs: claim one
@@ -107,7 +108,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             }
             continue;
         }
-        let (token, mut permits) = match retry.take() {
+        let (token, mut permits, mut offered) = match retry.take() {
             Some(again) => again,
             None => {
                 // Every free slot at once: one claim fills them all when a
@@ -122,7 +123,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     permits.push(permit);
                     fill(&runner, &mut permits);
                 }
-                (uuid::Uuid::new_v4().simple().to_string(), permits)
+                (uuid::Uuid::new_v4().simple().to_string(), permits, false)
             }
         };
         if *stop.borrow() {
@@ -136,7 +137,12 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
         options.ahead = for_ahead;
         let outcome = match wait.take() {
             Some(max) if !for_ahead => tokio::select! {
-                outcome = runner.broker.wait_and_claim(&mut doorbell, &name, max, options) => outcome,
+                // The offer goes first: from here on, it may stand until
+                // a claim under this token withdraws it.
+                outcome = async {
+                    offered = true;
+                    runner.broker.wait_and_claim(&mut doorbell, &name, max, options).await
+                } => outcome,
                 _ = stop.changed() => {
                     // Closing the doorbell's connection ends the pop;
                     // settling the token withdraws the offer and returns a
@@ -214,22 +220,26 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             Err(err) => {
                 failures += 1;
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
-                if err.outcome_unknown() {
-                    tracing::warn!(queue = %name, %err, "claim unanswered; asking again with the same token");
+                // A claim that surely did not run goes again under its
+                // token too when an offer was made under it (`wait_and_claim`:
+                // offer, pop, then claim): only a claim under that token
+                // withdraws it. Left there, it is the offer of a live worker
+                // that no pop takes from: an enqueue would lease it a job
+                // that runs only once its lease ran out (seen after Redis
+                // refused writes for a second, out of memory: the next GET
+                // got 504 at reply_timeout). Not for an answer thr cannot
+                // read: asked again, Redis would give the same.
+                let unreadable = matches!(err, BrokerError::Protocol(_));
+                if err.outcome_unknown() || (offered && !unreadable) {
+                    tracing::warn!(queue = %name, %err, "claim failed or unanswered; asking again with the same token");
+                    retry = Some((token, permits, offered));
                 } else {
-                    tracing::warn!(queue = %name, %err, "claim failed; asking again with the same token");
+                    tracing::warn!(queue = %name, %err, "claim failed");
+                    drop(permits);
+                    ahead = false;
                 }
-                // Even a claim that surely did not run goes again under its
-                // token: the offer made before it (`wait_and_claim`: offer,
-                // pop, then claim) may stand, and only a claim under that
-                // token withdraws it. Left there, it is the offer of a live
-                // worker that no pop takes from: an enqueue would lease it
-                // a job that runs only once its lease ran out (seen after
-                // Redis refused writes for a second, out of memory: the
-                // next GET got 504 at reply_timeout).
-                retry = Some((token, permits));
                 if sleep_or_stop(backoff(failures), &mut stop).await {
-                    if let Some((token, permits)) = retry.take() {
+                    if let Some((token, permits, _)) = retry.take() {
                         // Stopping: one last try, so that leased jobs run here.
                         settle_last_claim(&runner, &token, permits).await;
                     }
@@ -302,13 +312,14 @@ async fn settle_last_claim<B: Broker>(
 ) {
     let q = runner.queue.load_full();
     let options = claim_options(runner, &q, token, 0);
-    // Asked again while the answer is lost (a slow Redis), a few times: the
-    // drain that follows is bounded by the shutdown grace anyway.
+    // Asked again while it fails or its answer is lost (an offer may stand
+    // under the token, see the loop), a few times: the drain that follows
+    // is bounded by the shutdown grace anyway.
     let mut answer = runner.broker.claim(&runner.name, options).await;
     for attempt in 1..=SETTLE_ATTEMPTS {
         match &answer {
-            Err(err) if err.outcome_unknown() => {
-                tracing::warn!(queue = %runner.name, %err, attempt, "settling the last claim: unanswered; asking again");
+            Err(err) => {
+                tracing::warn!(queue = %runner.name, %err, attempt, "settling the last claim: failed or unanswered; asking again");
                 tokio::time::sleep(backoff(attempt)).await;
                 answer = runner.broker.claim(&runner.name, options).await;
             }

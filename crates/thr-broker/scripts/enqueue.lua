@@ -97,7 +97,10 @@ local function find_taker(method)
     if offer then
       alive = alive or liveness_now(K_liveness, now)
       local beat = tonumber(redis.call('ZSCORE', K_workers, offer.worker))
-      if not is_silent(alive, beat, nil, now, worker_timeout) then
+      -- No beat at all: the worker retired (an offer its last claim could
+      -- not withdraw, Redis refusing writes) or has not beaten yet; either
+      -- way its offer is let go, and the job waits for a claim.
+      if beat and not is_silent(alive, beat, nil, now, worker_timeout) then
         return { token = token, offer = offer }
       end
     end

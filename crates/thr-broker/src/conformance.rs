@@ -114,6 +114,7 @@ scenarios![
     wait_and_claim_takes_a_job_announced_meanwhile,
     a_settled_wait_and_claim_leases_nothing,
     an_idle_workers_wait_is_handed_a_lone_job,
+    a_retired_workers_offer_takes_nothing,
     renew_keeps_lease_and_quota_slots,
     reply_is_delivered_once,
     concurrent_replies_are_each_delivered_once,
@@ -1056,6 +1057,7 @@ pub async fn a_claim_token_leases_once<B: Broker>(b: &B) {
 /// the same call ([`Broker::wait_and_claim`]), long before its wait is up;
 /// with nothing announced, the call claims anyway once the wait is up.
 pub async fn wait_and_claim_takes_a_job_announced_meanwhile<B: Broker>(b: &B) {
+    beat(b).await;
     let free = no_quota();
     let mut bell = b.doorbell(QUEUE);
     let quiet = new_token();
@@ -1138,6 +1140,7 @@ pub async fn a_settled_wait_and_claim_leases_nothing<B: Broker>(b: &B) {
 /// with it returns the job), and returned by the wait. A wait the worker
 /// gave up on and settled is handed nothing: the job waits for a claim.
 pub async fn an_idle_workers_wait_is_handed_a_lone_job<B: Broker>(b: &B) {
+    beat(b).await;
     let free = no_quota();
     let mut bell = b.doorbell(QUEUE);
     let token = new_token();
@@ -1186,6 +1189,35 @@ pub async fn an_idle_workers_wait_is_handed_a_lone_job<B: Broker>(b: &B) {
         "a settled wait takes nothing"
     );
     take_one(b, "h2").await;
+}
+
+/// A worker that retired (it stopped cleanly, its beat is gone) takes no
+/// job, even through an offer it made that its last claim could not
+/// withdraw (Redis refused writes as it stopped): the job waits for a
+/// claim instead of being leased to nobody until its lease runs out.
+pub async fn a_retired_workers_offer_takes_nothing<B: Broker>(b: &B) {
+    beat(b).await;
+    let free = no_quota();
+    let mut bell = b.doorbell(QUEUE);
+    let token = new_token();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        b.wait_and_claim(&mut bell, QUEUE, Duration::from_secs(2), options(&token)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "nothing was announced");
+    // It stops without settling its token, and says goodbye.
+    drop(bell);
+    b.retire(Daemon::Worker, WORKER)
+        .await
+        .unwrap_or_else(|e| panic!("retire: {e}"));
+    queued(b, job("r1", 50, &free)).await;
+    assert_eq!(
+        states(b, &["r1"]).await,
+        [JobState::Waiting],
+        "a retired worker's offer takes nothing"
+    );
+    take_one(b, "r1").await;
 }
 
 // ---- leases --------------------------------------------------------------------

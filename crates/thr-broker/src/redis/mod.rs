@@ -991,10 +991,16 @@ impl Broker for RedisBroker {
                     .await)
             })
             .await?;
-        let Ok(info) = info else {
-            return Ok(Vec::new()); // not allowed to this user (ACL)
-        };
-        Ok(eviction_warning(&info).into_iter().collect())
+        match info {
+            Ok(info) => Ok(eviction_warning(&info).into_iter().collect()),
+            Err(err) => match redis::ServerError::try_from(err) {
+                // Redis's refusal (INFO not allowed to this ACL user): the
+                // settings cannot be read, and asking again will not help.
+                Ok(_) => Ok(Vec::new()),
+                // No answer: asked again at the next beat.
+                Err(err) => Err(err.into()),
+            },
+        }
     }
 
     async fn retire(&self, kind: Daemon, id: &str) -> Result<(), BrokerError> {
@@ -1063,7 +1069,6 @@ impl Broker for RedisBroker {
     }
 }
 
-/// The claim script's arguments for `options`.
 /// The warning for a Redis that evicts keys when full, from its `INFO
 /// memory`; None under `noeviction` (or when INFO does not say).
 fn eviction_warning(info: &str) -> Option<String> {
@@ -1071,15 +1076,19 @@ fn eviction_warning(info: &str) -> Option<String> {
         .lines()
         .find_map(|line| line.strip_prefix("maxmemory_policy:"))?
         .trim();
+    // Checked even without a `maxmemory` (then Redis evicts nothing yet):
+    // the limit is often set later, at runtime, by someone else.
     (policy != "noeviction").then(|| {
         format!(
             "Redis evicts keys when it is full (maxmemory-policy {policy}): thr's jobs, leases and \
-             the markers that keep a POST from running twice may vanish. Set maxmemory-policy \
-             noeviction: a full Redis then refuses new requests (503) and loses nothing"
+             the markers that keep a POST from running twice may vanish once a maxmemory is \
+             reached. Set maxmemory-policy noeviction: a full Redis then refuses new requests \
+             (503) and loses nothing"
         )
     })
 }
 
+/// The claim script's arguments for `options`.
 fn claim_args<'a>(options: &ClaimOptions<'a>) -> s::Claim<'a> {
     s::Claim {
         token: options.token,

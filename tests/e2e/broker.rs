@@ -464,6 +464,11 @@ async fn an_offer_takes_a_lone_job_only_when_it_may() {
         n
     };
 
+    // w1 is alive: it has beaten (an offer of a worker with no beat, one
+    // that retired, takes nothing).
+    b.heartbeat(thr_broker::Daemon::Worker, "w1", "{}")
+        .await
+        .unwrap();
     // A GET: taken.
     let _: () = redis::cmd("HSET")
         .arg(&k.offers)

@@ -78,6 +78,7 @@ scenarios![
     dead_letter_answers_and_settles,
     silent_worker_is_reaped,
     dead_front_jobs_are_dropped,
+    a_fronts_fresh_job_shows_it_alive,
     a_lone_job_is_withdrawn_or_dropped_like_any,
     started_notice_precedes_reply,
     job_states_report_each_state,

@@ -114,11 +114,14 @@ end
 if redis.call('EXISTS', K_paused) == 1 then
   return seal('paused', -1)
 end
--- True when a front is known and silent: nobody will read the reply.
+-- True when a front is known and silent: nobody will read the reply. A
+-- job it enqueued less than a front timeout ago says it was alive then,
+-- whatever its beats say: they may have been refused (Redis out of
+-- memory) while the enqueue that followed went through.
 -- Fronts' liveness does not change during a call: read once per front.
 local fronts_dead = {}
-local function front_dead(front)
-  if front == '' then
+local function front_dead(front, enqueued)
+  if front == '' or enqueued > now - front_timeout then
     return false
   end
   local dead = fronts_dead[front]
@@ -176,7 +179,7 @@ if total == 0 or running_now() < total then
   local info = id and info_unpack(redis.call('HGET', K_info, id))
   if info and redis.call('EXISTS', K_flows) == 1 then
     enflow(id, info)
-  elseif info and info.deadline > now and not front_dead(info.front) then
+  elseif info and info.deadline > now and not front_dead(info.front, info.enqueued) then
     if not may_hold(info) then
       -- Back at the head of the hand-off list, as it was.
       redis.call('LPUSH', K_handoff, id)
@@ -403,7 +406,7 @@ local function try_flow(flow)
     local id = c.ids[k]
     local info = info_at(c, k)
     -- Not runnable: dropped below.
-    local runnable = info and info.deadline > now and not front_dead(info.front)
+    local runnable = info and info.deadline > now and not front_dead(info.front, info.enqueued)
     if runnable and not may_hold(info) then
       return 'unheld'
     end

@@ -131,6 +131,7 @@ scenarios![
     dead_letter_answers_and_settles,
     silent_worker_is_reaped,
     dead_front_jobs_are_dropped,
+    a_fronts_fresh_job_shows_it_alive,
     a_lone_job_is_withdrawn_or_dropped_like_any,
     started_notice_precedes_reply,
     job_states_report_each_state,
@@ -1752,6 +1753,23 @@ pub async fn silent_worker_is_reaped<B: Broker>(b: &B) {
     assert!(renew(b, &l1[0].lease, LONG).await, "w-live keeps l1");
     assert!(!renew(b, &s1[0].lease, LONG).await, "w-silent lost s1");
     take_one(b, "s1").await;
+}
+
+/// A job a front enqueued after its last beat shows it alive: its beats
+/// may have been refused (Redis out of memory) while the enqueue that
+/// followed went through. Such a job is not dropped as a dead front's while
+/// it is younger than a front's timeout, so its client is not told to try
+/// again (503) for a front that is still there.
+pub async fn a_fronts_fresh_job_shows_it_alive<B: Broker>(b: &B) {
+    let free = no_quota();
+    beat_front(b, "front-quiet").await;
+    beat_without_a_stall(Daemon::Front.timeout() * 2, || beat_front(b, FRONT)).await;
+    queued(b, of_front(job("fresh", 50, &free), "front-quiet")).await;
+    assert_eq!(
+        ids(&take(b, 8, LONG).await),
+        ["fresh"],
+        "front-quiet's beats are old, but it enqueued just now"
+    );
 }
 
 /// Jobs of a front that stopped beating are not started (nobody would read

@@ -50,6 +50,14 @@ pub const HOLD: Duration = Duration::from_secs(1);
 
 /// Claims jobs of `runner`'s queue into its free slots until `stop`.
 pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiver<bool>) {
+    // However it ends, the drain that waits for it goes on.
+    struct Ended<'a>(&'a watch::Sender<bool>);
+    impl Drop for Ended<'_> {
+        fn drop(&mut self) {
+            self.0.send_replace(true);
+        }
+    }
+    let _ended = Ended(&runner.claim_loop_done);
     let name = runner.name.clone();
     let mut doorbell = runner.broker.doorbell(&name);
     let mut failures = 0u32;
@@ -108,6 +116,8 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             }
             continue;
         }
+        // A token never sent yet (not one to ask again) has nothing to settle.
+        let sent = retry.is_some();
         let (token, mut permits, mut offered) = match retry.take() {
             Some(again) => again,
             None => {
@@ -127,7 +137,9 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
             }
         };
         if *stop.borrow() {
-            settle_last_claim(&runner, &token, permits).await;
+            if sent {
+                settle_last_claim(&runner, &token, permits).await;
+            }
             break;
         }
         // No free slot: a claim for one job ahead.
@@ -328,6 +340,12 @@ async fn settle_last_claim<B: Broker>(
     }
     if let Err(err) = &answer {
         tracing::warn!(queue = %runner.name, %err, "could not settle the last claim; its jobs, if any, return when their lease runs out");
+        // The offer made under the token may stand, with this worker still
+        // beating while it drains: no enqueue may hand it a job. A Redis
+        // out of memory still takes a plain delete.
+        if let Err(err) = runner.broker.withdraw_offer(&runner.name, token).await {
+            tracing::warn!(queue = %runner.name, %err, "could not withdraw the offer either");
+        }
     }
     if let Ok(ClaimOutcome::Jobs(claimed)) = answer {
         for claimed in claimed {

@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use thr_backend::Forwarder;
 use thr_broker::{Broker, Lease};
 use thr_core::config::{QueueConfig, Scheduling};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
 /// The shared state of one queue.
@@ -41,6 +41,10 @@ pub struct QueueRunner<B> {
     pub inflight: Arc<AtomicUsize>,
     /// How long jobs hold a slot, lately.
     pub slot_times: Arc<SlotTimes>,
+    /// True while no claim loop runs for this queue (none started yet, or
+    /// it ended): a drain waits for it, since a stopping loop may still
+    /// start the jobs its last claim returns.
+    pub claim_loop_done: watch::Sender<bool>,
 }
 
 /// How long jobs of a queue hold their slot, lately: a moving average over
@@ -131,6 +135,7 @@ impl<B: Broker> QueueRunner<B> {
             worker_id,
             inflight,
             slot_times: Arc::default(),
+            claim_loop_done: watch::Sender::new(true),
         }
     }
 
@@ -202,6 +207,11 @@ impl<B: Broker> QueueRunner<B> {
     /// then hands the leases of the rest back (another worker takes them at
     /// once rather than after their lease) and stops them.
     pub async fn drain(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        // The claim loop's last claim may return jobs (a claim whose answer
+        // was lost, a job handed to its offer): they run here too.
+        let mut done = self.claim_loop_done.subscribe();
+        let _ = tokio::time::timeout_at(deadline, done.wait_for(|done| *done)).await;
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         let busy = self.running.lock().unwrap_or_else(|p| p.into_inner()).len();
         if busy > 0 {
@@ -216,7 +226,7 @@ impl<B: Broker> QueueRunner<B> {
                 }
             }
         };
-        if tokio::time::timeout(grace, all_done).await.is_ok() {
+        if tokio::time::timeout_at(deadline, all_done).await.is_ok() {
             return;
         }
         let left: Vec<(String, (Lease, AbortHandle))> = self

@@ -66,6 +66,8 @@ pub fn apply<B: Broker>(
                 let (stop, stopped) = watch::channel(false);
                 cx.tasks
                     .spawn(crate::reaper::run(runner.clone(), stopped.clone()));
+                // Running from now: a drain from now on waits for its end.
+                runner.claim_loop_done.send_replace(false);
                 cx.tasks
                     .spawn(crate::claim_loop::run(runner.clone(), stopped));
                 served.insert(queue.name.clone(), Served { runner, stop });

@@ -115,22 +115,27 @@ if redis.call('EXISTS', K_paused) == 1 then
   return seal('paused', -1)
 end
 -- True when a front is known and silent: nobody will read the reply. A
--- job it enqueued less than a front timeout ago says it was alive then,
--- whatever its beats say: they may have been refused (Redis out of
--- memory) while the enqueue that followed went through.
--- Fronts' liveness does not change during a call: read once per front.
-local fronts_dead = {}
+-- job it enqueued well after its last beat (more than half a front
+-- timeout: it beats every 200 ms) and less than a front timeout ago says
+-- it was alive then, whatever its beats say: they may have been refused
+-- (Redis out of memory) while the enqueue that followed went through. The
+-- jobs of a front killed between two beats are judged by its beats, as
+-- before.
+-- Fronts' beats do not change during a call: read once per front.
+local fronts_beat = {}
 local function front_dead(front, enqueued)
-  if front == '' or enqueued > now - front_timeout then
+  if front == '' then
     return false
   end
-  local dead = fronts_dead[front]
-  if dead == nil then
-    local beat = tonumber(redis.call('ZSCORE', K_fronts, front))
-    dead = beat ~= nil and is_silent(alive, beat, nil, now, front_timeout)
-    fronts_dead[front] = dead
+  local beat = fronts_beat[front]
+  if beat == nil then
+    beat = tonumber(redis.call('ZSCORE', K_fronts, front)) or false
+    fronts_beat[front] = beat
   end
-  return dead
+  if not beat or not is_silent(alive, beat, nil, now, front_timeout) then
+    return false
+  end
+  return enqueued <= beat + front_timeout / 2 or enqueued <= now - front_timeout
 end
 
 -- Forgets a waiting job that must not run (client gone, front dead). A

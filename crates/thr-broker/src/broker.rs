@@ -329,6 +329,20 @@ pub trait Broker: Send + Sync + 'static {
         ids: &[&str],
     ) -> impl Future<Output = Result<Vec<JobState>, BrokerError>> + Send;
 
+    /// Withdraws an offer a [`Broker::wait_and_claim`] under `token` may
+    /// have left, without claiming: for a stopping worker whose last claim
+    /// failed, where Redis still takes a plain delete (out of memory). Safe
+    /// to repeat; a job already handed to the offer is leased to `token`
+    /// and returns when its lease runs out.
+    fn withdraw_offer(
+        &self,
+        queue: &str,
+        token: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let _ = (queue, token);
+        async { Ok(()) }
+    }
+
     /// Starts the most urgent jobs of `queue` whose quotas all have room.
     fn claim(
         &self,
@@ -341,8 +355,10 @@ pub trait Broker: Send + Sync + 'static {
     /// have the job an enqueue hands off given to this wait under the
     /// claim's token, so that an idle worker gets a lone new job with no
     /// claim at all (Redis: an offer the enqueue takes, ARCHITECTURE.md
-    /// decision 27). After an error the claim's outcome is as unknown as a
-    /// claim's: ask again with the same token. Not cancel-safe in that
+    /// decision 27). After any error ask again with the same token (a claim
+    /// does): the claim's outcome may be unknown, and an offer made under
+    /// the token may stand until a claim under it withdraws it (or
+    /// [`Broker::withdraw_offer`], when no claim can be made). Not cancel-safe in that
     /// sense: a caller that drops the call settles its token (`max_jobs`
     /// 0), and drops `doorbell`, whose pop may take a ring meant for
     /// another worker (workers poll every second anyway).

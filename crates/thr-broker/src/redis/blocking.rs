@@ -68,6 +68,9 @@ impl RedisDoorbell {
     }
 }
 
+/// What a `BLMPOP` of one item answers: the list it came from and the item.
+type ListAndItems = Option<(String, Vec<Vec<u8>>)>;
+
 /// What a doorbell wait with an offer returned.
 pub(crate) enum Popped {
     /// An enqueue handed the job to the offer: its
@@ -118,17 +121,26 @@ impl RedisDoorbell {
                 Ok(Popped::Claim)
             }
             Some(value) => {
-                let popped: Option<(String, Vec<Vec<u8>>)> = redis::from_redis_value(value)?;
+                let popped: redis::RedisResult<ListAndItems> =
+                    redis::from_redis_value(value).map_err(redis::RedisError::from);
                 Ok(match popped {
-                    Some((list, mut items)) if list == offer_list => {
+                    Ok(Some((list, mut items))) if list == offer_list => {
                         items.pop().map_or(Popped::Claim, Popped::Handed)
                     }
-                    _ => Popped::Claim,
+                    Ok(_) => Popped::Claim,
+                    // The offer was made: whatever the pop says, the claim
+                    // under its token follows (it withdraws the offer and
+                    // returns a job handed to it).
+                    Err(err) => {
+                        tracing::warn!(key = %self.key, %err, "the doorbell's pop answered what thr cannot read; claiming");
+                        Popped::Claim
+                    }
                 })
             }
-            None => Err(BrokerError::Protocol(
-                "doorbell: no answer to the pop".into(),
-            )),
+            None => {
+                tracing::warn!(key = %self.key, "the doorbell's pop had no answer; claiming");
+                Ok(Popped::Claim)
+            }
         }
     }
 }

@@ -981,6 +981,19 @@ impl Broker for RedisBroker {
         })
     }
 
+    async fn withdraw_offer(&self, queue: &str, token: &str) -> Result<(), BrokerError> {
+        let offers = self.queue_keys(queue).offers.clone();
+        let token = token.to_string();
+        self.run(|mut conn| async move {
+            redis::cmd("HDEL")
+                .arg(&offers)
+                .arg(&token)
+                .exec_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
     async fn setup_warnings(&self) -> Result<Vec<String>, BrokerError> {
         // INFO, not CONFIG GET: managed Redis services often refuse CONFIG.
         let info: redis::RedisResult<String> = self
@@ -993,13 +1006,12 @@ impl Broker for RedisBroker {
             .await?;
         match info {
             Ok(info) => Ok(eviction_warning(&info).into_iter().collect()),
-            Err(err) => match redis::ServerError::try_from(err) {
-                // Redis's refusal (INFO not allowed to this ACL user): the
-                // settings cannot be read, and asking again will not help.
-                Ok(_) => Ok(Vec::new()),
-                // No answer: asked again at the next beat.
-                Err(err) => Err(err.into()),
-            },
+            // Not allowed to this ACL user: the settings cannot be read,
+            // and asking again will not help.
+            Err(err) if err.code() == Some("NOPERM") => Ok(Vec::new()),
+            // No answer, or a passing refusal (LOADING, BUSY): asked
+            // again at the next beat.
+            Err(err) => Err(err.into()),
         }
     }
 

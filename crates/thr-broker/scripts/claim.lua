@@ -121,21 +121,20 @@ end
 -- (Redis out of memory) while the enqueue that followed went through. The
 -- jobs of a front killed between two beats are judged by its beats, as
 -- before.
--- Fronts' beats do not change during a call: read once per front.
-local fronts_beat = {}
+-- Fronts' liveness does not change during a call: read once per front
+-- (false: alive or unknown; else the last beat of a silent front).
+local silent_since = {}
 local function front_dead(front, enqueued)
   if front == '' then
     return false
   end
-  local beat = fronts_beat[front]
+  local beat = silent_since[front]
   if beat == nil then
-    beat = tonumber(redis.call('ZSCORE', K_fronts, front)) or false
-    fronts_beat[front] = beat
+    beat = tonumber(redis.call('ZSCORE', K_fronts, front))
+    beat = beat ~= nil and is_silent(alive, beat, nil, now, front_timeout) and beat
+    silent_since[front] = beat
   end
-  if not beat or not is_silent(alive, beat, nil, now, front_timeout) then
-    return false
-  end
-  return enqueued <= beat + front_timeout / 2 or enqueued <= now - front_timeout
+  return beat and (enqueued <= beat + front_timeout / 2 or enqueued <= now - front_timeout)
 end
 
 -- Forgets a waiting job that must not run (client gone, front dead). A

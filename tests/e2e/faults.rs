@@ -354,12 +354,7 @@ async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
     )
     .await;
     let before: Vec<_> = tokens(&mut redis).into_iter().chain(before).collect();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query(&mut redis)
-        .unwrap();
+    stack.redis.config_set("maxmemory", "1");
     let refused = Instant::now();
     let seen = send(
         &client,
@@ -373,12 +368,7 @@ async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
     // The worker's pop returns within its one-second poll and its claim is
     // refused, more than once.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut redis)
-        .unwrap();
+    stack.redis.config_set("maxmemory", "0");
     // Its next offer comes after the claim that withdraws the old one.
     until(Duration::from_secs(10), "the worker offers again", || {
         tokens(&mut redis).iter().any(|t| !before.contains(t))
@@ -402,12 +392,7 @@ async fn redis_out_of_memory_for_a_while_leaves_no_offer_behind() {
         .await;
         assert_eq!(seen.status, 200, "/after/{i}");
     }
-    let targets: Vec<_> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let targets: Vec<_> = stack.backend.targets();
     assert_eq!(
         targets,
         [
@@ -444,19 +429,11 @@ async fn a_worker_stopped_while_redis_refuses_writes_leaves_no_live_offer() {
         count(&mut redis) > 0
     })
     .await;
-    let maxmemory = |redis: &mut redis::Connection, value: &str| {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg(value)
-            .query(redis)
-            .unwrap();
-    };
-    maxmemory(&mut redis, "1");
+    stack.redis.config_set("maxmemory", "1");
     let mut worker = stack.workers.pop().unwrap();
     worker.signal("TERM");
     assert_eq!(worker.wait(), Some(0), "redis2http exit code");
-    maxmemory(&mut redis, "0");
+    stack.redis.config_set("maxmemory", "0");
     assert_eq!(count(&mut redis), 0, "the stopped worker's offer is gone");
     // Sent at once: the front may not have beaten since Redis refused its
     // beats, and its job is still not taken for a dead front's.
@@ -477,12 +454,7 @@ async fn a_worker_stopped_while_redis_refuses_writes_leaves_no_live_offer() {
     ));
     let seen = waiting.await.unwrap();
     assert_eq!(seen.status, 200, "run by the new worker, not left leased");
-    let targets: Vec<_> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let targets: Vec<_> = stack.backend.targets();
     assert_eq!(targets, ["/before", "/after"]);
     stack.stop();
 }

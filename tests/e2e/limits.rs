@@ -159,12 +159,7 @@ async fn a_priority_one_job_submitted_last_starts_next() {
     for l in low {
         assert_eq!(l.await.unwrap(), 200);
     }
-    let order: Vec<String> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let order: Vec<String> = stack.backend.targets();
     assert_eq!(order[1], "/urgent", "{:?}", &order[..5]);
     assert!(
         order[2..].iter().all(|t| t.starts_with("/low/")),
@@ -268,12 +263,7 @@ async fn users_share_a_limited_backend_round_robin() {
     }
     // While all three had work waiting (the first 120 starts after the
     // first few), each got a third of the backend.
-    let order: Vec<String> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let order: Vec<String> = stack.backend.targets();
     let window = &order[15..120];
     let mut share: HashMap<&str, usize> = HashMap::new();
     for t in window {
@@ -518,12 +508,7 @@ async fn aging_lets_a_long_waiting_low_priority_job_go_first() {
     assert_eq!(fresh.status, 200);
     hold.await.unwrap();
     low.await.unwrap();
-    let order: Vec<String> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let order: Vec<String> = stack.backend.targets();
     assert_eq!(
         order,
         ["/hold?delay=4000", "/low", "/fresh-urgent"],

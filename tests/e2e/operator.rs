@@ -400,12 +400,7 @@ async fn daemons_warn_of_a_redis_that_evicts_keys() {
         assert_eq!(process.wait(), Some(0));
         assert!(!warned(&log), "{}", std::fs::read_to_string(&log).unwrap());
     }
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("allkeys-lru")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.config_set("maxmemory-policy", "allkeys-lru");
     for daemon in ["redis2http", "http2redis"] {
         let log = dir.path().join(format!("{daemon}.log"));
         let mut process = spawn_logged(daemon, &path, &[], &[], &log);

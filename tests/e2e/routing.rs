@@ -135,12 +135,7 @@ async fn jobs_of_one_priority_leave_in_arrival_order() {
     for r in later {
         assert_eq!(r.await.unwrap().status, 200);
     }
-    let order: Vec<String> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let order: Vec<String> = stack.backend.targets();
     assert_eq!(
         order,
         [

@@ -155,12 +155,7 @@ async fn priorities_reach_the_queue() {
     for r in later {
         assert_eq!(r.await.unwrap().status, 200);
     }
-    let order: Vec<String> = stack
-        .backend
-        .requests()
-        .into_iter()
-        .map(|r| r.target)
-        .collect();
+    let order: Vec<String> = stack.backend.targets();
     assert_eq!(
         order,
         [

@@ -326,19 +326,12 @@ pub fn spawn_send(
 /// From now on, `redis` logs every command in SLOWLOG (for
 /// [`script_calls`]).
 pub fn log_every_command(redis: &RedisServer) {
-    let mut conn = redis.conn();
-    for (name, value) in [
-        ("slowlog-log-slower-than", "0"),
-        ("slowlog-max-len", "100000"),
-    ] {
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query(&mut conn)
-            .unwrap();
-    }
-    let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
+    redis.config_set("slowlog-log-slower-than", "0");
+    redis.config_set("slowlog-max-len", "100000");
+    let _: () = redis::cmd("SLOWLOG")
+        .arg("RESET")
+        .query(&mut redis.conn())
+        .unwrap();
 }
 
 /// Calls of script `name` (`scripts/NAME.lua`) since [`log_every_command`]

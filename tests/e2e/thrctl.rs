@@ -490,12 +490,7 @@ async fn purging_100_000_waiting_jobs_never_blocks_redis() {
     assert_eq!(count(&mut conn, "ZCARD", &q.pending), JOBS as u64);
 
     // Anything over 10 ms from now on lands in the slow log.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("slowlog-log-slower-than")
-        .arg(10_000)
-        .query(&mut conn)
-        .unwrap();
+    redis.config_set("slowlog-log-slower-than", "10000");
     let _: () = redis::cmd("SLOWLOG").arg("RESET").query(&mut conn).unwrap();
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")

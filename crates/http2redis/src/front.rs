@@ -655,19 +655,16 @@ fn check_host(parts: &http::request::Parts) -> Result<(), FrontError> {
 /// the others in its value (a Django session is lost). Joined here, before
 /// the rules, auth, bypass and the queue see the request.
 fn join_cookies(headers: &mut HeaderMap) {
-    let mut values = headers.get_all(header::COOKIE).iter();
-    if values.next().is_none() || values.next().is_none() {
+    let fields: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
+    if fields.len() < 2 {
         return;
     }
-    let mut joined = Vec::new();
-    for value in headers.get_all(header::COOKIE) {
-        if !joined.is_empty() {
-            joined.extend_from_slice(b"; ");
-        }
-        joined.extend_from_slice(value.as_bytes());
-    }
     // Fields that were valid are valid joined by "; ".
-    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+    if let Ok(value) = HeaderValue::from_bytes(&fields.join(&b"; "[..])) {
         headers.insert(header::COOKIE, value);
     }
 }

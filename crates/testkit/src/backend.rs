@@ -223,6 +223,11 @@ impl SlowBackend {
         self.state.recorded.lock().expect("lock").clone()
     }
 
+    /// The targets of [`SlowBackend::requests`], in the same order.
+    pub fn targets(&self) -> Vec<String> {
+        self.requests().into_iter().map(|r| r.target).collect()
+    }
+
     /// Requests handled (or being handled) so far.
     pub fn count(&self) -> usize {
         self.state.recorded.lock().expect("lock").len()

@@ -263,6 +263,16 @@ impl RedisServer {
         self.client().get_connection().expect("redis connection")
     }
 
+    /// `CONFIG SET name value`, panicking if Redis refuses it.
+    pub fn config_set(&self, name: &str, value: &str) {
+        let _: () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query(&mut self.conn())
+            .unwrap_or_else(|e| panic!("CONFIG SET {name} {value}: {e}"));
+    }
+
     /// `INFO commandstats` by command name (`evalsha`, `blmpop`,
     /// `config|resetstat`): what Redis counted since it started or since
     /// `CONFIG RESETSTAT`, the commands scripts call included.

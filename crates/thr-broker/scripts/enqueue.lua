@@ -78,7 +78,7 @@ end
 -- `retry_methods`), while its max_inflight_total has room. An offer turned
 -- away for the method or max_inflight_total stays (its worker waits on);
 -- one taken, unreadable, of a dead worker or of one with no beat (retired)
--- is removed, whatever the job. A few tries.
+-- is removed. A few tries.
 local function find_taker(method)
   local alive = nil
   for _ = 1, 3 do
@@ -87,25 +87,25 @@ local function find_taker(method)
       return nil
     end
     local token, offer = pick[1], offer_unpack(pick[2])
-    local live = false
+    -- The method first: it costs no read, so a job turned away (a POST,
+    -- on an idle system) pays for no liveness read.
+    if offer and not method_in(offer.methods, method) then
+      return nil
+    end
+    if offer and offer.total > 0
+        and redis.call('ZCOUNT', K_leases, '(' .. now, '+inf') >= offer.total then
+      return nil
+    end
+    redis.call('HDEL', K_offers, token)
     if offer then
       alive = alive or liveness_now(K_liveness, now)
       local beat = tonumber(redis.call('ZSCORE', K_workers, offer.worker))
       -- No beat at all: the worker retired (an offer its last claim could
       -- not withdraw, Redis refusing writes) or has not beaten yet; either
       -- way its offer is let go, and the job waits for a claim.
-      live = beat and not is_silent(alive, beat, nil, now, worker_timeout)
-    end
-    if live and not method_in(offer.methods, method) then
-      return nil
-    end
-    if live and offer.total > 0
-        and redis.call('ZCOUNT', K_leases, '(' .. now, '+inf') >= offer.total then
-      return nil
-    end
-    redis.call('HDEL', K_offers, token)
-    if live then
-      return { token = token, offer = offer }
+      if beat and not is_silent(alive, beat, nil, now, worker_timeout) then
+        return { token = token, offer = offer }
+      end
     end
   end
   return nil

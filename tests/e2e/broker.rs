@@ -248,6 +248,28 @@ async fn scripts_survive_a_redis_restart() {
 }
 
 #[tokio::test]
+async fn the_first_call_after_redis_comes_back_goes_through() {
+    let mut redis = RedisServer::start();
+    let b = broker(&redis);
+    b.enqueue(job("before", 50)).await.unwrap();
+    redis.kill();
+    // While Redis is down, calls fail, and the shared connection's last
+    // reconnection with them.
+    assert!(b.enqueue(job("down", 50)).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(b.enqueue(job("down", 50)).await.is_err());
+    // Time for the reconnection that call started to fail too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.restart();
+    // Not told of that old failure: it was a refused connection, so the
+    // call was sent again on a new one.
+    b.enqueue(job("after", 50))
+        .await
+        .expect("the first call after the restart goes through");
+    assert_eq!(claim_all(&b).await, ["after"]);
+}
+
+#[tokio::test]
 async fn a_poisoned_job_is_set_aside_and_the_worker_keeps_serving() {
     use crate::support::*;
     let stack = Binaries::start(SlowBackend::builder().start().await, 1, "").await;

@@ -215,6 +215,32 @@ async fn a_killed_fronts_queued_jobs_stop_reaching_the_backend_within_a_second()
     }
 }
 
+/// Once Redis is back after an outage long enough for every retry loop
+/// to back off to its longest pause (1 to 2 s), the next request is served
+/// within a heartbeat or so (the first one through ends the loops'
+/// pauses), and its front does not answer 503 from an old failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_resumes_at_once_when_redis_comes_back() {
+    let mut stack = stack(SlowBackend::builder().start().await, 1, 4).await;
+    assert_eq!(get(&stack.url(), "/before").await.status, 200);
+    for round in 0..2 {
+        stack.redis.kill();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        stack.redis.restart();
+        let started = Instant::now();
+        let seen = get(&stack.url(), &format!("/after/{round}")).await;
+        let took = started.elapsed();
+        assert_eq!(seen.status, 200, "round {round}: {seen:?}");
+        // Heartbeats come every 200 to 250 ms; a backoff pause lasts up to
+        // 2 s. Generous for a loaded machine.
+        assert!(
+            took < Duration::from_millis(1000),
+            "round {round}: served {took:?} after Redis came back"
+        );
+    }
+    stack.stop();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_answers_waiting_clients_at_once() {
     // One slot, 3 s per request: one POST runs, ten GETs wait.

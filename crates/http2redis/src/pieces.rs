@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use thr_broker::Broker;
-use thr_broker::backoff::backoff;
 use thr_core::envelope::Piece;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -87,7 +86,7 @@ async fn cancel<B: Broker>(broker: &B, id: &str) {
             Ok(()) => return,
             Err(err) => {
                 tracing::debug!(%err, "could not cancel the stream, asking again");
-                tokio::time::sleep(backoff(attempt)).await;
+                broker.recovery().pause(attempt).await;
             }
         }
     }
@@ -113,7 +112,7 @@ async fn read<B: Broker>(
             Err(err) if quiet_since.elapsed() < idle => {
                 failures += 1;
                 tracing::debug!(%err, "could not read the stream, asking again");
-                tokio::time::sleep(backoff(failures)).await;
+                broker.recovery().pause(failures).await;
                 continue;
             }
             Err(err) => return Ending::Cut(format!("Redis unreachable mid-stream: {err}")),

@@ -173,7 +173,7 @@ async fn enqueue<B: Broker>(
         if Instant::now() + pause < limit {
             cx.span
                 .in_scope(|| tracing::debug!(%err, unknown, "enqueue unanswered, asking again"));
-            tokio::time::sleep(pause).await;
+            broker.recovery().sleep(pause).await;
             continue;
         }
         cx.span
@@ -304,7 +304,7 @@ impl<B: Broker> Drop for Pending<B> {
                     }
                     Err(_) => {
                         failures += 1;
-                        tokio::time::sleep(backoff(failures)).await;
+                        front.broker().recovery().pause(failures).await;
                     }
                 }
             }

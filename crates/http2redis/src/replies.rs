@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thr_broker::ReplyStream;
-use thr_broker::backoff::backoff;
+use thr_broker::backoff::Recovery;
 use thr_core::envelope::{FrontMessage, Reply};
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -199,10 +199,14 @@ impl ReplyRouter {
 /// promise that order: it is a matter of speed, never of correctness. What
 /// arrives for nobody (an orphan stream's head) is still taken within
 /// about a second.
+///
+/// After a Redis error the loop backs off, until `recovery` says Redis
+/// answers again.
 pub async fn run_loop<R: ReplyStream>(
     mut stream: R,
     router: ReplyRouter,
     orphan: impl Fn(String) + Send,
+    recovery: Recovery,
     mut stop: watch::Receiver<bool>,
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
@@ -243,10 +247,9 @@ pub async fn run_loop<R: ReplyStream>(
             }
             Err(err) => {
                 failures += 1;
-                let pause = backoff(failures);
-                tracing::warn!(%err, "reply loop: redis error, retrying in {pause:?}");
+                tracing::warn!(%err, "reply loop: redis error, retrying");
                 tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = recovery.pause(failures) => {}
                     _ = stop.changed() => {}
                 }
             }
@@ -282,6 +285,7 @@ mod tests {
             Counting(pops.clone()),
             router.clone(),
             |_| {},
+            Recovery::default(),
             stop,
         ));
         // Nobody waits: no pop for a second, then one (it blocks a second).

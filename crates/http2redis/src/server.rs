@@ -104,6 +104,7 @@ pub async fn serve<B: Broker>(
         front.broker().replies(front.id()),
         front.router().clone(),
         orphan,
+        front.broker().recovery(),
         stop_rx.clone(),
     ));
     let (beats_tx, beats) = tokio::sync::mpsc::channel(4);

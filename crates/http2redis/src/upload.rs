@@ -10,7 +10,6 @@ use bytes::{Bytes, BytesMut};
 use http_body::Body;
 use http_body_util::BodyExt;
 use thr_broker::Broker;
-use thr_broker::backoff::backoff;
 use thr_core::envelope::{CHUNK, INLINE_BODY};
 
 use crate::error::FrontError;
@@ -103,7 +102,7 @@ async fn put<B: Broker>(
             Err(err) if failures < 5 && err.outcome_unknown() => {
                 failures += 1;
                 tracing::debug!(%err, index, "storing a body chunk unanswered, asking again");
-                tokio::time::sleep(backoff(failures)).await;
+                broker.recovery().pause(failures).await;
             }
             Err(err) => {
                 metrics::counter!("thr_redis_errors_total", "daemon" => "http2redis").increment(1);

@@ -28,7 +28,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use thr_broker::backoff::backoff;
 use thr_broker::{Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed};
 use thr_core::config::QueueConfig;
 use tokio::sync::{OwnedSemaphorePermit, watch};
@@ -250,7 +249,8 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                     drop(permits);
                     ahead = false;
                 }
-                if sleep_or_stop(backoff(failures), &mut stop).await {
+                let pause = runner.broker.recovery().pause(failures);
+                if pause_or_stop(pause, &mut stop).await {
                     if let Some((token, permits, _)) = retry.take() {
                         // Stopping: one last try, so that leased jobs run here.
                         settle_last_claim(&runner, &token, permits).await;
@@ -304,7 +304,7 @@ async fn put_back<B: Broker>(runner: &QueueRunner<B>, claimed: Claimed) {
             Ok(_) => return,
             Err(err) if attempt < SETTLE_ATTEMPTS => {
                 tracing::warn!(queue = %runner.name, job = %claimed.id(), %err, attempt, "could not put a job back; asking again");
-                tokio::time::sleep(backoff(attempt)).await;
+                runner.broker.recovery().pause(attempt).await;
             }
             Err(err) => {
                 tracing::warn!(queue = %runner.name, job = %claimed.id(), %err, "could not put a job back; it returns when its lease runs out");
@@ -332,7 +332,7 @@ async fn settle_last_claim<B: Broker>(
         match &answer {
             Err(err) => {
                 tracing::warn!(queue = %runner.name, %err, attempt, "settling the last claim: failed or unanswered; asking again");
-                tokio::time::sleep(backoff(attempt)).await;
+                runner.broker.recovery().pause(attempt).await;
                 answer = runner.broker.claim(&runner.name, options).await;
             }
             _ => break,
@@ -382,8 +382,13 @@ fn claim_options<'a, B: Broker>(
 
 /// Sleeps for `d`; true when asked to stop meanwhile.
 pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    pause_or_stop(tokio::time::sleep(d), stop).await
+}
+
+/// Waits for `pause`; true when asked to stop meanwhile.
+async fn pause_or_stop(pause: impl Future<Output = ()>, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => *stop.borrow(),
+        _ = pause => *stop.borrow(),
         _ = stop.changed() => true,
     }
 }

@@ -396,7 +396,7 @@ async fn deliver_head<B: Broker>(
                 failures += 1;
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
                 tracing::warn!(%err, attempt = failures, "could not push the response head, asking again");
-                tokio::time::sleep(backoff(failures)).await;
+                broker.recovery().pause(failures).await;
             }
         }
     }
@@ -430,7 +430,7 @@ async fn deliver<B: Broker>(
                 failures += 1;
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
                 tracing::warn!(%err, attempt = failures, "could not push the reply, asking again");
-                tokio::time::sleep(backoff(failures)).await;
+                broker.recovery().pause(failures).await;
             }
         }
     }

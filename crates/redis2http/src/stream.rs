@@ -18,7 +18,6 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use thr_backend::{BoxError, ChannelBody, RequestBody};
-use thr_broker::backoff::backoff;
 use thr_broker::{Broker, Lease, Pushed};
 use thr_core::envelope::{CHUNK, Piece, WINDOW};
 use tokio::sync::mpsc;
@@ -45,7 +44,7 @@ pub fn upload_body<B: Broker>(broker: Arc<B>, id: String, chunks: u32, len: u64)
                     Err(err) if failures < 10 => {
                         failures += 1;
                         tracing::warn!(%err, index, "could not read a request body chunk, asking again");
-                        tokio::time::sleep(backoff(failures)).await;
+                        broker.recovery().pause(failures).await;
                     }
                     Err(err) => {
                         let _ = tx
@@ -264,7 +263,7 @@ pub async fn push_pieces<B: Broker>(
                 Err(err) if failures < PUSH_ATTEMPTS => {
                     failures += 1;
                     tracing::warn!(%err, attempt = failures, "could not push a response piece, asking again");
-                    tokio::time::sleep(backoff(failures)).await;
+                    broker.recovery().pause(failures).await;
                 }
                 Err(err) => {
                     tracing::error!(%err, "response pieces could not be pushed; giving the stream up");

@@ -515,6 +515,13 @@ pub trait Broker: Send + Sync + 'static {
         async { Ok(Vec::new()) }
     }
 
+    /// What tells this process's retry loops that the broker answers
+    /// again after failing (see [`Recovery`](crate::backoff::Recovery)).
+    /// A broker that never fails announces nothing.
+    fn recovery(&self) -> crate::backoff::Recovery {
+        crate::backoff::Recovery::default()
+    }
+
     /// The waiting count and quota waits of `queue`.
     fn gauges(&self, queue: &str) -> impl Future<Output = Result<Gauges, BrokerError>> + Send;
 

@@ -3,7 +3,8 @@
 //!
 //! Connections follow ARCHITECTURE.md decision 2: non-blocking commands share one
 //! multiplexed [`ConnectionManager`] (it pipelines concurrent callers for free
-//! and reconnects by itself), while every blocking loop (a worker's doorbell,
+//! and reconnects by itself; [`redial`] sends a call it refused with an old
+//! failure once more), while every blocking loop (a worker's doorbell,
 //! a front's reply stream) owns a dedicated connection whose response timeout
 //! outlives its blocking time. redis-rs would otherwise abandon a BLPOP after
 //! 500 ms while Redis still pops the item, losing it.
@@ -16,8 +17,10 @@
 mod batch;
 mod blocking;
 pub mod inspect;
+mod redial;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use redis::io::tcp::TcpSettings;
 use redis::{Client, IntoConnectionInfo};
 use thr_core::envelope::{DataReady, Piece, Reply, Started as StartedNotice, WINDOW};
 
+use crate::backoff::Recovery;
 use crate::protocol::keys::{DEFAULT_NAMESPACE, Keyspace, LATENCY_SAMPLES, QueueKeys};
 use crate::protocol::records::{FlowDef, Handed, Offer};
 use crate::protocol::scripts::{self as s, Scripts};
@@ -38,6 +42,7 @@ use crate::{
 use batch::{Batcher, Limits};
 use blocking::Popped;
 pub use blocking::{RedisDoorbell, RedisReplies};
+use redial::Redial;
 
 /// Most flows one claim call looks at, however many jobs it starts and
 /// however many wait behind full quotas: a call costs at most this many steps.
@@ -67,11 +72,11 @@ pub(crate) const REPLY_TTL: Duration = Duration::from_secs(120);
 #[derive(Clone)]
 pub struct RedisBroker {
     client: Client,
-    manager: ConnectionManager,
+    manager: Redial,
     /// Body traffic (pieces and chunks, up to 1 MiB per call) has a
     /// connection of its own, so that it never queues control calls
     /// (enqueue, claim, reply, heartbeats) behind it.
-    bulk: ConnectionManager,
+    bulk: Redial,
     command_timeout: Duration,
     scripts: &'static Scripts,
     keyspace: Arc<Keyspace>,
@@ -84,6 +89,10 @@ pub struct RedisBroker {
     /// reap looks at one page, so a reap costs the same however many run.
     reap_cursors: Arc<Mutex<HashMap<String, String>>>,
     display_url: String,
+    /// Announced when a heartbeat gets through after one failed.
+    recovery: Recovery,
+    /// True while heartbeats fail.
+    beats_failing: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -159,11 +168,17 @@ impl RedisBroker {
             // Our own timeout bounds each call; the library's would only
             // race it.
             .set_response_timeout(None)
-            // Fail fast while Redis is down; the next command tries again.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?;
-        let bulk = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+            // Fail fast while Redis is down: a reconnection is one attempt,
+            // and a call that meets its refusal tries once more (Redial).
+            .set_number_of_retries(0);
+        let manager = Redial(ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            config.clone(),
+        )?);
+        let bulk = Redial(ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            config,
+        )?);
         Ok(RedisBroker {
             client,
             manager,
@@ -175,6 +190,8 @@ impl RedisBroker {
             batchers: Arc::default(),
             reap_cursors: Arc::default(),
             display_url,
+            recovery: Recovery::default(),
+            beats_failing: Arc::default(),
         })
     }
 
@@ -200,10 +217,7 @@ impl RedisBroker {
     }
 
     /// Runs `f` on the shared connection, bounded by the command timeout.
-    pub(crate) async fn run<T, F>(
-        &self,
-        f: impl FnOnce(ConnectionManager) -> F,
-    ) -> Result<T, BrokerError>
+    pub(crate) async fn run<T, F>(&self, f: impl FnOnce(Redial) -> F) -> Result<T, BrokerError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
@@ -212,7 +226,7 @@ impl RedisBroker {
 
     /// Runs `f` on the body-traffic connection, bounded by the command
     /// timeout.
-    async fn run_bulk<T, F>(&self, f: impl FnOnce(ConnectionManager) -> F) -> Result<T, BrokerError>
+    async fn run_bulk<T, F>(&self, f: impl FnOnce(Redial) -> F) -> Result<T, BrokerError>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
@@ -221,8 +235,8 @@ impl RedisBroker {
 
     async fn run_on<T, F>(
         &self,
-        conn: ConnectionManager,
-        f: impl FnOnce(ConnectionManager) -> F,
+        conn: Redial,
+        f: impl FnOnce(Redial) -> F,
     ) -> Result<T, BrokerError>
     where
         F: Future<Output = redis::RedisResult<T>>,
@@ -234,7 +248,7 @@ impl RedisBroker {
     /// by the command timeout.
     async fn run_transaction<T: redis::FromRedisValue>(
         &self,
-        conn: ConnectionManager,
+        conn: Redial,
         call: &s::Transaction<'_>,
     ) -> Result<T, BrokerError> {
         transact(conn, call, self.command_timeout, &self.display_url).await
@@ -390,7 +404,7 @@ impl RedisBroker {
 /// what its plain commands stored for nothing. A transaction refused
 /// before it ran (EXECABORT) did nothing.
 async fn transact<T: redis::FromRedisValue>(
-    mut conn: ConnectionManager,
+    mut conn: Redial,
     call: &s::Transaction<'_>,
     timeout: Duration,
     url: &str,
@@ -400,7 +414,7 @@ async fn transact<T: redis::FromRedisValue>(
 
 /// One attempt of `transact`, with its NOSCRIPT retry, unbounded.
 async fn send_transaction<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+    conn: &mut Redial,
     call: &s::Transaction<'_>,
 ) -> Result<T, BrokerError> {
     match call.pipe.query_async(conn).await {
@@ -460,7 +474,7 @@ const BATCH_BYTES: usize = 1 << 20;
 /// and one queue's keys.
 #[derive(Clone)]
 struct QueueCalls {
-    conn: ConnectionManager,
+    conn: Redial,
     scripts: &'static Scripts,
     keyspace: Arc<Keyspace>,
     queue: Arc<QueueKeys>,
@@ -971,7 +985,21 @@ impl Broker for RedisBroker {
                 HEARTBEAT_TIMEOUT * 2,
                 LIVENESS_GAP,
             ))
-            .await?;
+            .await;
+        // Beats are the process's steady probe of Redis: the first one
+        // through after a failure ends every loop's backoff.
+        let answer = match answer {
+            Ok(answer) => {
+                if self.beats_failing.swap(false, Ordering::Relaxed) {
+                    self.recovery.announce();
+                }
+                answer
+            }
+            Err(err) => {
+                self.beats_failing.store(true, Ordering::Relaxed);
+                return Err(err);
+            }
+        };
         let items = s::parse_list(answer, "heartbeat")?;
         let generation = items.first().and_then(s::string).unwrap_or_default();
         let since = items.get(1).and_then(s::int).unwrap_or(-1);
@@ -979,6 +1007,10 @@ impl Broker for RedisBroker {
             generation,
             since_last: u64::try_from(since).ok().map(Duration::from_millis),
         })
+    }
+
+    fn recovery(&self) -> Recovery {
+        self.recovery.clone()
     }
 
     async fn withdraw_offer(&self, queue: &str, token: &str) -> Result<(), BrokerError> {

@@ -5,13 +5,13 @@
 
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use thr_broker::protocol::keys::{Keyspace, QueueKeys};
 use thr_broker::{
-    Broker, ClaimOptions, ClaimOutcome, Claimed, Doorbell, NewJob, RedisBroker, ReplyStream,
-    Withdrawal,
+    Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Doorbell, NewJob, RedisBroker,
+    ReplyStream, Withdrawal,
 };
 use thr_core::quota::{Flow, QuotaKey};
 
@@ -267,6 +267,38 @@ async fn the_first_call_after_redis_comes_back_goes_through() {
         .await
         .expect("the first call after the restart goes through");
     assert_eq!(claim_all(&b).await, ["after"]);
+}
+
+#[tokio::test]
+async fn a_heartbeat_through_after_failed_ones_ends_the_retry_pauses() {
+    let mut redis = RedisServer::start();
+    let b = broker(&redis);
+    let beat = || b.heartbeat(Daemon::Worker, "w1", "{}");
+    beat().await.unwrap();
+    // A heartbeat through after a single failed one announces nothing:
+    // beats that fail and pass in turn (Redis at its memory limit) keep
+    // the loops' backoff.
+    redis.kill();
+    assert!(beat().await.is_err());
+    redis.restart();
+    let pause = b.recovery().sleep(Duration::from_millis(1500));
+    beat().await.expect("Redis is back");
+    let started = Instant::now();
+    pause.await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "a single failed beat ended the pause"
+    );
+    // After two or more, it ends every pause.
+    redis.kill();
+    assert!(beat().await.is_err());
+    assert!(beat().await.is_err());
+    let pause = b.recovery().sleep(Duration::from_secs(60));
+    redis.restart();
+    beat().await.expect("Redis is back");
+    tokio::time::timeout(Duration::from_secs(20), pause)
+        .await
+        .expect("the pause ended when a heartbeat got through");
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thr_broker::ReplyStream;
-use thr_broker::backoff::Recovery;
+use thr_broker::backoff::{Recovery, backoff};
 use thr_core::envelope::{FrontMessage, Reply};
 use tokio::sync::{Notify, oneshot, watch};
 
@@ -247,9 +247,10 @@ pub async fn run_loop<R: ReplyStream>(
             }
             Err(err) => {
                 failures += 1;
-                tracing::warn!(%err, "reply loop: redis error, retrying");
+                let pause = backoff(failures);
+                tracing::warn!(%err, "reply loop: redis error, retrying in {pause:?} or once Redis answers again");
                 tokio::select! {
-                    _ = recovery.pause(failures) => {}
+                    _ = recovery.sleep(pause) => {}
                     _ = stop.changed() => {}
                 }
             }

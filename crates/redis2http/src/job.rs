@@ -84,7 +84,8 @@ async fn renewing<B: Broker, T>(
     loop {
         tokio::select! {
             out = &mut work => return out,
-            _ = tokio::time::sleep_until(next) => match broker.renew(lease, duration).await {
+            // Ended early too when Redis answers again after failing.
+            _ = broker.recovery().sleep(next.saturating_duration_since(Instant::now())) => match broker.renew(lease, duration).await {
                 Ok(renewed) => {
                     failures = 0;
                     next = Instant::now() + period;

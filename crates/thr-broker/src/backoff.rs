@@ -33,20 +33,21 @@ impl Recovery {
     }
 
     /// Sleeps [`backoff`]`(failures)`, or until Redis answers again
-    /// after this future is first polled.
+    /// after this future was made.
     pub fn pause(&self, failures: u32) -> impl Future<Output = ()> + Send + 'static {
         self.sleep(backoff(failures))
     }
 
-    /// Sleeps `d`, or until Redis answers again after this future is first
-    /// polled.
+    /// Sleeps `d`, or until Redis answers again after this future was made.
     pub fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static {
-        let notify = self.0.clone();
+        // Made now, not when first polled: it is told of an announcement
+        // from this moment on.
+        let announced = self.0.clone().notified_owned();
         let sleep = tokio::time::sleep(d);
         async move {
             tokio::select! {
                 _ = sleep => {}
-                _ = notify.notified() => {}
+                _ = announced => {}
             }
         }
     }

@@ -104,7 +104,7 @@ impl From<::redis::RedisError> for BrokerError {
 /// connection counts as "may have". Refused connections, and connections
 /// that could not be set up (a TLS handshake refused: an I/O error that is
 /// neither a drop nor a timeout), never carried the command.
-fn undelivered(err: &::redis::RedisError) -> Option<bool> {
+pub(crate) fn undelivered(err: &::redis::RedisError) -> Option<bool> {
     let not_set_up = err.is_io_error() && !err.is_connection_dropped() && !err.is_timeout();
     if err.is_connection_refusal() || not_set_up {
         Some(true)

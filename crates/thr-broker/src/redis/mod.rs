@@ -20,7 +20,7 @@ pub mod inspect;
 mod redial;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,10 +89,11 @@ pub struct RedisBroker {
     /// reap looks at one page, so a reap costs the same however many run.
     reap_cursors: Arc<Mutex<HashMap<String, String>>>,
     display_url: String,
-    /// Announced when a heartbeat gets through after one failed.
+    /// Announced when a heartbeat gets through after failed ones.
     recovery: Recovery,
-    /// True while heartbeats fail.
-    beats_failing: Arc<AtomicBool>,
+    /// Heartbeats failed in a row, and when `recovery` was last announced.
+    beats_failed: Arc<AtomicU32>,
+    announced: Arc<Mutex<Option<std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -191,8 +192,26 @@ impl RedisBroker {
             reap_cursors: Arc::default(),
             display_url,
             recovery: Recovery::default(),
-            beats_failing: Arc::default(),
+            beats_failed: Arc::default(),
+            announced: Arc::default(),
         })
+    }
+
+    /// Beats are the process's steady probe of Redis: the first one
+    /// through after a failing stretch (two in a row or more) ends every
+    /// retry loop's backoff. Not more than once every 2 s, so that beats
+    /// that fail and pass in turn (Redis at its memory limit, overloaded)
+    /// do not undo the loops' backoff and jitter.
+    fn beat_through(&self) {
+        const SPACING: Duration = Duration::from_secs(2);
+        if self.beats_failed.swap(0, Ordering::Relaxed) < 2 {
+            return;
+        }
+        let mut announced = self.announced.lock().unwrap_or_else(|p| p.into_inner());
+        if announced.is_none_or(|at| at.elapsed() >= SPACING) {
+            *announced = Some(std::time::Instant::now());
+            self.recovery.announce();
+        }
     }
 
     /// The URL, password hidden.
@@ -986,17 +1005,13 @@ impl Broker for RedisBroker {
                 LIVENESS_GAP,
             ))
             .await;
-        // Beats are the process's steady probe of Redis: the first one
-        // through after a failure ends every loop's backoff.
         let answer = match answer {
             Ok(answer) => {
-                if self.beats_failing.swap(false, Ordering::Relaxed) {
-                    self.recovery.announce();
-                }
+                self.beat_through();
                 answer
             }
             Err(err) => {
-                self.beats_failing.store(true, Ordering::Relaxed);
+                self.beats_failed.fetch_add(1, Ordering::Relaxed);
                 return Err(err);
             }
         };

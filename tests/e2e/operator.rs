@@ -414,3 +414,30 @@ async fn daemons_warn_of_a_redis_that_evicts_keys() {
         assert_eq!(process.wait(), Some(0), "{daemon} exit code");
     }
 }
+
+/// While Redis is down every request fails to enqueue: the front logs one
+/// warning line per 10 s, with how many went unlogged, not one per request
+/// (an outage at thousands of requests a second would flood the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_logs_one_line_per_ten_seconds_not_one_per_request() {
+    let mut redis = RedisServer::start();
+    let backend = SlowBackend::builder().start().await;
+    let (text, port) = stack_config(&redis, &backend, "");
+    let (dir, path) = config_file(&text);
+    let log = dir.path().join("http2redis.log");
+    let mut front = spawn_logged("http2redis", &path, &[], &[("RUST_LOG", "info")], &log);
+    until_listening(port).await;
+    redis.kill();
+    let url = format!("http://127.0.0.1:{port}");
+    for i in 0..30 {
+        assert_eq!(get(&url, &format!("/down/{i}")).await.status, 503);
+    }
+    front.signal("TERM");
+    assert_eq!(front.wait(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text
+        .lines()
+        .filter(|l| l.contains("enqueue failed"))
+        .count();
+    assert_eq!(lines, 1, "{text}");
+}

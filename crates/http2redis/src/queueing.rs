@@ -18,6 +18,7 @@ use thr_broker::backoff::backoff;
 use thr_broker::{Admission, Broker, NewJob, Withdrawal};
 use thr_core::envelope::{Job, JobMeta, Reply};
 use thr_core::quota::Flow;
+use thr_daemon::log_every::LogEvery;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -25,6 +26,9 @@ use tracing::Instrument;
 use crate::error::FrontError;
 use crate::front::{Front, RequestCx};
 use crate::replies::Answer;
+
+/// Enqueues that failed, logged once per 10 s.
+static ENQUEUE_FAILURES: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// What the queue needs to admit a job.
 pub(crate) struct QueueRules {
@@ -176,8 +180,16 @@ async fn enqueue<B: Broker>(
             broker.recovery().sleep(pause).await;
             continue;
         }
-        cx.span
-            .in_scope(|| tracing::warn!(%err, unknown, "enqueue failed"));
+        // While Redis is down every request fails here: one line per 10 s
+        // (`thr_redis_errors_total` counts them all; each at debug).
+        match ENQUEUE_FAILURES.admit() {
+            Some(unlogged) => cx.span.in_scope(
+                || tracing::warn!(%err, unknown, unlogged, "enqueue failed (unlogged: such failures since the last line)"),
+            ),
+            None => cx
+                .span
+                .in_scope(|| tracing::debug!(%err, unknown, "enqueue failed")),
+        }
         if !unknown {
             // Redis never received it: nothing can run.
             pending.never_runs();

@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use thr_broker::{Broker, Daemon};
 use thr_core::config::ListenAddr;
+use thr_daemon::log_every::LogEvery;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service;
@@ -466,27 +467,27 @@ fn refuse(conn: Conn) {
 }
 
 /// Accept failures in a row: how long to pause, and log lines kept to one
-/// per [`AcceptErrors::LOG_EVERY`] (out of descriptors, accept fails for
-/// every pending client).
-#[derive(Default)]
+/// per 10 s (out of descriptors, accept fails for every pending client).
 struct AcceptErrors {
     failures: u32,
-    logged: Option<std::time::Instant>,
-    unlogged: u64,
+    log: LogEvery,
+}
+
+impl Default for AcceptErrors {
+    fn default() -> AcceptErrors {
+        AcceptErrors {
+            failures: 0,
+            log: LogEvery::new(Duration::from_secs(10)),
+        }
+    }
 }
 
 impl AcceptErrors {
-    const LOG_EVERY: Duration = Duration::from_secs(10);
-
     fn failed(&mut self, err: &io::Error) -> Duration {
         self.failures += 1;
         metrics::counter!("thr_accept_errors_total").increment(1);
-        if self.logged.is_none_or(|at| at.elapsed() >= Self::LOG_EVERY) {
-            tracing::warn!(%err, unlogged = self.unlogged, "accept failed; pausing accepts (idle connections are closed by their timeouts)");
-            self.logged = Some(std::time::Instant::now());
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
+        if let Some(unlogged) = self.log.admit() {
+            tracing::warn!(%err, unlogged, "accept failed; pausing accepts (idle connections are closed by their timeouts)");
         }
         // 50 ms doubling to 1 s: a full descriptor table frees up as idle
         // connections reach their bounds.

@@ -204,3 +204,4 @@ mod reload;
 
 pub mod admin;
 pub mod limits;
+pub mod log_every;

@@ -232,9 +232,10 @@ async fn service_resumes_at_once_when_redis_comes_back() {
         let took = started.elapsed();
         assert_eq!(seen.status, 200, "round {round}: {seen:?}");
         // Heartbeats come every 200 to 250 ms; a backoff pause lasts up to
-        // 2 s. Generous for a loaded machine.
+        // 2 s. Generous for a loaded machine (the announcement itself is
+        // tested without timing in broker.rs).
         assert!(
-            took < Duration::from_millis(1000),
+            took < Duration::from_millis(1500),
             "round {round}: served {took:?} after Redis came back"
         );
     }

@@ -5,7 +5,7 @@
 
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use testkit::bins::{Process, binary};
 
@@ -415,29 +415,54 @@ async fn daemons_warn_of_a_redis_that_evicts_keys() {
     }
 }
 
-/// While Redis is down every request fails to enqueue: the front logs one
-/// warning line per 10 s, with how many went unlogged, not one per request
-/// (an outage at thousands of requests a second would flood the log).
+/// While Redis is down every request fails to enqueue and every retry
+/// loop fails at each attempt: each logs one warning line per 10 s, with
+/// how many went unlogged, not one per request or attempt (an outage at
+/// thousands of requests a second would flood the log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_logs_one_line_per_ten_seconds_not_one_per_request() {
     let mut redis = RedisServer::start();
     let backend = SlowBackend::builder().start().await;
     let (text, port) = stack_config(&redis, &backend, "");
     let (dir, path) = config_file(&text);
-    let log = dir.path().join("http2redis.log");
-    let mut front = spawn_logged("http2redis", &path, &[], &[("RUST_LOG", "info")], &log);
+    let info = [("RUST_LOG", "info")];
+    let front_log = dir.path().join("http2redis.log");
+    let worker_log = dir.path().join("redis2http.log");
+    let mut front = spawn_logged("http2redis", &path, &[], &info, &front_log);
+    let mut worker = spawn_logged("redis2http", &path, &[], &info, &worker_log);
     until_listening(port).await;
-    redis.kill();
     let url = format!("http://127.0.0.1:{port}");
+    assert_eq!(get(&url, "/up").await.status, 200);
+    redis.kill();
+    let down = Instant::now();
     for i in 0..30 {
         assert_eq!(get(&url, &format!("/down/{i}")).await.status, 503);
     }
-    front.signal("TERM");
-    assert_eq!(front.wait(), Some(0));
-    let text = std::fs::read_to_string(&log).unwrap();
-    let lines = text
-        .lines()
-        .filter(|l| l.contains("enqueue failed"))
-        .count();
-    assert_eq!(lines, 1, "{text}");
+    // Long enough for several claims and reaps to fail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for process in [&mut front, &mut worker] {
+        process.signal("TERM");
+        assert_eq!(process.wait(), Some(0));
+    }
+    // One line per 10 s of outage (a loaded machine stretches it).
+    let allowed = 1 + down.elapsed().as_secs() as usize / 10;
+    let count = |log: &std::path::Path, what: &str| {
+        let text = std::fs::read_to_string(log).unwrap();
+        let n = text
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains(what))
+            .count();
+        (n, text)
+    };
+    for (log, what) in [
+        (&front_log, "enqueue failed"),
+        (&front_log, "reply loop"),
+        (&worker_log, "claim failed"),
+        (&worker_log, "reaping failed"),
+    ] {
+        let (n, text) = count(log, what);
+        assert!(n <= allowed, "{n} lines with {what:?}:\n{text}");
+    }
+    assert!(count(&front_log, "enqueue failed").0 >= 1);
+    assert!(count(&worker_log, "claim failed").0 >= 1);
 }

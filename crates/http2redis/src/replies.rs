@@ -16,6 +16,7 @@ use std::time::Duration;
 use thr_broker::ReplyStream;
 use thr_broker::backoff::{Recovery, backoff};
 use thr_core::envelope::{FrontMessage, Reply};
+use thr_daemon::log_every::LogEvery;
 use tokio::sync::{Notify, oneshot, watch};
 
 /// How a waiting request ends.
@@ -211,6 +212,7 @@ pub async fn run_loop<R: ReplyStream>(
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
     let mut failures = 0;
+    let failure_log = LogEvery::new(Duration::from_secs(10));
     while !*stop.borrow_and_update() {
         if router.is_idle() {
             tokio::select! {
@@ -248,7 +250,13 @@ pub async fn run_loop<R: ReplyStream>(
             Err(err) => {
                 failures += 1;
                 let pause = backoff(failures);
-                tracing::warn!(%err, "reply loop: redis error, retrying in {pause:?} or once Redis answers again");
+                // Redis down: one line per 10 s, not one per attempt.
+                match failure_log.admit() {
+                    Some(unlogged) => {
+                        tracing::warn!(%err, unlogged, "reply loop: redis error, retrying in {pause:?} or once Redis answers again")
+                    }
+                    None => tracing::debug!(%err, "reply loop: redis error"),
+                }
                 tokio::select! {
                     _ = recovery.sleep(pause) => {}
                     _ = stop.changed() => {}

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use thr_broker::{Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed};
 use thr_core::config::QueueConfig;
+use thr_daemon::log_every::LogEvery;
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::time::Instant;
 
@@ -60,6 +61,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     let name = runner.name.clone();
     let mut doorbell = runner.broker.doorbell(&name);
     let mut failures = 0u32;
+    let failure_log = LogEvery::new(FAILURE_LOG_EVERY);
     {
         let q = runner.queue.load();
         tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
@@ -241,11 +243,17 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 // got 504 at reply_timeout). Not for an answer thr cannot
                 // read: asked again, Redis would give the same.
                 let unreadable = matches!(err, BrokerError::Protocol(_));
-                if err.outcome_unknown() || (offered && !unreadable) {
-                    tracing::warn!(queue = %name, %err, "claim failed or unanswered; asking again with the same token");
+                let again = err.outcome_unknown() || (offered && !unreadable);
+                // Redis down: one line per 10 s, not one per attempt.
+                match failure_log.admit() {
+                    Some(unlogged) => {
+                        tracing::warn!(queue = %name, %err, unlogged, again, "claim failed (again: asked again with the same token)")
+                    }
+                    None => tracing::debug!(queue = %name, %err, again, "claim failed"),
+                }
+                if again {
                     retry = Some((token, permits, offered));
                 } else {
-                    tracing::warn!(queue = %name, %err, "claim failed");
                     drop(permits);
                     ahead = false;
                 }
@@ -379,6 +387,9 @@ fn claim_options<'a, B: Broker>(
         ahead: false,
     }
 }
+
+/// While Redis is down, a retry loop logs its failures once per this.
+pub(crate) const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Sleeps for `d`; true when asked to stop meanwhile.
 pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {

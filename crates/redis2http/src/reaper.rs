@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use rand::Rng;
 use thr_broker::{Broker, RetryPolicy};
+use thr_daemon::log_every::LogEvery;
 use tokio::sync::watch;
 
-use crate::claim_loop::sleep_or_stop;
+use crate::claim_loop::{FAILURE_LOG_EVERY, sleep_or_stop};
 use crate::queue::QueueRunner;
 
 /// Reaps `runner`'s queue until `stop`.
@@ -18,6 +19,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     // Limits whose gauges were set, so that they go back to 0 when their
     // waits end instead of showing the last value forever.
     let mut exported: Vec<String> = Vec::new();
+    let failure_log = LogEvery::new(FAILURE_LOG_EVERY);
     loop {
         let pause = Duration::from_millis(rand::rng().random_range(700..1300));
         if sleep_or_stop(pause, &mut stop).await {
@@ -49,9 +51,12 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
                 )
             }
             Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(queue = %runner.name, %err, "reaping failed; trying again in a second")
-            }
+            Err(err) => match failure_log.admit() {
+                Some(unlogged) => {
+                    tracing::warn!(queue = %runner.name, %err, unlogged, "reaping failed; trying again in a second")
+                }
+                None => tracing::debug!(queue = %runner.name, %err, "reaping failed"),
+            },
         }
     }
 }

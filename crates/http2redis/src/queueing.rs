@@ -27,8 +27,8 @@ use crate::error::FrontError;
 use crate::front::{Front, RequestCx};
 use crate::replies::Answer;
 
-/// Enqueues that failed, logged once per 10 s.
-static ENQUEUE_FAILURES: LogEvery = LogEvery::new(Duration::from_secs(10));
+/// Enqueues that failed, logged once per period.
+static ENQUEUE_FAILURES: LogEvery = LogEvery::failures();
 
 /// What the queue needs to admit a job.
 pub(crate) struct QueueRules {

@@ -212,7 +212,7 @@ pub async fn run_loop<R: ReplyStream>(
 ) {
     const BLOCK: Duration = Duration::from_secs(1);
     let mut failures = 0;
-    let failure_log = LogEvery::new(Duration::from_secs(10));
+    let failure_log = LogEvery::failures();
     while !*stop.borrow_and_update() {
         if router.is_idle() {
             tokio::select! {

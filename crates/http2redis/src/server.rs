@@ -477,7 +477,7 @@ impl Default for AcceptErrors {
     fn default() -> AcceptErrors {
         AcceptErrors {
             failures: 0,
-            log: LogEvery::new(Duration::from_secs(10)),
+            log: LogEvery::failures(),
         }
     }
 }

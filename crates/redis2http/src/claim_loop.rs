@@ -61,7 +61,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     let name = runner.name.clone();
     let mut doorbell = runner.broker.doorbell(&name);
     let mut failures = 0u32;
-    let failure_log = LogEvery::new(FAILURE_LOG_EVERY);
+    let failure_log = LogEvery::failures();
     {
         let q = runner.queue.load();
         tracing::info!(queue = %name, backend = %q.backend.display, max_inflight = q.max_inflight.get(), "serving queue");
@@ -387,9 +387,6 @@ fn claim_options<'a, B: Broker>(
         ahead: false,
     }
 }
-
-/// While Redis is down, a retry loop logs its failures once per this.
-pub(crate) const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Sleeps for `d`; true when asked to stop meanwhile.
 pub(crate) async fn sleep_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {

@@ -11,7 +11,7 @@ use thr_broker::{Broker, RetryPolicy};
 use thr_daemon::log_every::LogEvery;
 use tokio::sync::watch;
 
-use crate::claim_loop::{FAILURE_LOG_EVERY, sleep_or_stop};
+use crate::claim_loop::sleep_or_stop;
 use crate::queue::QueueRunner;
 
 /// Reaps `runner`'s queue until `stop`.
@@ -19,7 +19,7 @@ pub async fn run<B: Broker>(runner: Arc<QueueRunner<B>>, mut stop: watch::Receiv
     // Limits whose gauges were set, so that they go back to 0 when their
     // waits end instead of showing the last value forever.
     let mut exported: Vec<String> = Vec::new();
-    let failure_log = LogEvery::new(FAILURE_LOG_EVERY);
+    let failure_log = LogEvery::failures();
     loop {
         let pause = Duration::from_millis(rand::rng().random_range(700..1300));
         if sleep_or_stop(pause, &mut stop).await {

@@ -20,7 +20,15 @@ struct State {
     unlogged: u64,
 }
 
+/// The period of the daemons' lines about repeated failures.
+pub const FAILURES: Duration = Duration::from_secs(10);
+
 impl LogEvery {
+    /// One line per [`FAILURES`] period: what every repeated failure uses.
+    pub const fn failures() -> LogEvery {
+        LogEvery::new(FAILURES)
+    }
+
     /// One line per `period`.
     pub const fn new(period: Duration) -> LogEvery {
         LogEvery {

@@ -416,9 +416,10 @@ async fn daemons_warn_of_a_redis_that_evicts_keys() {
 }
 
 /// While Redis is down every request fails to enqueue and every retry
-/// loop fails at each attempt: each logs one warning line per 10 s, with
-/// how many went unlogged, not one per request or attempt (an outage at
-/// thousands of requests a second would flood the log).
+/// loop (each running job's too) fails at each attempt: each logs one
+/// warning line per 10 s, with how many went unlogged, not one per request
+/// or attempt (an outage at thousands of requests a second would flood the
+/// log).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_outage_logs_one_line_per_ten_seconds_not_one_per_request() {
     let mut redis = RedisServer::start();
@@ -433,13 +434,33 @@ async fn a_redis_outage_logs_one_line_per_ten_seconds_not_one_per_request() {
     until_listening(port).await;
     let url = format!("http://127.0.0.1:{port}");
     assert_eq!(get(&url, "/up").await.status, 200);
+    // Jobs that end while Redis is down: each retries its reply.
+    let client = client();
+    let running: Vec<_> = (0..4)
+        .map(|i| {
+            spawn_send(
+                &client,
+                &url,
+                Req::new("GET", format!("/running/{i}?delay=400")),
+            )
+        })
+        .collect();
+    until_running(&backend, 4).await;
     redis.kill();
     let down = Instant::now();
     for i in 0..30 {
         assert_eq!(get(&url, &format!("/down/{i}")).await.status, 503);
     }
-    // Long enough for several claims and reaps to fail.
+    // Long enough for several claims, reaps and replies to fail.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // Back (empty): each client gets one answer, the reply or, for a GET
+    // whose job Redis forgot, "try again" (the front's audit; GET is
+    // retry-safe). Either ends the job's retries.
+    redis.restart();
+    for r in running {
+        let seen = r.await.unwrap();
+        assert!(matches!(seen.status, 200 | 503), "{seen:?}");
+    }
     for process in [&mut front, &mut worker] {
         process.signal("TERM");
         assert_eq!(process.wait(), Some(0));
@@ -459,10 +480,12 @@ async fn a_redis_outage_logs_one_line_per_ten_seconds_not_one_per_request() {
         (&front_log, "reply loop"),
         (&worker_log, "claim failed"),
         (&worker_log, "reaping failed"),
+        (&worker_log, "could not push the reply"),
     ] {
         let (n, text) = count(log, what);
         assert!(n <= allowed, "{n} lines with {what:?}:\n{text}");
     }
     assert!(count(&front_log, "enqueue failed").0 >= 1);
     assert!(count(&worker_log, "claim failed").0 >= 1);
+    assert!(count(&worker_log, "could not push the reply").0 >= 1);
 }

@@ -17,12 +17,27 @@ use thr_backend::Failure;
 use thr_broker::backoff::backoff;
 use thr_broker::{Broker, Claimed, Delivery, Lease};
 use thr_core::envelope::{CHUNK, Job, Reply, ReplyMeta};
+use thr_daemon::log_every::LogEvery;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::queue::QueueRunner;
 use crate::stream::{self, BodyEnd, FirstPart};
+
+/// Failed attempts to renew a lease or deliver a reply, in every job of
+/// the process: while Redis is down, each running job retries every
+/// backoff, and a line for each attempt of each job would flood the log.
+static JOB_RETRIES: LogEvery = LogEvery::failures();
+
+/// Logs a failed attempt of a job's retry loop at warn once per period
+/// (with how many went unlogged), at debug otherwise.
+fn log_retry(err: &thr_broker::BrokerError, attempt: u32, what: &str) {
+    match JOB_RETRIES.admit() {
+        Some(unlogged) => tracing::warn!(%err, attempt, unlogged, "{what}, asking again"),
+        None => tracing::debug!(%err, attempt, "{what}, asking again"),
+    }
+}
 
 /// Runs `claimed` on `runner`'s backend; `permit` is its slot.
 pub async fn run<B: Broker>(
@@ -100,7 +115,7 @@ async fn renewing<B: Broker, T>(
                     // renewed before the reaper's grace runs out.
                     failures += 1;
                     next = Instant::now() + backoff(failures).min(period);
-                    tracing::warn!(%err, "could not renew the lease");
+                    log_retry(&err, failures, "could not renew the lease");
                 }
             },
         }
@@ -396,7 +411,7 @@ async fn deliver_head<B: Broker>(
             Err(err) => {
                 failures += 1;
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
-                tracing::warn!(%err, attempt = failures, "could not push the response head, asking again");
+                log_retry(&err, failures, "could not push the response head");
                 broker.recovery().pause(failures).await;
             }
         }
@@ -430,7 +445,7 @@ async fn deliver<B: Broker>(
             Err(err) => {
                 failures += 1;
                 metrics::counter!("thr_redis_errors_total", "daemon" => "redis2http").increment(1);
-                tracing::warn!(%err, attempt = failures, "could not push the reply, asking again");
+                log_retry(&err, failures, "could not push the reply");
                 broker.recovery().pause(failures).await;
             }
         }

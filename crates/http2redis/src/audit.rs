@@ -7,11 +7,15 @@
 //!
 //! Either way the front asks the broker where each waiting job is; one it
 //! does not know (and that no worker said it started) can never run, so its
-//! client is answered 503 with Retry-After at once, instead of waiting for
-//! the reply timeout.
+//! client is answered 503 with Retry-After, instead of waiting for the
+//! reply timeout: at once after a stall, and [`LOST_DATA_GRACE`] after
+//! Redis lost its data, which lost the started notices still on their way
+//! too. Workers announce their running jobs again meanwhile, so a request
+//! that runs is never told to try again.
 
-use thr_broker::{Beat, Broker, BrokerError, FRONT_TIMEOUT, JobState};
+use thr_broker::{Beat, Broker, BrokerError, FRONT_TIMEOUT, JobState, LOST_DATA_GRACE};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::replies::{Answer, ReplyRouter};
 
@@ -25,6 +29,9 @@ pub async fn run<B: Broker>(
     let mut generation: Option<String> = None;
     // An audit that failed is owed until one succeeds.
     let mut owed = false;
+    // After a data loss, no audit before the workers had time to announce
+    // their running jobs again.
+    let mut not_before = Instant::now();
     loop {
         let beat = tokio::select! {
             beat = beats.recv() => match beat {
@@ -43,8 +50,11 @@ pub async fn run<B: Broker>(
                 "auditing waiting requests: their jobs may be gone"
             );
             owed = true;
+            if lost_data {
+                not_before = Instant::now() + LOST_DATA_GRACE;
+            }
         }
-        if owed {
+        if owed && Instant::now() >= not_before {
             match audit(broker, router).await {
                 Ok(0) => owed = false,
                 Ok(answered) => {

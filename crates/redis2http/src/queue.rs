@@ -161,6 +161,31 @@ impl<B: Broker> QueueRunner<B> {
         running.insert(id, (lease, handle));
     }
 
+    /// Tells the fronts again that this queue's running jobs started: when
+    /// Redis lost its data, it lost the notices still on their way too,
+    /// and a front would tell those jobs' clients to try again although
+    /// their requests run (see `thr_broker::LOST_DATA_GRACE`).
+    pub async fn announce_running(&self) {
+        let leases: Vec<Lease> = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|(lease, _)| lease.clone())
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        let mut failed = 0;
+        for lease in &leases {
+            if let Err(err) = self.broker.started(lease).await {
+                failed += 1;
+                tracing::debug!(queue = %self.name, job = %lease.id, %err, "could not announce a running job again");
+            }
+        }
+        tracing::warn!(queue = %self.name, running = leases.len(), failed, "Redis lost its data: running jobs announced to their fronts again");
+    }
+
     /// A job's task is ending.
     pub fn finished(&self, id: &str) {
         if self

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use thr_broker::{Broker, Daemon};
+use thr_broker::{Beat, Broker, Daemon};
 use thr_core::config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -73,13 +73,24 @@ impl<B: Broker> Worker<B> {
             }
         };
         // Be known alive before holding any lease.
-        if let Err(err) = self
+        let first = match self
             .broker
             .heartbeat(Daemon::Worker, &self.id, &describe())
             .await
         {
-            tracing::warn!(%err, "first heartbeat failed; retrying in the background");
-        }
+            Ok(beat) => Some(beat.generation),
+            Err(err) => {
+                tracing::warn!(%err, "first heartbeat failed; retrying in the background");
+                None
+            }
+        };
+        // The generation of Redis's data, as the beats see it. When it
+        // changes, Redis lost its data, and with it the started notices
+        // still on their way to fronts: the running jobs are announced
+        // again, before the fronts tell their clients to try again
+        // (`thr_broker::LOST_DATA_GRACE`).
+        let (seen_generation, mut generation) = watch::channel(first);
+        let mut known = generation.borrow_and_update().clone();
         let (stop_presence, presence_stopped) = watch::channel(false);
         let presence = tokio::spawn({
             let broker = self.broker.clone();
@@ -90,7 +101,15 @@ impl<B: Broker> Worker<B> {
                     Daemon::Worker,
                     &id,
                     describe,
-                    |_| {},
+                    move |beat: Beat| {
+                        seen_generation.send_if_modified(|g| {
+                            let changed = g.as_ref() != Some(&beat.generation);
+                            if changed {
+                                *g = Some(beat.generation);
+                            }
+                            changed
+                        });
+                    },
                     presence_stopped,
                 )
                 .await
@@ -125,6 +144,16 @@ impl<B: Broker> Worker<B> {
                     // Nobody will send new configurations; keep serving.
                     Err(_) => follow = false,
                 },
+                Ok(()) = generation.changed() => {
+                    let now = generation.borrow_and_update().clone();
+                    if known.is_some() && now != known {
+                        for s in served.values() {
+                            let runner = s.runner.clone();
+                            tasks.spawn(async move { runner.announce_running().await });
+                        }
+                    }
+                    known = now;
+                }
                 Some(done) = tasks.join_next() => {
                     if let Err(err) = done && err.is_panic() {
                         tracing::error!(%err, "a worker task panicked");

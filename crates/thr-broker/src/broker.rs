@@ -145,6 +145,13 @@ pub const FRONT_HEARTBEAT_EVERY: Duration = Duration::from_millis(200);
 /// [`Broker::job_states`]) and answers those that were dropped.
 pub const FRONT_TIMEOUT: Duration = Duration::from_millis(750);
 
+/// How long a front waits, after Redis lost its data, before telling the
+/// clients whose jobs Redis no longer knows to try again. Workers announce
+/// again the jobs they run when they see the data lost (a started notice
+/// still on its way to a front was lost with the rest), at their next beat:
+/// four worker beats leave them room on a loaded machine.
+pub const LOST_DATA_GRACE: Duration = HEARTBEAT_EVERY.saturating_mul(4);
+
 /// Which kind of daemon a heartbeat is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Daemon {

@@ -19,7 +19,8 @@ pub mod redis;
 pub use broker::{
     Admission, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell,
     FRONT_HEARTBEAT_EVERY, FRONT_TIMEOUT, Gauges, HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT, JobState,
-    Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, STREAM_TTL, Withdrawal,
+    LOST_DATA_GRACE, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, STREAM_TTL,
+    Withdrawal,
 };
 pub use error::BrokerError;
 pub use redis::RedisBroker;

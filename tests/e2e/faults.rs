@@ -243,7 +243,7 @@ async fn service_resumes_at_once_when_redis_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restarted_empty_answers_waiting_clients_at_once() {
+async fn redis_restarted_empty_answers_waiting_clients_before_their_timeout() {
     // One slot, 3 s per request: one POST runs, ten GETs wait.
     let backend = SlowBackend::builder()
         .workers(1)
@@ -297,39 +297,56 @@ async fn redis_restarted_empty_answers_waiting_clients_at_once() {
     stack.stop();
 }
 
-/// Redis restarted empty before the front read the started notices of
-/// running POSTs (the front stalled a moment, or was just slower than the
-/// crash): the notices were lost with the rest. The worker announces its
-/// running jobs again when it sees the data lost, and the front waits for
-/// that before its audit, so a POST that runs is never told to try again.
+/// Redis restarted empty before the front read what the worker sent it
+/// about running POSTs (the front stalled a moment, or was just slower
+/// than the crash): their started notices, and the replies of those that
+/// ended, were lost with the rest. The worker announces them again when it
+/// sees the data lost, and the front audits only after that: a POST that
+/// ran is never told to try again. One still running gets its reply; one
+/// whose reply was lost gets 504 at the reply timeout (its outcome is
+/// unknown), not 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn posts_running_when_redis_restarts_empty_are_not_told_to_try_again() {
+async fn posts_that_ran_when_redis_restarts_empty_are_not_told_to_try_again() {
     let backend = SlowBackend::builder().record(true).start().await;
-    let mut stack = stack(backend, 1, 8).await;
+    let mut stack = Binaries::start_with(RedisServer::start(), backend, 1, |text| {
+        text.replace("reply_timeout = \"10s\"", "reply_timeout = \"5s\"")
+    })
+    .await;
     // Queued while the worker is stopped, so the front knows them queued.
     stack.workers[0].signal("STOP");
     let client = client();
-    let running: Vec<_> = (0..4)
-        .map(|i| {
-            spawn_send(
-                &client,
-                &stack.url(),
-                Req::new("POST", format!("/started/{i}?delay=1500")).body("x"),
-            )
-        })
-        .collect();
+    let posts: Vec<_> = [
+        "/running/0?delay=3000",
+        "/running/1?delay=3000",
+        "/ended/0",
+        "/ended/1",
+    ]
+    .into_iter()
+    .map(|target| {
+        let sent = spawn_send(&client, &stack.url(), Req::new("POST", target).body("x"));
+        (target, sent)
+    })
+    .collect();
     until_enqueued(&stack.redis, "default", 4).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // The front cannot read the started notices; the worker runs the jobs.
+    // The front reads nothing; the worker runs the jobs, two to the end.
     stack.front.signal("STOP");
     stack.workers[0].signal("CONT");
-    until_running(&stack.backend, 4).await;
+    until(Duration::from_secs(10), "4 ran, 2 running", || {
+        stack.backend.count() == 4 && stack.backend.active() == 2
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     stack.redis.restart();
     stack.front.signal("CONT");
-    for (i, r) in running.into_iter().enumerate() {
-        let seen = r.await.unwrap();
-        assert_eq!(seen.status, 200, "POST {i} ran: {seen:?}");
+    for (target, sent) in posts {
+        let seen = sent.await.unwrap();
+        let expected = if target.starts_with("/running") {
+            200
+        } else {
+            504
+        };
+        assert_eq!(seen.status, expected, "POST {target} ran: {seen:?}");
     }
     assert_eq!(stack.backend.count(), 4, "each ran once");
     stack.stop();

@@ -9,9 +9,10 @@
 //! does not know (and that no worker said it started) can never run, so its
 //! client is answered 503 with Retry-After, instead of waiting for the
 //! reply timeout: at once after a stall, and [`LOST_DATA_GRACE`] after
-//! Redis lost its data, which lost the started notices still on their way
-//! too. Workers announce their running jobs again meanwhile, so a request
-//! that runs is never told to try again.
+//! Redis lost its data, which lost the started notices and replies still
+//! on their way too. Workers announce again the jobs that ran meanwhile
+//! (`redis2http::lost_data`), so that a request that ran is not told to
+//! try again.
 
 use thr_broker::{Beat, Broker, BrokerError, FRONT_TIMEOUT, JobState, LOST_DATA_GRACE};
 use tokio::sync::{mpsc, watch};

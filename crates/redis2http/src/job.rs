@@ -164,6 +164,9 @@ async fn run_job<B: Broker>(
     let q = runner.queue.load_full();
     let (timeout, duration) = (q.backend_timeout, q.lease);
     let safe = q.retry_methods.contains(&job.meta.method);
+    if !safe {
+        runner.not_retry_safe(&lease.id);
+    }
     let clock = LeaseClock::new(duration);
     let broker = &*runner.broker;
     // A request that must not be answered "try again" once it may have

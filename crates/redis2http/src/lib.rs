@@ -12,11 +12,14 @@
 //! - [`claim_loop`]: claims jobs into free slots.
 //! - [`job`]: runs one job: backend call, lease renewal, reply delivery.
 //! - [`reaper`]: takes back lost workers' jobs, exports queue gauges.
+//! - [`lost_data`]: after Redis lost its data, announces again the jobs
+//!   that ran here, so that no front tells their clients to try again.
 //!
 //! ARCHITECTURE.md has the whole flow.
 
 pub mod claim_loop;
 pub mod job;
+pub mod lost_data;
 pub mod queue;
 pub mod reaper;
 pub mod reload;

@@ -3,7 +3,7 @@
 //! that shutdown waits for them, sees a panicking one, and hands back the
 //! leases of those it cannot wait for.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -15,6 +15,7 @@ use thr_broker::{Broker, Lease};
 use thr_core::config::{QueueConfig, Scheduling};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
 
 /// The shared state of one queue.
 pub struct QueueRunner<B> {
@@ -30,9 +31,12 @@ pub struct QueueRunner<B> {
     pub room: Arc<Semaphore>,
     /// The running jobs' tasks.
     tasks: Mutex<JoinSet<()>>,
-    /// Lease and task of each running job, to hand back those a shutdown
-    /// cannot wait for.
-    running: Mutex<HashMap<String, (Lease, AbortHandle)>>,
+    /// Each running job, to hand back those a shutdown cannot wait for,
+    /// and to announce again after Redis lost its data.
+    running: Mutex<HashMap<String, Running>>,
+    /// Jobs not safe to retry that ended lately (their reply may still be
+    /// on its way to the front), oldest first: announced again too.
+    ended: Mutex<VecDeque<(Instant, Lease)>>,
     /// The broker.
     pub broker: Arc<B>,
     /// This worker's id.
@@ -45,6 +49,34 @@ pub struct QueueRunner<B> {
     /// it ended): a drain waits for it, since a stopping loop may still
     /// start the jobs its last claim returns.
     pub claim_loop_done: watch::Sender<bool>,
+}
+
+/// A running job.
+struct Running {
+    lease: Lease,
+    task: AbortHandle,
+    /// Not of the queue's `retry_methods`: kept in `ended` once it ends.
+    not_retry_safe: bool,
+}
+
+/// How long a job not safe to retry is announced again after it ended:
+/// its reply may not have been read by its front yet when Redis lost its
+/// data (a front reads within milliseconds; one silent for longer than
+/// this is taken for dead anyway).
+pub const ENDED_KEPT: Duration = thr_broker::HEARTBEAT_TIMEOUT;
+
+/// Most ended jobs kept per queue (the oldest go first): bounds the memory
+/// at thousands of POSTs a second.
+const ENDED_MAX: usize = 10_000;
+
+/// Drops the ended jobs older than [`ENDED_KEPT`].
+fn prune(ended: &mut VecDeque<(Instant, Lease)>) {
+    while ended
+        .front()
+        .is_some_and(|(at, _)| at.elapsed() > ENDED_KEPT)
+    {
+        ended.pop_front();
+    }
 }
 
 /// How long jobs of a queue hold their slot, lately: a moving average over
@@ -131,6 +163,7 @@ impl<B: Broker> QueueRunner<B> {
             room: Arc::new(Semaphore::new(queue.max_inflight.get())),
             tasks: Mutex::new(JoinSet::new()),
             running: Mutex::new(HashMap::new()),
+            ended: Mutex::new(VecDeque::new()),
             broker,
             worker_id,
             inflight,
@@ -158,44 +191,60 @@ impl<B: Broker> QueueRunner<B> {
         // A job's future is small: `job::run` keeps the large part behind
         // a box.
         let handle = tasks.spawn(job);
-        running.insert(id, (lease, handle));
+        running.insert(
+            id,
+            Running {
+                lease,
+                task: handle,
+                not_retry_safe: false,
+            },
+        );
     }
 
-    /// Tells the fronts again that this queue's running jobs started: when
-    /// Redis lost its data, it lost the notices still on their way too,
-    /// and a front would tell those jobs' clients to try again although
-    /// their requests run (see `thr_broker::LOST_DATA_GRACE`).
-    pub async fn announce_running(&self) {
-        let leases: Vec<Lease> = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Job `id` must not be answered "try again" once it may have run: it
+    /// is kept a while after it ends, to be announced again if Redis loses
+    /// its data meanwhile.
+    pub fn not_retry_safe(&self, id: &str) {
+        if let Some(r) = self.lock_running().get_mut(id) {
+            r.not_retry_safe = true;
+        }
+    }
+
+    fn lock_running(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The jobs to announce again now that Redis's data generation is
+    /// `generation`: those running, and those not safe to retry that ended
+    /// within [`ENDED_KEPT`], claimed in an earlier generation.
+    pub fn leases_before(&self, generation: &str) -> Vec<Lease> {
+        let older = |l: &Lease| l.generation != generation;
+        let mut leases: Vec<Lease> = self
+            .lock_running()
             .values()
-            .map(|(lease, _)| lease.clone())
+            .map(|r| &r.lease)
+            .filter(|l| older(l))
+            .cloned()
             .collect();
-        if leases.is_empty() {
-            return;
-        }
-        let mut failed = 0;
-        for lease in &leases {
-            if let Err(err) = self.broker.started(lease).await {
-                failed += 1;
-                tracing::debug!(queue = %self.name, job = %lease.id, %err, "could not announce a running job again");
-            }
-        }
-        tracing::warn!(queue = %self.name, running = leases.len(), failed, "Redis lost its data: running jobs announced to their fronts again");
+        let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        prune(&mut ended);
+        leases.extend(ended.iter().map(|(_, l)| l).filter(|l| older(l)).cloned());
+        leases
     }
 
     /// A job's task is ending.
     pub fn finished(&self, id: &str) {
-        if self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-            .is_some()
-        {
-            self.inflight.fetch_sub(1, Ordering::Relaxed);
+        let Some(r) = self.lock_running().remove(id) else {
+            return;
+        };
+        self.inflight.fetch_sub(1, Ordering::Relaxed);
+        if r.not_retry_safe {
+            let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+            prune(&mut ended);
+            if ended.len() >= ENDED_MAX {
+                ended.pop_front();
+            }
+            ended.push_back((Instant::now(), r.lease));
         }
     }
 
@@ -238,7 +287,7 @@ impl<B: Broker> QueueRunner<B> {
         let mut done = self.claim_loop_done.subscribe();
         let _ = tokio::time::timeout_at(deadline, done.wait_for(|done| *done)).await;
         let mut tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        let busy = self.running.lock().unwrap_or_else(|p| p.into_inner()).len();
+        let busy = self.lock_running().len();
         if busy > 0 {
             tracing::info!(queue = %self.name, running = busy, "waiting for running requests");
         }
@@ -254,14 +303,9 @@ impl<B: Broker> QueueRunner<B> {
         if tokio::time::timeout_at(deadline, all_done).await.is_ok() {
             return;
         }
-        let left: Vec<(String, (Lease, AbortHandle))> = self
-            .running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .collect();
+        let left: Vec<(String, Running)> = self.lock_running().drain().collect();
         tracing::warn!(queue = %self.name, handed_back = left.len(), "shutdown grace elapsed; handing running requests back");
-        for (id, (lease, task)) in left {
+        for (id, Running { lease, task, .. }) in left {
             task.abort();
             self.inflight.fetch_sub(1, Ordering::Relaxed);
             if let Err(err) = self.broker.hand_back(&lease).await {
@@ -275,6 +319,31 @@ impl<B: Broker> QueueRunner<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease(id: &str) -> Lease {
+        Lease {
+            queue: "q".into(),
+            id: id.into(),
+            token: "t".into(),
+            front: "f".into(),
+            holds: Vec::new(),
+            generation: "g".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_jobs_are_kept_for_a_while() {
+        let mut ended = VecDeque::new();
+        ended.push_back((Instant::now(), lease("old")));
+        tokio::time::advance(ENDED_KEPT / 2).await;
+        ended.push_back((Instant::now(), lease("new")));
+        prune(&mut ended);
+        assert_eq!(ended.len(), 2, "both within ENDED_KEPT");
+        tokio::time::advance(ENDED_KEPT / 2 + Duration::from_millis(1)).await;
+        prune(&mut ended);
+        let left: Vec<&str> = ended.iter().map(|(_, l)| l.id.as_str()).collect();
+        assert_eq!(left, ["new"]);
+    }
 
     #[test]
     fn slot_times_average_the_last_jobs() {

@@ -13,6 +13,7 @@ use thr_core::config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::lost_data::Runners;
 use crate::queue::QueueRunner;
 
 /// A queue being served, with what stops it.
@@ -33,6 +34,8 @@ pub struct Context<'a, B> {
     pub inflight: &'a Arc<AtomicUsize>,
     /// Where every task of the worker is tracked.
     pub tasks: &'a mut JoinSet<()>,
+    /// Every runner, for [`crate::lost_data`].
+    pub runners: &'a Runners<B>,
 }
 
 /// Makes `served` follow `config`.
@@ -63,6 +66,7 @@ pub fn apply<B: Broker>(
                     cx.worker_id.to_string(),
                     cx.inflight.clone(),
                 ));
+                cx.runners.add(&runner);
                 let (stop, stopped) = watch::channel(false);
                 cx.tasks
                     .spawn(crate::reaper::run(runner.clone(), stopped.clone()));

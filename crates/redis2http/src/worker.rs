@@ -13,6 +13,7 @@ use thr_core::config::Config;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::lost_data::{self, Runners};
 use crate::reload::{self, Served};
 
 /// A worker process's identity and broker.
@@ -84,13 +85,12 @@ impl<B: Broker> Worker<B> {
                 None
             }
         };
-        // The generation of Redis's data, as the beats see it. When it
-        // changes, Redis lost its data, and with it the started notices
-        // still on their way to fronts: the running jobs are announced
-        // again, before the fronts tell their clients to try again
-        // (`thr_broker::LOST_DATA_GRACE`).
-        let (seen_generation, mut generation) = watch::channel(first);
-        let mut known = generation.borrow_and_update().clone();
+        // The generation of Redis's data, as the beats see it: when it
+        // changes, Redis lost its data, and the jobs that ran here are
+        // announced again (`lost_data`).
+        let (seen_generation, generation) = watch::channel(first);
+        let runners = Arc::new(Runners::default());
+        let announcer = tokio::spawn(lost_data::run(runners.clone(), generation));
         let (stop_presence, presence_stopped) = watch::channel(false);
         let presence = tokio::spawn({
             let broker = self.broker.clone();
@@ -125,6 +125,7 @@ impl<B: Broker> Worker<B> {
                         worker_id: &self.id,
                         inflight: &inflight,
                         tasks,
+                        runners: &runners,
                     },
                 )
             };
@@ -144,16 +145,6 @@ impl<B: Broker> Worker<B> {
                     // Nobody will send new configurations; keep serving.
                     Err(_) => follow = false,
                 },
-                Ok(()) = generation.changed() => {
-                    let now = generation.borrow_and_update().clone();
-                    if known.is_some() && now != known {
-                        for s in served.values() {
-                            let runner = s.runner.clone();
-                            tasks.spawn(async move { runner.announce_running().await });
-                        }
-                    }
-                    known = now;
-                }
                 Some(done) = tasks.join_next() => {
                     if let Err(err) = done && err.is_panic() {
                         tracing::error!(%err, "a worker task panicked");
@@ -179,6 +170,8 @@ impl<B: Broker> Worker<B> {
         }
         let _ = stop_presence.send(true);
         let _ = presence.await;
+        // Its watch's sender went with the heartbeats: it ends by itself.
+        let _ = announcer.await;
         tracing::info!(worker = %self.id, "redis2http stopped");
     }
 }

@@ -147,9 +147,10 @@ pub const FRONT_TIMEOUT: Duration = Duration::from_millis(750);
 
 /// How long a front waits, after Redis lost its data, before telling the
 /// clients whose jobs Redis no longer knows to try again. Workers announce
-/// again the jobs they run when they see the data lost (a started notice
-/// still on its way to a front was lost with the rest), at their next beat:
-/// four worker beats leave them room on a loaded machine.
+/// again the jobs that ran when they see the data lost (a started notice
+/// or reply still on its way to a front was lost with the rest), from
+/// their next beat on: four worker beats leave them room on a loaded
+/// machine.
 pub const LOST_DATA_GRACE: Duration = HEARTBEAT_EVERY.saturating_mul(4);
 
 /// Which kind of daemon a heartbeat is from.

@@ -81,6 +81,7 @@ scenarios![
     a_fronts_fresh_job_shows_it_alive,
     a_lone_job_is_withdrawn_or_dropped_like_any,
     started_notice_precedes_reply,
+    started_again_reaches_each_front,
     job_states_report_each_state,
     heartbeat_generation_is_stable,
     gauges_count_waiting_jobs_and_quota_waits,

@@ -309,7 +309,7 @@ async fn redis_restarted_empty_answers_waiting_clients_before_their_timeout() {
 async fn posts_that_ran_when_redis_restarts_empty_are_not_told_to_try_again() {
     let backend = SlowBackend::builder().record(true).start().await;
     let mut stack = Binaries::start_with(RedisServer::start(), backend, 1, |text| {
-        text.replace("reply_timeout = \"10s\"", "reply_timeout = \"5s\"")
+        text.replace("reply_timeout = \"10s\"", "reply_timeout = \"8s\"")
     })
     .await;
     // Queued while the worker is stopped, so the front knows them queued.

@@ -45,17 +45,39 @@ pub async fn run<B: Broker>(
     claimed: Claimed,
     permit: OwnedSemaphorePermit,
 ) {
-    let id = claimed.lease.id.clone();
-    let running = metrics::gauge!("thr_jobs_running", "queue" => runner.name.clone());
-    running.increment(1.0);
+    // Ends the job's bookkeeping however its task ends: returning,
+    // panicking, or aborted.
+    let _ending = Ending::new(runner.clone(), claimed.lease.id.clone());
     // Boxed: executing a job is a large future (~10 KB: the backend call,
     // lease renewal, delivery). Behind a box, this one stays small, so
     // moving it into its task copies a few hundred bytes, and the large one
     // is copied once, into the heap (perf showed memcpy of the job future
     // at ~2.5 % of the worker's CPU when it was moved whole twice).
     Box::pin(execute(&runner, claimed, permit)).await;
-    running.decrement(1.0);
-    runner.finished(&id);
+}
+
+/// A running job's place in the `thr_jobs_running` gauge and among its
+/// queue's running jobs, given up when dropped: a job that panics does not
+/// count as running forever (nor is announced again after a data loss).
+struct Ending<B: Broker> {
+    runner: Arc<QueueRunner<B>>,
+    id: String,
+    gauge: metrics::Gauge,
+}
+
+impl<B: Broker> Ending<B> {
+    fn new(runner: Arc<QueueRunner<B>>, id: String) -> Ending<B> {
+        let gauge = metrics::gauge!("thr_jobs_running", "queue" => runner.name.clone());
+        gauge.increment(1.0);
+        Ending { runner, id, gauge }
+    }
+}
+
+impl<B: Broker> Drop for Ending<B> {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        self.runner.finished(&self.id);
+    }
 }
 
 /// How long the lease is known to hold: until the last successful renewal

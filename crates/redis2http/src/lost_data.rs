@@ -5,6 +5,8 @@
 //! sees a new generation, the worker announces again every job of an older
 //! generation that runs here, and every one not safe to retry that ended
 //! lately; the front audits only [`LOST_DATA_GRACE`] after it saw the loss.
+//! Announcements go in batches on the connection of bulk traffic, so that
+//! thousands of them do not hold up heartbeats and claims.
 //! A job announced again waits for its reply (delivered even without a
 //! lease record) or, for one that ended, its reply timeout: an honest 504
 //! instead of a false "try again".
@@ -72,28 +74,29 @@ pub async fn run<B: Broker>(
     }
 }
 
-/// Sends the started notices of `runner`'s jobs older than `generation`,
-/// all at once, asking again for those that failed.
+/// Most jobs announced in one call: bounds the time one pipeline holds
+/// Redis and the bulk connection.
+const BATCH: usize = 500;
+
+/// Announces `runner`'s jobs older than `generation`, [`BATCH`] at a time,
+/// asking again for a batch that failed.
 async fn announce<B: Broker>(runner: &QueueRunner<B>, generation: &str) {
-    let mut leases = runner.leases_before(generation);
-    if leases.is_empty() {
+    let jobs = runner.jobs_before(generation);
+    if jobs.is_empty() {
         return;
     }
-    let total = leases.len();
     let started = Instant::now();
-    let mut failures = 0;
-    while !leases.is_empty() {
-        let sent = join_all(leases.iter().map(|l| runner.broker.started(l))).await;
-        let mut failed = sent.iter().map(Result::is_err);
-        leases.retain(|_| failed.next().unwrap_or(false));
-        if !leases.is_empty() {
+    for batch in jobs.chunks(BATCH) {
+        let mut failures = 0;
+        while let Err(err) = runner.broker.started_again(batch).await {
             failures += 1;
+            tracing::debug!(queue = %runner.name, %err, "could not announce jobs again; asking again");
             tokio::time::sleep(backoff(failures)).await;
         }
     }
     tracing::warn!(
         queue = %runner.name,
-        jobs = total,
+        jobs = jobs.len(),
         ms = started.elapsed().as_millis() as u64,
         "Redis lost its data: jobs that ran here announced to their fronts again"
     );

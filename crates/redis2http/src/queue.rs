@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use thr_backend::Forwarder;
-use thr_broker::{Broker, Lease};
+use thr_broker::{Announced, Broker, Lease};
 use thr_core::config::{QueueConfig, Scheduling};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{AbortHandle, JoinSet};
@@ -35,8 +35,8 @@ pub struct QueueRunner<B> {
     /// and to announce again after Redis lost its data.
     running: Mutex<HashMap<String, Running>>,
     /// Jobs not safe to retry that ended lately (their reply may still be
-    /// on its way to the front), oldest first: announced again too.
-    ended: Mutex<VecDeque<(Instant, Lease)>>,
+    /// on its way to the front): announced again too.
+    ended: Mutex<EndedJobs>,
     /// The broker.
     pub broker: Arc<B>,
     /// This worker's id.
@@ -60,22 +60,51 @@ struct Running {
 }
 
 /// How long a job not safe to retry is announced again after it ended:
-/// its reply may not have been read by its front yet when Redis lost its
-/// data (a front reads within milliseconds; one silent for longer than
-/// this is taken for dead anyway).
+/// a generous bound on how late a front reads its replies (within
+/// milliseconds, unless it stalls).
 pub const ENDED_KEPT: Duration = thr_broker::HEARTBEAT_TIMEOUT;
 
 /// Most ended jobs kept per queue (the oldest go first): bounds the memory
 /// at thousands of POSTs a second.
 const ENDED_MAX: usize = 10_000;
 
-/// Drops the ended jobs older than [`ENDED_KEPT`].
-fn prune(ended: &mut VecDeque<(Instant, Lease)>) {
-    while ended
-        .front()
-        .is_some_and(|(at, _)| at.elapsed() > ENDED_KEPT)
-    {
-        ended.pop_front();
+/// The jobs not safe to retry that ended within [`ENDED_KEPT`], oldest
+/// first, with the data generation they were claimed in.
+#[derive(Debug, Default)]
+struct EndedJobs(VecDeque<(Instant, String, Announced)>);
+
+impl EndedJobs {
+    /// Records a job that ended now.
+    fn push(&mut self, lease: Lease) {
+        self.prune();
+        if self.0.len() >= ENDED_MAX {
+            self.0.pop_front();
+        }
+        let job = Announced {
+            id: lease.id,
+            front: lease.front,
+        };
+        self.0.push_back((Instant::now(), lease.generation, job));
+    }
+
+    /// The jobs kept that were claimed in another generation than
+    /// `generation`.
+    fn before(&mut self, generation: &str) -> impl Iterator<Item = &Announced> {
+        self.prune();
+        self.0
+            .iter()
+            .filter(move |(_, g, _)| g != generation)
+            .map(|(_, _, job)| job)
+    }
+
+    fn prune(&mut self) {
+        while self
+            .0
+            .front()
+            .is_some_and(|(at, ..)| at.elapsed() > ENDED_KEPT)
+        {
+            self.0.pop_front();
+        }
     }
 }
 
@@ -163,7 +192,7 @@ impl<B: Broker> QueueRunner<B> {
             room: Arc::new(Semaphore::new(queue.max_inflight.get())),
             tasks: Mutex::new(JoinSet::new()),
             running: Mutex::new(HashMap::new()),
-            ended: Mutex::new(VecDeque::new()),
+            ended: Mutex::new(EndedJobs::default()),
             broker,
             worker_id,
             inflight,
@@ -217,19 +246,17 @@ impl<B: Broker> QueueRunner<B> {
     /// The jobs to announce again now that Redis's data generation is
     /// `generation`: those running, and those not safe to retry that ended
     /// within [`ENDED_KEPT`], claimed in an earlier generation.
-    pub fn leases_before(&self, generation: &str) -> Vec<Lease> {
-        let older = |l: &Lease| l.generation != generation;
-        let mut leases: Vec<Lease> = self
+    pub fn jobs_before(&self, generation: &str) -> Vec<Announced> {
+        let mut jobs: Vec<Announced> = self
             .lock_running()
             .values()
             .map(|r| &r.lease)
-            .filter(|l| older(l))
-            .cloned()
+            .filter(|l| l.generation != generation)
+            .map(Announced::from)
             .collect();
         let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-        prune(&mut ended);
-        leases.extend(ended.iter().map(|(_, l)| l).filter(|l| older(l)).cloned());
-        leases
+        jobs.extend(ended.before(generation).cloned());
+        jobs
     }
 
     /// A job's task is ending.
@@ -240,11 +267,7 @@ impl<B: Broker> QueueRunner<B> {
         self.inflight.fetch_sub(1, Ordering::Relaxed);
         if r.not_retry_safe {
             let mut ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
-            prune(&mut ended);
-            if ended.len() >= ENDED_MAX {
-                ended.pop_front();
-            }
-            ended.push_back((Instant::now(), r.lease));
+            ended.push(r.lease);
         }
     }
 
@@ -320,29 +343,43 @@ impl<B: Broker> QueueRunner<B> {
 mod tests {
     use super::*;
 
-    fn lease(id: &str) -> Lease {
+    fn lease(id: &str, generation: &str) -> Lease {
         Lease {
             queue: "q".into(),
             id: id.into(),
             token: "t".into(),
             front: "f".into(),
             holds: Vec::new(),
-            generation: "g".into(),
+            generation: generation.into(),
         }
     }
 
+    fn ids(ended: &mut EndedJobs, generation: &str) -> Vec<String> {
+        ended.before(generation).map(|j| j.id.clone()).collect()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn ended_jobs_are_kept_for_a_while() {
-        let mut ended = VecDeque::new();
-        ended.push_back((Instant::now(), lease("old")));
+    async fn ended_jobs_are_kept_for_a_while_and_of_older_generations() {
+        let mut ended = EndedJobs::default();
+        ended.push(lease("old", "g1"));
         tokio::time::advance(ENDED_KEPT / 2).await;
-        ended.push_back((Instant::now(), lease("new")));
-        prune(&mut ended);
-        assert_eq!(ended.len(), 2, "both within ENDED_KEPT");
+        ended.push(lease("new", "g1"));
+        ended.push(lease("current", "g2"));
+        assert_eq!(ids(&mut ended, "g2"), ["old", "new"], "within ENDED_KEPT");
         tokio::time::advance(ENDED_KEPT / 2 + Duration::from_millis(1)).await;
-        prune(&mut ended);
-        let left: Vec<&str> = ended.iter().map(|(_, l)| l.id.as_str()).collect();
-        assert_eq!(left, ["new"]);
+        assert_eq!(ids(&mut ended, "g2"), ["new"]);
+        assert_eq!(ids(&mut ended, "g3"), ["new", "current"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ended_jobs_are_bounded() {
+        let mut ended = EndedJobs::default();
+        for i in 0..ENDED_MAX + 5 {
+            ended.push(lease(&i.to_string(), "g1"));
+        }
+        let kept = ids(&mut ended, "g2");
+        assert_eq!(kept.len(), ENDED_MAX);
+        assert_eq!(kept[0], "5", "the oldest went first");
     }
 
     #[test]

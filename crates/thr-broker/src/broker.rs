@@ -268,6 +268,25 @@ pub struct Lease {
     pub generation: String,
 }
 
+/// A job that ran, to be announced again to its front after Redis lost its
+/// data ([`Broker::started_again`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announced {
+    /// Job id.
+    pub id: String,
+    /// The front waiting for the reply.
+    pub front: String,
+}
+
+impl From<&Lease> for Announced {
+    fn from(lease: &Lease) -> Announced {
+        Announced {
+            id: lease.id.clone(),
+            front: lease.front.clone(),
+        }
+    }
+}
+
 /// What became of a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivery {
@@ -394,6 +413,15 @@ pub trait Broker: Send + Sync + 'static {
     /// Tells the waiting front that the job has started (sent for requests
     /// that must not be answered "try again" once they may have run).
     fn started(&self, lease: &Lease) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Tells the fronts of `jobs` again that they started, after Redis lost
+    /// its data (see [`LOST_DATA_GRACE`]): one call, one push per front, on
+    /// the connection of bulk traffic, so that a burst of thousands does
+    /// not hold up heartbeats and claims.
+    fn started_again(
+        &self,
+        jobs: &[Announced],
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Sends a reply to the front that waits for the job, then settles the
     /// job and frees its quota slots; records its latency (`backend_ms`:

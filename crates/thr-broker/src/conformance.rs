@@ -49,8 +49,9 @@ use thr_core::quota::{Flow, QuotaKey};
 use tokio::time::{Instant, sleep};
 
 use crate::{
-    Admission, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell,
-    Gauges, JobState, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, Withdrawal,
+    Admission, Announced, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
+    Doorbell, Gauges, JobState, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy,
+    Withdrawal,
 };
 
 /// A running scenario.
@@ -134,6 +135,7 @@ scenarios![
     a_fronts_fresh_job_shows_it_alive,
     a_lone_job_is_withdrawn_or_dropped_like_any,
     started_notice_precedes_reply,
+    started_again_reaches_each_front,
     job_states_report_each_state,
     heartbeat_generation_is_stable,
     gauges_count_waiting_jobs_and_quota_waits,
@@ -1856,6 +1858,25 @@ pub async fn started_notice_precedes_reply<B: Broker>(b: &B) {
         front_messages(&mut front, 2).await,
         ["started s1", "reply s1 200"]
     );
+}
+
+/// Jobs announced again after a data loss reach each one's own front, as
+/// started notices.
+pub async fn started_again_reaches_each_front<B: Broker>(b: &B) {
+    let mut first = b.replies(FRONT);
+    let mut second = b.replies("front-2");
+    let job = |id: &str, front: &str| Announced {
+        id: id.into(),
+        front: front.into(),
+    };
+    b.started_again(&[job("a1", FRONT), job("b1", "front-2"), job("a2", FRONT)])
+        .await
+        .expect("started again");
+    let mut at_first = front_messages(&mut first, 2).await;
+    at_first.sort();
+    assert_eq!(at_first, ["started a1", "started a2"]);
+    assert_eq!(front_messages(&mut second, 1).await, ["started b1"]);
+    b.started_again(&[]).await.expect("nothing to announce");
 }
 
 /// `job_states` tells waiting, running, settled (answered or withdrawn) and

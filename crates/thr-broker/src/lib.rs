@@ -17,9 +17,9 @@ pub mod protocol;
 pub mod redis;
 
 pub use broker::{
-    Admission, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery, Doorbell,
-    FRONT_HEARTBEAT_EVERY, FRONT_TIMEOUT, Gauges, HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT, JobState,
-    LOST_DATA_GRACE, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, STREAM_TTL,
+    Admission, Announced, Beat, Broker, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
+    Doorbell, FRONT_HEARTBEAT_EVERY, FRONT_TIMEOUT, Gauges, HEARTBEAT_EVERY, HEARTBEAT_TIMEOUT,
+    JobState, LOST_DATA_GRACE, Lease, NewJob, Pushed, Reaped, ReplyStream, RetryPolicy, STREAM_TTL,
     Withdrawal,
 };
 pub use error::BrokerError;

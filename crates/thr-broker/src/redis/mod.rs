@@ -35,9 +35,9 @@ use crate::protocol::keys::{DEFAULT_NAMESPACE, Keyspace, LATENCY_SAMPLES, QueueK
 use crate::protocol::records::{FlowDef, Handed, Offer};
 use crate::protocol::scripts::{self as s, Scripts};
 use crate::{
-    Admission, Beat, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon, Delivery,
-    FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Pushed, Reaped, RetryPolicy,
-    STREAM_TTL, Withdrawal,
+    Admission, Announced, Beat, Broker, BrokerError, ClaimOptions, ClaimOutcome, Claimed, Daemon,
+    Delivery, FRONT_TIMEOUT, Gauges, HEARTBEAT_TIMEOUT, JobState, Lease, NewJob, Pushed, Reaped,
+    RetryPolicy, STREAM_TTL, Withdrawal,
 };
 use batch::{Batcher, Limits};
 use blocking::Popped;
@@ -739,6 +739,28 @@ impl Broker for RedisBroker {
                 .await
         })
         .await
+    }
+
+    async fn started_again(&self, jobs: &[Announced]) -> Result<(), BrokerError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut by_front: HashMap<&str, Vec<Bytes>> = HashMap::new();
+        for job in jobs {
+            let frame = StartedNotice { id: job.id.clone() }.encode();
+            by_front.entry(&job.front).or_default().push(frame);
+        }
+        let mut pipe = redis::pipe();
+        for (front, frames) in by_front {
+            let list = self.keyspace.replies(front);
+            let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
+            pipe.lpush(&list, frames)
+                .ignore()
+                .expire(&list, REPLY_TTL.as_secs() as i64)
+                .ignore();
+        }
+        self.run_bulk(|mut conn| async move { pipe.exec_async(&mut conn).await })
+            .await
     }
 
     async fn reply(

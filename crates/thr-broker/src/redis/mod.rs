@@ -224,6 +224,29 @@ impl RedisBroker {
         &self.keyspace
     }
 
+    /// The pushes of started notices for `jobs` (front, job id): one LPUSH
+    /// of all of a front's notices, and its list's expiry renewed.
+    fn started_notices<'a>(
+        &self,
+        jobs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> redis::Pipeline {
+        let mut by_front: HashMap<&str, Vec<Bytes>> = HashMap::new();
+        for (front, id) in jobs {
+            let frame = StartedNotice { id: id.to_string() }.encode();
+            by_front.entry(front).or_default().push(frame);
+        }
+        let mut pipe = redis::pipe();
+        for (front, frames) in by_front {
+            let list = self.keyspace.replies(front);
+            let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
+            pipe.lpush(&list, frames)
+                .ignore()
+                .expire(&list, REPLY_TTL.as_secs() as i64)
+                .ignore();
+        }
+        pipe
+    }
+
     /// The keys of queue `name` (built once, then shared).
     pub fn queue_keys(&self, name: &str) -> Arc<QueueKeys> {
         let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
@@ -724,41 +747,16 @@ impl Broker for RedisBroker {
     }
 
     async fn started(&self, lease: &Lease) -> Result<(), BrokerError> {
-        let list = self.keyspace.replies(&lease.front);
-        let frame = StartedNotice {
-            id: lease.id.clone(),
-        }
-        .encode();
-        self.run(|mut conn| async move {
-            redis::pipe()
-                .lpush(&list, frame.as_ref())
-                .ignore()
-                .expire(&list, REPLY_TTL.as_secs() as i64)
-                .ignore()
-                .exec_async(&mut conn)
-                .await
-        })
-        .await
+        let pipe = self.started_notices([(lease.front.as_str(), lease.id.as_str())]);
+        self.run(|mut conn| async move { pipe.exec_async(&mut conn).await })
+            .await
     }
 
     async fn started_again(&self, jobs: &[Announced]) -> Result<(), BrokerError> {
         if jobs.is_empty() {
             return Ok(());
         }
-        let mut by_front: HashMap<&str, Vec<Bytes>> = HashMap::new();
-        for job in jobs {
-            let frame = StartedNotice { id: job.id.clone() }.encode();
-            by_front.entry(&job.front).or_default().push(frame);
-        }
-        let mut pipe = redis::pipe();
-        for (front, frames) in by_front {
-            let list = self.keyspace.replies(front);
-            let frames: Vec<&[u8]> = frames.iter().map(|f| f.as_ref()).collect();
-            pipe.lpush(&list, frames)
-                .ignore()
-                .expire(&list, REPLY_TTL.as_secs() as i64)
-                .ignore();
-        }
+        let pipe = self.started_notices(jobs.iter().map(|j| (j.front.as_str(), j.id.as_str())));
         self.run_bulk(|mut conn| async move { pipe.exec_async(&mut conn).await })
             .await
     }
